@@ -1,0 +1,31 @@
+"""Configuration helpers: frozen dataclasses built from plain dicts, where an unknown key is an error."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class FactoryError(Exception):
+    """A problem with what the user asked for or gave (input, paths, options). The CLI prints its message, which is
+    one line meant for the user, and exits non-zero without a traceback."""
+
+
+class ConfigError(FactoryError, ValueError):
+    """A configuration the user gave cannot be used."""
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build dataclass `cls` from `values`; unknown keys raise ConfigError naming them and the known ones."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The dataclass as a plain dict of builtins (safe to store in a weights_only checkpoint or JSON)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,102 @@
+"""The registry of undertrained image reconstructors, by the names the CLI uses.
+
+Every reconstructor is an `nn.Module` with one shared interface, so that `train.py` and `build.py` never need to
+know which model they hold:
+
+    model = build_model("vqvae2", preset="tiny")
+    loss, logs = model.loss(x)          # x: (N, 3, H, W) in [0, 1] at the model's native size; logs: dict[str, float]
+    x_hat = model.reconstruct(x)        # x: (N, 3, H, W) in [0, 1], any size >= 16; x_hat: same shape, in [0, 1]
+    x_hat = model.reconstruct(x, generator=g)  # models that sample (MAE masks, DDIM noise) draw from `g` only
+
+Each model module holds a Config dataclass (one comment per field), the nn.Module taking that config, and
+`PRESETS = {"paper": ..., "tiny": ...}`. The registry below is the one explicit list of them; modules are imported
+on first use so that `factory --help` does not pay for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from factory.config import ConfigError, config_from_dict
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registry name, as on the command line
+    config_class: type  # the model's Config dataclass
+    model_class: type[nn.Module]  # constructed as model_class(config)
+    presets: Mapping[str, Any]  # preset name -> Config instance ("paper", "tiny")
+    native_size: int  # training / native input size from the paper (Section 3.2)
+
+
+def _vqvae() -> ModelSpec:
+    from factory.models import vqvae
+
+    return ModelSpec("vqvae", vqvae.VQVAEConfig, vqvae.VQVAE, vqvae.PRESETS, native_size=256)
+
+
+def _vqvae2() -> ModelSpec:
+    from factory.models import vqvae2
+
+    return ModelSpec("vqvae2", vqvae2.VQVAE2Config, vqvae2.VQVAE2, vqvae2.PRESETS, native_size=256)
+
+
+def _mae() -> ModelSpec:
+    from factory.models import mae
+
+    return ModelSpec("mae", mae.MAEConfig, mae.MAE, mae.PRESETS, native_size=224)
+
+
+def _vae() -> ModelSpec:
+    from factory.models import vae
+
+    return ModelSpec("vae", vae.VAEConfig, vae.VAE, vae.PRESETS, native_size=64)
+
+
+def _ddim() -> ModelSpec:
+    from factory.models import ddim
+
+    return ModelSpec("ddim", ddim.DDIMConfig, ddim.DDIM, ddim.PRESETS, native_size=256)
+
+
+_REGISTRY: dict[str, Callable[[], ModelSpec]] = {
+    "vqvae": _vqvae,
+    "vqvae2": _vqvae2,
+    "mae": _mae,
+    "vae": _vae,
+    "ddim": _ddim,
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The ModelSpec registered under `name`; an unknown name is a ConfigError listing the known ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name]()
+
+
+def make_config(name: str, preset: str = "paper", overrides: Mapping[str, Any] | None = None) -> Any:
+    """The Config of model `name` from a preset, with optional field overrides (unknown fields are an error)."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise ConfigError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(spec.presets)}")
+    base = dataclasses.asdict(spec.presets[preset])
+    base.update(overrides or {})
+    return config_from_dict(spec.config_class, base)
+
+
+def build_model(name: str, preset: str = "paper", config: Any | None = None) -> nn.Module:
+    """A freshly initialised reconstructor: from `config` when given, else from the preset."""
+    spec = get_spec(name)
+    if config is None:
+        config = make_config(name, preset)
+    elif isinstance(config, Mapping):
+        config = config_from_dict(spec.config_class, dict(config))
+    return spec.model_class(config)
