@@ -1,0 +1,294 @@
+"""Colour: the project's bicubic, sRGB -> CIELAB, CIEDE2000 and the paper's colour-difference protocol (Section 4.3.2).
+
+Everything works on torch tensors on any device, in float32 or float64, and is differentiable (usable as a loss):
+every square root, hypot and atan2 is guarded so that no gradient is NaN at zero chroma or at identical colours.
+
+The definitions are those of scikit-image (`skimage.color.rgb2lab`, `skimage.color.deltaE_ciede2000`), which the paper
+used, so a ΔE written by the factory equals what skimage computes on the same pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# sRGB (D65) -> CIE XYZ, the matrix skimage uses (`skimage.color.colorconv.xyz_from_rgb`).
+XYZ_FROM_RGB = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
+# Reference white D65, 2° observer, as in skimage (`xyz_tristimulus_values("D65", "2")`).
+D65_WHITE = (0.95047, 1.0, 1.08883)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The project's bicubic
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize, THE bicubic of the whole project; clamped to [0, 1].
+
+    x: (N, 3, H, W) float in [0, 1] -> (N, 3, h, w), size = (h, w).
+
+    torch's `F.interpolate(mode="bicubic", antialias=True, align_corners=False)`: the cubic convolution kernel with
+    a = -0.5 (Keys), widened by the scale factor when shrinking, which is Pillow's BICUBIC filter and the same kernel
+    family as MATLAB's `imresize` that the SR literature uses for its bicubic LR images. Chosen because it runs on
+    any device, in batches, inside the build, and agrees with Pillow (the usual Python reference) to rounding.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"bicubic_resize expects (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"bicubic_resize expects a float tensor in [0, 1], got {x.dtype}")
+    height, width = int(size[0]), int(size[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"bicubic_resize: target size must be positive, got {size}")
+    if (height, width) == tuple(x.shape[-2:]):
+        return x.clamp(0.0, 1.0)
+    resized = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp(0.0, 1.0)
+
+
+def downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic LR image: `bicubic_resize` to (H // scale, W // scale). x: (N, 3, H, W) in [0, 1]."""
+    if scale < 1:
+        raise ValueError(f"downsample: scale must be >= 1, got {scale}")
+    height, width = x.shape[-2] // scale, x.shape[-1] // scale
+    if height < 1 or width < 1:
+        raise ValueError(f"downsample: image {tuple(x.shape[-2:])} is smaller than the scale {scale}")
+    return bicubic_resize(x, (height, width))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sRGB <-> CIELAB
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_float_image(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 images become float32 in [0, 1] (as skimage's img_as_float); float images pass through."""
+    if rgb.dtype == torch.uint8:
+        return rgb.to(torch.float32) / 255.0
+    if not rgb.is_floating_point():
+        raise ValueError(f"expected a float image in [0, 1] or uint8, got {rgb.dtype}")
+    return rgb
+
+
+def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
+    """The sRGB transfer function inverted, with skimage's threshold 0.04045. rgb: any shape, in [0, 1]."""
+    # The clamp keeps the power's base positive in the unused branch, so its gradient is finite there.
+    power = ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4
+    return torch.where(rgb > 0.04045, power, rgb / 12.92)
+
+
+def linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
+    """The sRGB transfer function (skimage's, threshold 0.0031308). linear: any shape."""
+    power = 1.055 * linear.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055
+    return torch.where(linear > 0.0031308, power, 12.92 * linear)
+
+
+def _lab_f(t: torch.Tensor) -> torch.Tensor:
+    """CIELAB's f(t): cube root above 0.008856, else 7.787 t + 16/116 (skimage's constants)."""
+    return torch.where(t > 0.008856, t.clamp(min=0.008856) ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+
+
+def _lab_f_inverse(f: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_lab_f` with skimage's threshold (f > 0.2068966 means the cube branch)."""
+    return torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
+
+
+def _matrix(rows: tuple[tuple[float, ...], ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def linear_rgb_to_lab(linear: torch.Tensor) -> torch.Tensor:
+    """Linear sRGB -> CIELAB (D65, 2°). linear: (N, 3, H, W) -> (N, 3, H, W) as (L*, a*, b*)."""
+    # XYZ divided by the white point, folded into one 3x3 matrix.
+    matrix = _matrix(XYZ_FROM_RGB, linear) / _matrix((D65_WHITE,), linear).T
+    xyz = torch.einsum("ij,njhw->nihw", matrix, linear)
+    fx, fy, fz = _lab_f(xyz).unbind(1)
+    return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=1)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB -> CIELAB, the definition of `skimage.color.rgb2lab` (D65, 2° observer).
+
+    rgb: (N, 3, H, W) float in [0, 1] (or uint8) -> (N, 3, H, W) as (L*, a*, b*), same dtype and device.
+    """
+    _check_image(rgb, "rgb_to_lab")
+    return linear_rgb_to_lab(srgb_to_linear(_as_float_image(rgb)))
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """CIELAB -> sRGB, clamped to [0, 1] (skimage's `lab2rgb`). lab: (N, 3, H, W) -> (N, 3, H, W)."""
+    _check_image(lab, "lab_to_rgb")
+    lightness, a, b = lab.unbind(1)
+    fy = (lightness + 16.0) / 116.0
+    f = torch.stack((fy + a / 500.0, fy, fy - b / 200.0), dim=1).clamp(min=0.0)
+    xyz = _lab_f_inverse(f) * _matrix((D65_WHITE,), lab).T.reshape(1, 3, 1, 1)
+    rgb_from_xyz = torch.linalg.inv(_matrix(XYZ_FROM_RGB, lab.double())).to(lab.dtype)
+    linear = torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz)
+    return linear_to_srgb(linear).clamp(0.0, 1.0)
+
+
+def _check_image(x: torch.Tensor, name: str) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} expects (N, 3, H, W), got shape {tuple(x.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CIEDE2000
+# --------------------------------------------------------------------------------------------------------------------
+
+_25_POW_7 = 25.0**7
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with a zero (not infinite) gradient at 0; x >= 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def _chroma_weight(chroma: torch.Tensor) -> torch.Tensor:
+    """sqrt(C^7 / (C^7 + 25^7)), the term behind G and R_C."""
+    c2 = chroma * chroma
+    c7 = c2 * c2 * c2 * chroma
+    return _safe_sqrt(c7 / (c7 + _25_POW_7))
+
+
+def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
+    """CIEDE2000 colour difference (Sharma, Wu & Dalal 2005), k_L = k_C = k_H = 1.
+
+    lab1, lab2: (N, 3, H, W) CIELAB -> (N, H, W). Any leading shape works as long as dim 1 holds (L, a, b).
+
+    Equal to `skimage.color.deltaE_ciede2000`, including the hue edge cases (zero chroma, hue differences across
+    ±180°), but computed without per-colour hue angles: with the unit hue vectors u1, u2 of (a', b),
+      ΔH' = 2 sqrt(C1' C2') sin(Δh'/2) = sqrt(C1' C2') |u1 - u2|, signed by the cross product (sin Δh'),
+      the mean hue H̄' is the direction of u1 + u2 (the bisector of the shorter arc, as the standard's ±360° rules),
+    and cos(kH̄' + φ) come from cos H̄', sin H̄' by the multiple-angle formulas. One atan2 remains, for the Gaussian
+    in Δθ = 30° exp(-((H̄' - 275°)/25°)²).
+    """
+    if lab1.shape != lab2.shape or lab1.ndim < 2 or lab1.shape[1] != 3:
+        raise ValueError(f"ciede2000 expects two (N, 3, ...) tensors of one shape, got {tuple(lab1.shape)} "
+                         f"and {tuple(lab2.shape)}")
+    lightness1, a1, b1 = lab1.unbind(1)
+    lightness2, a2, b2 = lab2.unbind(1)
+
+    # a' = a (1 + G), G from the mean chroma C̄ of the unprimed (a, b).
+    chroma_mean = 0.5 * (_safe_sqrt(a1 * a1 + b1 * b1) + _safe_sqrt(a2 * a2 + b2 * b2))
+    scale = 1.5 - 0.5 * _chroma_weight(chroma_mean)  # 1 + G
+    a1 = a1 * scale
+    a2 = a2 * scale
+    chroma1_squared = a1 * a1 + b1 * b1
+    chroma2_squared = a2 * a2 + b2 * b2
+    chroma1 = _safe_sqrt(chroma1_squared)  # C1'
+    chroma2 = _safe_sqrt(chroma2_squared)  # C2'
+
+    # Lightness term ΔL' / S_L.
+    lightness_mean = 0.5 * (lightness1 + lightness2)
+    offset = (lightness_mean - 50.0) ** 2
+    lightness_term = (lightness2 - lightness1) / (1.0 + 0.015 * offset / torch.sqrt(20.0 + offset))
+
+    # Chroma term ΔC' / S_C.
+    chroma_prime_mean = 0.5 * (chroma1 + chroma2)  # C̄'
+    chroma_term = (chroma2 - chroma1) / (1.0 + 0.045 * chroma_prime_mean)
+
+    # Unit hue vectors; zero where the chroma is zero (its hue is undefined and must not count).
+    inverse1 = torch.where(chroma1 > 0, 1.0 / torch.where(chroma1 > 0, chroma1, torch.ones_like(chroma1)), 0.0)
+    inverse2 = torch.where(chroma2 > 0, 1.0 / torch.where(chroma2 > 0, chroma2, torch.ones_like(chroma2)), 0.0)
+    cos1, sin1 = a1 * inverse1, b1 * inverse1
+    cos2, sin2 = a2 * inverse2, b2 * inverse2
+
+    # ΔH' = sqrt(C1' C2') |u1 - u2| with the sign of sin(h2' - h1'); 0 when either chroma is 0.
+    chord = _safe_sqrt((cos2 - cos1) ** 2 + (sin2 - sin1) ** 2)
+    cross = cos1 * sin2 - sin1 * cos2
+    # h2' - h1' = +180° exactly (cross 0, opposite hues) counts as positive, as in the standard.
+    sign = torch.where(cross < 0, -1.0, 1.0)
+    hue_difference = sign * _safe_sqrt(chroma1 * chroma2) * chord  # ΔH'
+
+    # Mean hue H̄' as a unit vector: direction of u1 + u2. Two special cases follow the standard:
+    # both chroma zero -> H̄' = 0; exactly opposite hues -> (h1' + h2') / 2, u1 turned by +90° if h1' < h2'.
+    sum_cos, sum_sin = cos1 + cos2, sin1 + sin2
+    norm_squared = sum_cos * sum_cos + sum_sin * sum_sin
+    both_gray = (chroma1 == 0) & (chroma2 == 0)
+    opposite = (norm_squared == 0) & ~both_gray
+    first_is_lower = (sin1 > 0) | ((sin1 == 0) & (cos1 > 0))  # h1' in [0°, 180°)
+    turn = torch.where(first_is_lower, 1.0, -1.0)
+    sum_cos = torch.where(opposite, -turn * sin1, torch.where(both_gray, 1.0, sum_cos))
+    sum_sin = torch.where(opposite, turn * cos1, torch.where(both_gray, 0.0, sum_sin))
+    inverse_norm = torch.rsqrt(sum_cos * sum_cos + sum_sin * sum_sin)
+    cos_h, sin_h = sum_cos * inverse_norm, sum_sin * inverse_norm  # cos H̄', sin H̄'
+
+    # T = 1 - 0.17 cos(H̄' - 30°) + 0.24 cos(2H̄') + 0.32 cos(3H̄' + 6°) - 0.20 cos(4H̄' - 63°)
+    cos_2h = cos_h * cos_h - sin_h * sin_h
+    sin_2h = 2.0 * sin_h * cos_h
+    cos_3h = cos_h * (4.0 * cos_h * cos_h - 3.0)
+    sin_3h = sin_h * (3.0 - 4.0 * sin_h * sin_h)
+    cos_4h = 2.0 * cos_2h * cos_2h - 1.0
+    sin_4h = 2.0 * sin_2h * cos_2h
+    d30, d6, d63 = math.radians(30.0), math.radians(6.0), math.radians(63.0)
+    t = (
+        1.0
+        - 0.17 * (cos_h * math.cos(d30) + sin_h * math.sin(d30))
+        + 0.24 * cos_2h
+        + 0.32 * (cos_3h * math.cos(d6) - sin_3h * math.sin(d6))
+        - 0.20 * (cos_4h * math.cos(d63) + sin_4h * math.sin(d63))
+    )
+    hue_term = hue_difference / (1.0 + 0.015 * chroma_prime_mean * t)
+
+    # Rotation term R_T = -sin(2Δθ) R_C, Δθ = 30° exp(-((H̄' - 275°)/25°)²) with H̄' in [0°, 360°).
+    d275 = math.radians(275.0)
+    from_275 = torch.atan2(sin_h * math.cos(d275) - cos_h * math.sin(d275),
+                           cos_h * math.cos(d275) + sin_h * math.sin(d275))  # H̄' - 275°, wrapped to (-180°, 180°]
+    # H̄' in [0°, 95°) wraps to [85°, 180°) here but is really below -180°: exp(-(180/25)²) < 1e-22, so zero.
+    gaussian = torch.where(from_275 >= math.radians(85.0), 0.0, torch.exp(-((from_275 / math.radians(25.0)) ** 2)))
+    rotation = -torch.sin(2.0 * math.radians(30.0) * gaussian) * 2.0 * _chroma_weight(chroma_prime_mean)
+
+    squared = lightness_term**2 + chroma_term**2 + hue_term**2 + rotation * chroma_term * hue_term
+    return _safe_sqrt(squared.clamp(min=0.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paper's protocol
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColorDifference:
+    """Per-image CIEDE2000 statistics of a batch of (HR, LR) pairs."""
+
+    mean: torch.Tensor  # (N,) mean ΔE over the pixels of each pair (the paper's figure)
+    p95: torch.Tensor  # (N,) 95th percentile of the per-pixel ΔE (linear interpolation, as numpy's default)
+
+
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row percentile with numpy's default linear interpolation. values: (N, M) -> (N,)."""
+    ordered = values.sort(dim=1).values
+    position = q / 100.0 * (values.shape[1] - 1)
+    lower = int(math.floor(position))
+    upper = min(lower + 1, values.shape[1] - 1)
+    fraction = position - lower
+    return ordered[:, lower] + (ordered[:, upper] - ordered[:, lower]) * fraction
+
+
+def delta_e(hr: torch.Tensor, lr: torch.Tensor) -> ColorDifference:
+    """The paper's colour difference between HR and LR images (Section 4.3.2).
+
+    hr: (N, 3, H, W), lr: (N, 3, h, w), float in [0, 1] (or uint8, read as value / 255).
+    The HR image is downsampled to the LR size with `bicubic_resize` (torch's antialiased bicubic, a = -0.5, i.e.
+    Pillow's BICUBIC and the kernel family of MATLAB's imresize; the project's one bicubic, the same one that made
+    the bicubic LR the reconstructor degraded), converted to CIELAB with `rgb_to_lab`, and compared per pixel with
+    `ciede2000`; the per-image mean and 95th percentile are returned. Gradients flow to both inputs.
+    """
+    _check_image(hr, "delta_e (hr)")
+    _check_image(lr, "delta_e (lr)")
+    if hr.shape[0] != lr.shape[0]:
+        raise ValueError(f"delta_e: batch sizes differ ({hr.shape[0]} HR vs {lr.shape[0]} LR)")
+    lr = _as_float_image(lr)
+    hr = _as_float_image(hr).to(lr.dtype)
+    reference = bicubic_resize(hr, tuple(lr.shape[-2:]))
+    per_pixel = ciede2000(rgb_to_lab(reference), rgb_to_lab(lr)).flatten(1)
+    return ColorDifference(mean=per_pixel.mean(dim=1), p95=_percentile(per_pixel.detach(), 95.0))
