@@ -149,7 +149,9 @@ _25_POW_7 = 25.0**7
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with a zero (not infinite) gradient at 0; x >= 0."""
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+    return torch.where(
+        positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x)
+    )
 
 
 def _chroma_weight(chroma: torch.Tensor) -> torch.Tensor:
@@ -172,8 +174,10 @@ def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
     in Δθ = 30° exp(-((H̄' - 275°)/25°)²).
     """
     if lab1.shape != lab2.shape or lab1.ndim < 2 or lab1.shape[1] != 3:
-        raise ValueError(f"ciede2000 expects two (N, 3, ...) tensors of one shape, got {tuple(lab1.shape)} "
-                         f"and {tuple(lab2.shape)}")
+        raise ValueError(
+            f"ciede2000 expects two (N, 3, ...) tensors of one shape, got {tuple(lab1.shape)} "
+            f"and {tuple(lab2.shape)}"
+        )
     lightness1, a1, b1 = lab1.unbind(1)
     lightness2, a2, b2 = lab2.unbind(1)
 
@@ -197,8 +201,12 @@ def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
     chroma_term = (chroma2 - chroma1) / (1.0 + 0.045 * chroma_prime_mean)
 
     # Unit hue vectors; zero where the chroma is zero (its hue is undefined and must not count).
-    inverse1 = torch.where(chroma1 > 0, 1.0 / torch.where(chroma1 > 0, chroma1, torch.ones_like(chroma1)), 0.0)
-    inverse2 = torch.where(chroma2 > 0, 1.0 / torch.where(chroma2 > 0, chroma2, torch.ones_like(chroma2)), 0.0)
+    inverse1 = torch.where(
+        chroma1 > 0, 1.0 / torch.where(chroma1 > 0, chroma1, torch.ones_like(chroma1)), 0.0
+    )
+    inverse2 = torch.where(
+        chroma2 > 0, 1.0 / torch.where(chroma2 > 0, chroma2, torch.ones_like(chroma2)), 0.0
+    )
     cos1, sin1 = a1 * inverse1, b1 * inverse1
     cos2, sin2 = a2 * inverse2, b2 * inverse2
 
@@ -241,10 +249,13 @@ def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
 
     # Rotation term R_T = -sin(2Δθ) R_C, Δθ = 30° exp(-((H̄' - 275°)/25°)²) with H̄' in [0°, 360°).
     d275 = math.radians(275.0)
-    from_275 = torch.atan2(sin_h * math.cos(d275) - cos_h * math.sin(d275),
-                           cos_h * math.cos(d275) + sin_h * math.sin(d275))  # H̄' - 275°, wrapped to (-180°, 180°]
+    from_275 = torch.atan2(
+        sin_h * math.cos(d275) - cos_h * math.sin(d275), cos_h * math.cos(d275) + sin_h * math.sin(d275)
+    )  # H̄' - 275°, wrapped to (-180°, 180°]
     # H̄' in [0°, 95°) wraps to [85°, 180°) here but is really below -180°: exp(-(180/25)²) < 1e-22, so zero.
-    gaussian = torch.where(from_275 >= math.radians(85.0), 0.0, torch.exp(-((from_275 / math.radians(25.0)) ** 2)))
+    gaussian = torch.where(
+        from_275 >= math.radians(85.0), 0.0, torch.exp(-((from_275 / math.radians(25.0)) ** 2))
+    )
     rotation = -torch.sin(2.0 * math.radians(30.0) * gaussian) * 2.0 * _chroma_weight(chroma_prime_mean)
 
     squared = lightness_term**2 + chroma_term**2 + hue_term**2 + rotation * chroma_term * hue_term

@@ -61,9 +61,9 @@ def test_ciede2000_sharma_pairs_in_float32():
 def test_ciede2000_matches_skimage_on_random_lab():
     # Reference: skimage.color.deltaE_ciede2000, with gray colours and exactly opposite hues mixed in.
     generator = torch.Generator().manual_seed(1)
-    lab1 = torch.rand(2, 3, 64, 64, generator=generator, dtype=torch.float64) * torch.tensor([100, 200, 200]).view(
-        1, 3, 1, 1
-    ) - torch.tensor([0, 100, 100]).view(1, 3, 1, 1)
+    lab1 = torch.rand(2, 3, 64, 64, generator=generator, dtype=torch.float64) * torch.tensor(
+        [100, 200, 200]
+    ).view(1, 3, 1, 1) - torch.tensor([0, 100, 100]).view(1, 3, 1, 1)
     lab2 = lab1 + torch.randn(lab1.shape, generator=generator, dtype=torch.float64) * 8
     lab1[:, 1:, :4] = 0  # zero chroma
     lab2[:, 1:, :2] = 0
@@ -83,8 +83,12 @@ def test_ciede2000_matches_skimage_on_random_lab():
 
 
 def test_ciede2000_gradients_are_finite_at_zero_chroma_and_identical_colours():
-    lab1 = torch.tensor([[50.0, 0.0, 0.0], [50.0, 10.0, -5.0], [30.0, 0.0, 0.0], [70.0, 2.5, 0.0]], dtype=torch.float64)
-    lab2 = torch.tensor([[50.0, 0.0, 0.0], [50.0, 10.0, -5.0], [40.0, -1.0, 2.0], [70.0, -2.5, 0.0]], dtype=torch.float64)
+    lab1 = torch.tensor(
+        [[50.0, 0.0, 0.0], [50.0, 10.0, -5.0], [30.0, 0.0, 0.0], [70.0, 2.5, 0.0]], dtype=torch.float64
+    )
+    lab2 = torch.tensor(
+        [[50.0, 0.0, 0.0], [50.0, 10.0, -5.0], [40.0, -1.0, 2.0], [70.0, -2.5, 0.0]], dtype=torch.float64
+    )
     lab1 = lab1[:, :, None].requires_grad_()
     lab2 = lab2[:, :, None].requires_grad_()
     color.ciede2000(lab1, lab2).sum().backward()
@@ -120,7 +124,9 @@ def test_rgb_to_lab_and_ciede2000_match_skimage_on_photos(photos):
         expected1, expected2 = skimage.color.rgb2lab(image), skimage.color.rgb2lab(shifted)
         np.testing.assert_allclose(to_numpy(lab1), expected1, rtol=0, atol=1e-4)
         np.testing.assert_allclose(
-            color.ciede2000(lab1, lab2)[0].numpy(), skimage.color.deltaE_ciede2000(expected1, expected2), atol=1e-4
+            color.ciede2000(lab1, lab2)[0].numpy(),
+            skimage.color.deltaE_ciede2000(expected1, expected2),
+            atol=1e-4,
         )
 
 
@@ -134,7 +140,9 @@ def test_lab_to_rgb_inverts_rgb_to_lab():
     rgb = torch.rand(1, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(color.lab_to_rgb(color.rgb_to_lab(rgb)), rgb, rtol=0, atol=1e-6)
     lab = color.rgb_to_lab(rgb)
-    np.testing.assert_allclose(to_numpy(color.lab_to_rgb(lab)), skimage.color.lab2rgb(to_numpy(lab)), atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(color.lab_to_rgb(lab)), skimage.color.lab2rgb(to_numpy(lab)), atol=1e-6
+    )
 
 
 # --- bicubic and the paper's protocol --------------------------------------------------------------------------------
@@ -169,7 +177,9 @@ def test_delta_e_matches_skimage_on_the_bicubic_downsampled_hr(photos):
     lr = lr.clamp(0, 1)
     result = color.delta_e(torch.cat([hr, hr]), torch.cat([lr, color.downsample(hr, 3)]))
     reference = to_numpy(color.bicubic_resize(hr, lr.shape[-2:]))
-    per_pixel = skimage.color.deltaE_ciede2000(skimage.color.rgb2lab(reference), skimage.color.rgb2lab(to_numpy(lr)))
+    per_pixel = skimage.color.deltaE_ciede2000(
+        skimage.color.rgb2lab(reference), skimage.color.rgb2lab(to_numpy(lr))
+    )
     assert result.mean.shape == result.p95.shape == (2,)
     assert abs(result.mean[0].item() - per_pixel.mean()) < 1e-3
     assert abs(result.p95[0].item() - np.percentile(per_pixel, 95)) < 1e-3
