@@ -1,0 +1,395 @@
+"""Manifest queries: SQL over every pair manifest under a folder (all datasets at once), in a sandbox; `filter`
+writes the matching pairs out as a new dataset.
+
+    factory query "delta_e < 5 AND label = 'gaussian_noise'"
+    factory query "SELECT dataset, avg(delta_e) FROM manifests GROUP BY dataset" --format csv
+
+DuckDB sees one view, `manifests`, over exactly the files of `manifest_files(root)`. Those files are the only
+paths it may open: once the view exists, external access is switched off (with the manifest files as the allowed
+paths) and the configuration is locked, so a query cannot read other files (`read_csv('/etc/passwd')`), write
+(`COPY ... TO`), attach databases or install/load extensions. Only a single SELECT statement is accepted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import webdataset as wds
+from tqdm import tqdm
+
+from factory import __version__
+from factory.config import FactoryError
+from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, rows_to_table, write_table_atomic
+from factory.shards import payload_extension
+
+logger = logging.getLogger(__name__)
+
+VIEW_NAME = "manifests"
+OUTPUT_FORMATS: tuple[str, ...] = ("table", "csv", "json", "keys")
+
+# The columns the `table` format shows for a predicate query; all columns are far too wide for a terminal.
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "key",
+    "model",
+    "epoch",
+    "delta_e",
+    "psnr",
+    "label",
+    "label_prob",
+)
+
+
+def _quote_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def connect(manifests_root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `manifests` and no other access to the file system."""
+    files = [str(path.resolve()) for path in manifest_files(manifests_root)]
+    connection = duckdb.connect(
+        ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+    try:
+        if files:
+            file_list = "[" + ", ".join(_quote_string(path) for path in files) + "]"
+            # union_by_name: manifests written before an additive schema change still line up by column name.
+            connection.execute(
+                f"CREATE VIEW {VIEW_NAME} AS SELECT * FROM read_parquet({file_list}, union_by_name = true)"
+            )
+            connection.execute(f"SET allowed_paths = {file_list}")
+        else:
+            connection.register(VIEW_NAME, PAIR_SCHEMA.empty_table())
+        connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
+    except duckdb.Error as error:
+        connection.close()
+        raise FactoryError(f"cannot open the manifests under {manifests_root}: {_one_line(error)}") from None
+    return connection
+
+
+def is_full_query(expression: str) -> bool:
+    """True for `SELECT ...` / `WITH ...` (a whole query), False for a predicate over the manifest columns."""
+    words = expression.strip().lstrip("(").split(None, 1)
+    return bool(words) and words[0].lower() in ("select", "with", "from")
+
+
+def _single_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one SELECT statement (no COPY, ATTACH, SET, PRAGMA, INSTALL, several statements...)."""
+    try:
+        statements = connection.extract_statements(sql)
+    except duckdb.Error as error:
+        raise FactoryError(f"malformed query: {_one_line(error)}") from None
+    if len(statements) != 1:
+        raise FactoryError(f"expected one query, got {len(statements)} statements")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise FactoryError(f"only SELECT queries are allowed, got {statements[0].type.name}")
+
+
+def _run(connection: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    _single_select(connection, sql)
+    try:
+        return connection.sql(sql).to_arrow_table()
+    except duckdb.Error as error:
+        raise FactoryError(f"query failed: {_one_line(error)}") from None
+
+
+def _as_pair_types(table: pa.Table) -> pa.Table:
+    """Give columns that are manifest columns their PAIR_SCHEMA type (DuckDB may widen or re-type them)."""
+    fields = []
+    for field in table.schema:
+        if field.name in PAIR_SCHEMA.names:
+            fields.append(PAIR_SCHEMA.field(field.name).with_nullable(True))
+        else:
+            fields.append(field)
+    return table.cast(pa.schema(fields))
+
+
+def select(
+    manifests_root: str | os.PathLike, where: str | None, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The manifest rows (all datasets) matching the SQL predicate `where` (None: all rows), in manifest order.
+
+    `columns`: manifest columns to return (None: all of PAIR_SCHEMA). Columns keep their PAIR_SCHEMA types.
+    """
+    if where is not None and not where.strip():
+        where = None
+    if where is not None and is_full_query(where):
+        raise FactoryError('--where takes a predicate (e.g. "delta_e < 5"), not a whole SELECT query')
+    if columns is None:
+        columns = PAIR_SCHEMA.names
+    unknown = [name for name in columns if name not in PAIR_SCHEMA.names]
+    if unknown:
+        raise FactoryError(f"unknown manifest column(s) {unknown}")
+    column_list = ", ".join(_quote_identifier(name) for name in columns)
+    sql = f"SELECT {column_list} FROM {VIEW_NAME}"
+    if where is not None:
+        # The newline ends a trailing `--` comment in the predicate so the parenthesis still closes it.
+        sql += f" WHERE ({where}\n)"
+    connection = connect(manifests_root)
+    try:
+        return _as_pair_types(_run(connection, sql))
+    finally:
+        connection.close()
+
+
+def query(manifests_root: str | os.PathLike, expression: str) -> pa.Table:
+    """A SQL predicate over the manifest columns (all rows matching, all columns), or a full SELECT over the view
+    `manifests` (aggregates, joins of the view with itself, ...)."""
+    if not expression.strip():
+        raise FactoryError("empty query")
+    if not is_full_query(expression):
+        return select(manifests_root, expression)
+    connection = connect(manifests_root)
+    try:
+        return _run(connection, expression)
+    finally:
+        connection.close()
+
+
+def _cell_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def format_table(table: pa.Table, fmt: str, summary: bool = False) -> str:
+    """The query result as text: `table` (aligned columns), `csv`, `json` (JSON Lines) or `keys` (one key a line).
+
+    summary: for `table`, show only SUMMARY_COLUMNS (a predicate query returns all ~50 manifest columns).
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise FactoryError(f"unknown format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)}")
+    rows = table.to_pylist()
+    if fmt == "keys":
+        if "key" not in table.column_names:
+            raise FactoryError("--format keys needs a result with a 'key' column")
+        return "".join(f"{row['key']}\n" for row in rows)
+    if fmt == "json":
+        # default=str: dates/decimals from aggregate queries; NaN stays JSON's usual extension (NaN).
+        return "".join(json.dumps(row, default=str) + "\n" for row in rows)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in rows:
+            writer.writerow(["" if value is None else value for value in row.values()])
+        return buffer.getvalue()
+    names = table.column_names
+    hidden = 0
+    if summary and len(names) > len(SUMMARY_COLUMNS):
+        shown = [name for name in SUMMARY_COLUMNS if name in names]
+        hidden = len(names) - len(shown)
+        names = shown
+    cells = [[_cell_text(row[name]) for name in names] for row in rows]
+    widths = [max([len(name)] + [len(line[index]) for line in cells]) for index, name in enumerate(names)]
+    lines = ["  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    ]
+    footer = f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}"
+    footer += f"; {hidden} more columns with --format csv or json)" if hidden else ")"
+    return "\n".join(lines + [footer]) + "\n"
+
+
+# --- filter: a new dataset holding exactly the matching pairs ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    where: str  # SQL predicate over the manifest columns, e.g. "delta_e < 5 AND label = 'gaussian_noise'"
+    shards_root: Path  # where the parent datasets' shards live (the `shard` column is relative to it)
+    manifests_root: Path  # where the parent datasets' manifests live (all datasets there are searched)
+    out: Path  # shard root of the new dataset: it goes to <out>/<name>/<name>-NNNNNN.tar
+    # manifest root of the new dataset; None: manifests_root, beside its parents
+    out_manifests: Path | None = None
+    # the new dataset's name; None: "<parent>-where-<sha256(where)[:8]>" (one parent only)
+    name: str | None = None
+    pairs_per_shard: int = 1000  # samples per new shard
+
+
+@dataclass(frozen=True)
+class FilterSummary:
+    dataset: str
+    pairs: int
+    shards: list[str]  # shard paths relative to `out`
+    parent_datasets: list[str]
+
+
+def _default_name(parents: list[str], where: str) -> str:
+    if len(parents) != 1:
+        raise FactoryError(
+            f"the matching pairs come from {len(parents)} datasets {parents}; give the new one a --name"
+        )
+    return f"{parents[0]}-where-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
+
+def _check_name(name: str) -> None:
+    if (
+        not name
+        or name.startswith(("_", "."))
+        or any(char in name for char in "/\\.")
+        or name.strip() != name
+    ):
+        raise FactoryError(f"invalid dataset name {name!r}: no '/', '\\' or '.', and not starting with '_'")
+
+
+def _write_bytes_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _parent_samples(shards_root: Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(manifest row, {member suffix: bytes}) for each selected row, in parent shard order then member order.
+
+    Payloads are checked against the manifest's sha256 so a damaged parent is never copied silently."""
+    by_shard: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["shard"], {})[row["key"]] = row
+    for shard in sorted(by_shard):
+        wanted = by_shard[shard]
+        path = shards_root / shard
+        members: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(path, mode="r:") as archive:
+                for member in archive:
+                    key, _, suffix = member.name.partition(".")
+                    if key not in wanted or not member.isfile():
+                        continue
+                    if key not in members:
+                        order.append(key)
+                    members.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+        except (OSError, tarfile.TarError) as error:
+            raise FactoryError(f"cannot read shard {path}: {error}") from None
+        missing = sorted(set(wanted) - set(members))
+        if missing:
+            raise FactoryError(
+                f"shard {path} lacks {len(missing)} pair(s) its manifest lists, e.g. {missing[0]!r}"
+            )
+        for key in order:
+            row, sample = wanted[key], members[key]
+            for side in ("hr", "lr"):
+                payload = sample.get(f"{side}.{payload_extension(row['codec'])}")
+                if payload is None or hashlib.sha256(payload).hexdigest() != row[f"{side}_sha256"]:
+                    raise FactoryError(
+                        f"shard {path}: the {side} payload of {key!r} does not match its manifest"
+                    )
+            yield row, sample
+
+
+def _tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """A reproducible tar of WebDataset samples: members `<key>.<suffix>` in sorted suffix order, fixed mtime,
+    owner and mode (webdataset.TarWriter's conventions with mtime=0)."""
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer, encoder=False, mtime=0.0, user="", group="")
+    for key, members in samples:
+        writer.write({"__key__": key, **members})
+    writer.close()
+    return buffer.getvalue()
+
+
+def filter_dataset(config: FilterConfig) -> FilterSummary:
+    """Write a new dataset holding exactly the pairs matching `config.where`.
+
+    HR and LR payloads are copied byte for byte (no re-encoding). Each new row keeps its parent's `key` (it names
+    the pair's source crop, so provenance stays traceable) and every other column; only `dataset` and `shard`
+    change, and the sample's `json` member is the new row. Shards are written atomically, each committed by its
+    manifest written after it; the dataset card (parents, predicate) comes last.
+    """
+    out_manifests = config.out_manifests if config.out_manifests is not None else config.manifests_root
+    if config.pairs_per_shard < 1:
+        raise FactoryError("pairs per shard must be at least 1")
+    rows = select(config.manifests_root, config.where).to_pylist()
+    if not rows:
+        raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
+    parents = sorted({row["dataset"] for row in rows})
+    name = config.name if config.name is not None else _default_name(parents, config.where)
+    _check_name(name)
+    keys = [row["key"] for row in rows]
+    if len(set(keys)) != len(keys):
+        raise FactoryError("the matching pairs repeat keys across datasets; narrow --where to one dataset")
+    for folder in (Path(config.out) / name, Path(out_manifests) / name):
+        if folder.exists() and any(folder.iterdir()):
+            raise FactoryError(
+                f"dataset {name!r} already exists in {folder}; choose another --name or remove it"
+            )
+
+    shards: list[str] = []
+    pending: list[tuple[dict, dict[str, bytes]]] = []
+
+    def commit() -> None:
+        shard = f"{name}/{name}-{len(shards):06d}.tar"
+        new_rows, samples = [], []
+        for row, members in pending:
+            new_row = {**row, "dataset": name, "shard": shard}
+            new_members = {suffix: data for suffix, data in members.items() if suffix != "json"}
+            new_members["json"] = json.dumps(new_row, sort_keys=True).encode("utf-8")
+            new_rows.append(new_row)
+            samples.append((row["key"], new_members))
+        _write_bytes_atomic(_tar_bytes(samples), Path(config.out) / shard)
+        write_table_atomic(
+            rows_to_table(new_rows), Path(out_manifests) / name / f"{name}-{len(shards):06d}.parquet"
+        )
+        shards.append(shard)
+        pending.clear()
+
+    progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
+    for row, members in _parent_samples(Path(config.shards_root), rows):
+        pending.append((row, members))
+        progress.update(1)
+        if len(pending) == config.pairs_per_shard:
+            commit()
+    if pending:
+        commit()
+    progress.close()
+
+    card = {
+        "dataset": name,
+        "command": "filter",
+        "parent_datasets": parents,
+        "predicate": config.where,
+        "pairs": len(rows),
+        "shards": shards,
+        "config": {
+            key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()
+        },
+        "factory_version": __version__,
+    }
+    _write_bytes_atomic(
+        (json.dumps(card, indent=2, sort_keys=True) + "\n").encode(), Path(out_manifests) / name / CARD_NAME
+    )
+    logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))
+    return FilterSummary(dataset=name, pairs=len(rows), shards=shards, parent_datasets=parents)

@@ -1,0 +1,166 @@
+"""Small datasets on disk for the manifest tests: WebDataset shards plus Parquet manifests in the factory's layout.
+
+Images are crops of scikit-image's bundled photos; the manifest values (delta_e, label, ...) are whatever the test
+passes, so the tests can hand-compute what queries and statistics must give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from factory.corruptions import CORRUPTIONS
+from factory.manifests import LABEL_PROB_COLUMNS, rows_to_table, write_table_atomic
+from factory.shards import encode_image, payload_extension
+
+HR_SIZE = 32
+SCALE = 4
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """What a test decides about one pair; everything else in the row is filled in plausibly."""
+
+    delta_e: float
+    label: str | None = None
+    label_prob: float | None = None
+
+
+def _row(
+    dataset: str,
+    model: str,
+    epoch: int | None,
+    index: int,
+    spec: PairSpec,
+    shard: str,
+    codec: str,
+    hr_payload: bytes,
+    lr_payload: bytes,
+) -> dict:
+    row = {
+        "key": f"{dataset}-{index:06d}",
+        "dataset": dataset,
+        "model": model,
+        "epoch": epoch,
+        "preset": None if epoch is None else "tiny",
+        "checkpoint_sha256": None
+        if epoch is None
+        else hashlib.sha256(f"{model}{epoch}".encode()).hexdigest(),
+        "source": f"photo_{index % 6}.png",
+        "source_root": "skimage-data",
+        "source_sha256": hashlib.sha256(str(index % 6).encode()).hexdigest(),
+        "crop_top": 8 * (index % 5),
+        "crop_left": 8 * (index % 7),
+        "crop_height": HR_SIZE,
+        "crop_width": HR_SIZE,
+        "scale": SCALE,
+        "delta_e": spec.delta_e,
+        "delta_e_p95": spec.delta_e * 2.0,
+        "psnr": 30.0 - spec.delta_e,
+        "ssim": 0.9,
+        "color_corrected": False,
+        "shard": shard,
+        "codec": codec,
+        "hr_bytes": len(hr_payload),
+        "lr_bytes": len(lr_payload),
+        "hr_sha256": hashlib.sha256(hr_payload).hexdigest(),
+        "lr_sha256": hashlib.sha256(lr_payload).hexdigest(),
+        "seed": 0,
+        "factory_version": "0.1.0",
+    }
+    if spec.label is not None:
+        probability = spec.label_prob if spec.label_prob is not None else 0.9
+        row["label"] = spec.label
+        row["label_prob"] = probability
+        row["classifier_sha256"] = "0" * 64
+        rest = (1.0 - probability) / (len(CORRUPTIONS) - 1)
+        for name, column in zip(CORRUPTIONS, LABEL_PROB_COLUMNS, strict=True):
+            row[column] = probability if name == spec.label else rest
+    return row
+
+
+def make_dataset(
+    shards_root: Path,
+    manifests_root: Path,
+    dataset: str,
+    specs: list[PairSpec],
+    photos: dict,
+    model: str = "vqvae2",
+    epoch: int | None = 8,
+    codec: str = "png",
+    pairs_per_shard: int = 4,
+    rejects: int = 0,
+) -> list[dict]:
+    """Write `dataset` (shards + one manifest per shard + optional rejects); return its manifest rows (all columns)."""
+    from factory.manifests import REJECT_SCHEMA, REJECTS_NAME
+
+    generator = np.random.default_rng(len(dataset) + len(specs))
+    names = sorted(photos)
+    extension = payload_extension(codec)
+    rows: list[dict] = []
+    for shard_index, start in enumerate(range(0, len(specs), pairs_per_shard)):
+        shard = f"{dataset}/{dataset}-{shard_index:06d}.tar"
+        shard_path = shards_root / shard
+        shard_path.parent.mkdir(parents=True, exist_ok=True)
+        shard_rows = []
+        with open(shard_path, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="", group="")
+            for index in range(start, min(start + pairs_per_shard, len(specs))):
+                photo = photos[names[index % len(names)]]
+                top, left = 8 * (index % 5), 8 * (index % 7)
+                hr = np.ascontiguousarray(photo[top : top + HR_SIZE, left : left + HR_SIZE])
+                noise = generator.integers(-20, 21, size=(HR_SIZE // SCALE, HR_SIZE // SCALE, 3))
+                lr = np.clip(hr[::SCALE, ::SCALE].astype(int) + noise, 0, 255).astype(np.uint8)
+                hr_payload, lr_payload = encode_image(hr, codec), encode_image(lr, codec)
+                row = _row(dataset, model, epoch, index, specs[index], shard, codec, hr_payload, lr_payload)
+                writer.write(
+                    {
+                        "__key__": row["key"],
+                        f"hr.{extension}": hr_payload,
+                        f"lr.{extension}": lr_payload,
+                        "json": json.dumps(row, sort_keys=True).encode(),
+                    }
+                )
+                shard_rows.append(row)
+            writer.close()
+        table = rows_to_table(shard_rows)
+        write_table_atomic(table, manifests_root / dataset / f"{dataset}-{shard_index:06d}.parquet")
+        rows += table.to_pylist()
+    if rejects:
+        reject_rows = [
+            {
+                "dataset": dataset,
+                "source": f"bad_{index}.png",
+                "source_root": "hr",
+                "reason": "too_small",
+                "detail": "smaller than the crop",
+            }
+            for index in range(rejects)
+        ]
+        write_table_atomic(rows_to_table(reject_rows, REJECT_SCHEMA), manifests_root / dataset / REJECTS_NAME)
+    return rows
+
+
+def sample_payloads(shard_path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {member suffix: bytes} of every sample in a shard (stdlib tarfile, no webdataset decoding)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard_path) as archive:
+        for member in archive.getmembers():
+            key, _, suffix = member.name.partition(".")
+            samples.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+    return samples
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))

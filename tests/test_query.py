@@ -1,0 +1,259 @@
+"""Manifest queries (factory/query.py) and `factory filter`.
+
+References: query results are checked against a plain pyarrow filter (`pyarrow.dataset` + `pyarrow.compute`) over
+the same Parquet files, written by nobody here; the sandbox is checked against DuckDB's own refusals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+from click.testing import CliRunner
+from manifest_fixtures import PairSpec, make_dataset, sample_payloads
+
+from factory.cli import main
+from factory.config import FactoryError
+from factory.manifests import PAIR_SCHEMA, manifest_files
+from factory.query import format_table, query, select
+
+LABELS = ("gaussian_noise", "jpeg_compression", "defocus_blur", "gaussian_noise", None)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photos) -> dict:
+    """Two datasets (two and three shards) with known delta_e and labels."""
+    root = tmp_path_factory.mktemp("built")
+    shards, manifests = root / "shards", root / "manifests"
+    specs_a = [PairSpec(delta_e=0.5 * index, label=LABELS[index % 5]) for index in range(7)]
+    specs_b = [PairSpec(delta_e=10.0 - index, label=LABELS[(index + 1) % 5]) for index in range(9)]
+    rows_a = make_dataset(shards, manifests, "vqvae2-ep8", specs_a, photos, epoch=8)
+    rows_b = make_dataset(shards, manifests, "mae-ep4", specs_b, photos, model="mae", epoch=4, codec="zst")
+    return {"shards": shards, "manifests": manifests, "rows": rows_a + rows_b}
+
+
+def pyarrow_reference(manifests: Path, expression: pc.Expression) -> pa.Table:
+    dataset = ds.dataset(
+        [str(path) for path in manifest_files(manifests)], schema=PAIR_SCHEMA, format="parquet"
+    )
+    return dataset.to_table(filter=expression)
+
+
+def sorted_rows(table: pa.Table) -> list[dict]:
+    return sorted(table.to_pylist(), key=lambda row: (row["dataset"], row["key"]))
+
+
+@pytest.mark.parametrize(
+    ("predicate", "expression"),
+    [
+        ("delta_e < 2", pc.field("delta_e") < 2),
+        (
+            "delta_e < 5 AND label = 'gaussian_noise'",
+            (pc.field("delta_e") < 5) & (pc.field("label") == "gaussian_noise"),
+        ),
+        ("label IS NULL OR model = 'mae'", pc.field("label").is_null() | (pc.field("model") == "mae")),
+        ("epoch >= 8", pc.field("epoch") >= 8),
+    ],
+)
+def test_predicate_equals_pyarrow_filter(built, predicate, expression):
+    result = select(built["manifests"], predicate)
+    reference = pyarrow_reference(built["manifests"], expression)
+    assert reference.num_rows > 0
+    assert result.schema.names == PAIR_SCHEMA.names
+    assert sorted_rows(result) == sorted_rows(reference)
+    assert sorted_rows(query(built["manifests"], predicate)) == sorted_rows(reference)
+
+
+def test_select_all_and_columns(built):
+    everything = select(built["manifests"], None)
+    assert everything.num_rows == len(built["rows"]) == 16
+    some = select(built["manifests"], "dataset = 'mae-ep4'", columns=["key", "delta_e"])
+    assert some.schema == pa.schema(
+        [PAIR_SCHEMA.field("key").with_nullable(True), PAIR_SCHEMA.field("delta_e").with_nullable(True)]
+    )
+    assert sorted(some.column("key").to_pylist()) == sorted(
+        row["key"] for row in built["rows"] if row["dataset"] == "mae-ep4"
+    )
+
+
+def test_aggregate_query_equals_pyarrow_group_by(built):
+    result = query(
+        built["manifests"],
+        "SELECT dataset, avg(delta_e) AS mean, count(*) AS n FROM manifests GROUP BY dataset",
+    )
+    reference = (
+        pyarrow_reference(built["manifests"], pc.scalar(True))
+        .group_by("dataset")
+        .aggregate([("delta_e", "mean"), ("delta_e", "count")])
+    )
+    expected = {row["dataset"]: (row["delta_e_mean"], row["delta_e_count"]) for row in reference.to_pylist()}
+    got = {row["dataset"]: (row["mean"], row["n"]) for row in result.to_pylist()}
+    assert got.keys() == expected.keys()
+    for name, (mean, count) in expected.items():
+        assert got[name][0] == pytest.approx(mean)
+        assert got[name][1] == count
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_csv_auto('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/passwd')",
+        "SELECT * FROM read_blob('/etc/passwd')",
+        "SELECT * FROM read_parquet('{outside}')",
+        "SELECT * FROM glob('/etc/*')",
+        "COPY (SELECT * FROM manifests) TO '{written}'",
+        "ATTACH '{written}' AS other",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "SELECT 1; SELECT * FROM read_csv('/etc/passwd')",
+        "key IN (SELECT column0 FROM read_csv('/etc/passwd'))",
+        "true) UNION ALL SELECT * FROM read_csv('/etc/passwd') --",
+    ],
+)
+def test_query_reaches_nothing_but_the_manifests(built, tmp_path, attack):
+    # A Parquet file outside the manifest folder, with a secret in it: the query must not see it.
+    outside = tmp_path / "outside.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"secret": ["s3cr3t-value"]}), outside)
+    written = tmp_path / "written.out"
+    expression = attack.format(outside=outside, written=written)
+    with pytest.raises(FactoryError) as raised:
+        query(built["manifests"], expression)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "root:" not in message and "s3cr3t" not in message  # nothing of /etc/passwd or the outside file
+    assert not written.exists()
+
+
+def test_malformed_query_is_one_line_error(built):
+    runner = CliRunner()
+    for expression in (
+        "delta_e <",
+        "SELEC * FROM manifests",
+        "no_such_column > 1",
+        "SELECT * FROM nothing_here",
+    ):
+        result = runner.invoke(main, ["query", expression, "--manifests", str(built["manifests"])])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+
+
+def test_cli_formats(built):
+    runner = CliRunner()
+    base = ["query", "delta_e < 2", "--manifests", str(built["manifests"])]
+    expected_keys = sorted(row["key"] for row in built["rows"] if row["delta_e"] < 2)
+
+    keys = runner.invoke(main, [*base, "--format", "keys"])
+    assert keys.exit_code == 0, keys.output
+    assert sorted(keys.output.split()) == expected_keys
+
+    lines = runner.invoke(main, [*base, "--format", "json"]).output.splitlines()
+    assert sorted(json.loads(line)["key"] for line in lines) == expected_keys
+
+    csv_text = runner.invoke(main, [*base, "--format", "csv"]).output.splitlines()
+    assert csv_text[0].split(",") == PAIR_SCHEMA.names and len(csv_text) == len(expected_keys) + 1
+
+    table = runner.invoke(main, base).output.splitlines()
+    assert table[0].split()[:2] == ["dataset", "key"]
+    assert table[-1].startswith(f"({len(expected_keys)} rows")
+
+    aggregate = runner.invoke(
+        main,
+        [
+            "query",
+            "SELECT count(*) AS n FROM manifests",
+            "--manifests",
+            str(built["manifests"]),
+            "--format",
+            "csv",
+        ],
+    )
+    assert aggregate.output == "n\n16\n"
+
+
+def test_empty_manifest_folder(tmp_path):
+    assert select(tmp_path, "delta_e < 1").num_rows == 0
+    assert format_table(select(tmp_path, None), "keys") == ""
+
+
+def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
+    from factory.query import FilterConfig, filter_dataset
+
+    predicate = "delta_e < 4.5 AND label IS NOT NULL"
+    out_shards, out_manifests = tmp_path / "shards", tmp_path / "manifests"
+    summary = filter_dataset(
+        FilterConfig(
+            where=predicate,
+            shards_root=built["shards"],
+            manifests_root=built["manifests"],
+            out=out_shards,
+            out_manifests=out_manifests,
+            name="low-de",
+            pairs_per_shard=3,
+        )
+    )
+    expected = {
+        (row["dataset"], row["key"]): row for row in built["rows"] if row["delta_e"] < 4.5 and row["label"]
+    }
+    assert summary.pairs == len(expected) > 3
+
+    new_rows = select(out_manifests, None).to_pylist()
+    assert sorted(row["key"] for row in new_rows) == sorted(key for _, key in expected)
+    assert {row["dataset"] for row in new_rows} == {"low-de"}
+    originals = {}
+    for path in sorted(built["shards"].glob("*/*.tar")):
+        originals.update(sample_payloads(path))
+    for row in new_rows:
+        copied = sample_payloads(out_shards / row["shard"])[row["key"]]
+        original = originals[row["key"]]
+        # Payloads byte for byte; the json member is the new manifest row.
+        assert {suffix: data for suffix, data in copied.items() if suffix != "json"} == {
+            suffix: data for suffix, data in original.items() if suffix != "json"
+        }
+        assert json.loads(copied["json"]) == row
+        parent_row = next(value for (_, key), value in expected.items() if key == row["key"])
+        # Decision: key and every other column are the parent's; only dataset and shard change.
+        assert {k: v for k, v in row.items() if k not in ("dataset", "shard")} == {
+            k: v for k, v in parent_row.items() if k not in ("dataset", "shard")
+        }
+    card = json.loads((out_manifests / "low-de" / "_card.json").read_text())
+    assert card["predicate"] == predicate
+    assert card["parent_datasets"] == sorted({dataset for dataset, _ in expected})
+    assert card["pairs"] == len(expected)
+
+
+def test_filter_is_reproducible_and_refuses_bad_requests(built, tmp_path):
+    from factory.query import FilterConfig, filter_dataset
+
+    def run(target: Path, name: str = "mae-low", where: str = "model = 'mae' AND delta_e < 6"):
+        return filter_dataset(
+            FilterConfig(
+                where=where,
+                shards_root=built["shards"],
+                manifests_root=built["manifests"],
+                out=target / "s",
+                out_manifests=target / "m",
+                name=name,
+            )
+        )
+
+    run(tmp_path / "one")
+    run(tmp_path / "two")
+    first = sorted((tmp_path / "one" / "s").rglob("*.tar"))
+    second = sorted((tmp_path / "two" / "s").rglob("*.tar"))
+    assert [path.read_bytes() for path in first] == [path.read_bytes() for path in second]
+
+    with pytest.raises(FactoryError, match="already exists"):
+        run(tmp_path / "one")
+    with pytest.raises(FactoryError, match="no pairs match"):
+        run(tmp_path / "three", where="delta_e > 1000")
+    with pytest.raises(FactoryError, match="malformed|query failed"):
+        run(tmp_path / "four", where="delta_e <")
