@@ -58,6 +58,70 @@ def main(verbose: int) -> None:
 
 # --- build commands ---
 
+
+@main.command("build")
+@click.option("--hr", "hr", multiple=True, type=click.Path(file_okay=False), help="HR image folder (recursive); repeatable. DF2K: --hr DIV2K_train_HR/ --hr Flickr2K_HR/. Without --hr/--hr-list: scikit-image's bundled colour photos, cut into 256 crops.")
+@click.option("--hr-list", "hr_list", multiple=True, type=click.Path(dir_okay=False), help="File listing HR image paths, one a line (relative to the file's folder); repeatable.")
+@click.option("--model", default="vqvae2", show_default=True, help="Reconstructor (vqvae, vqvae2, mae, vae, ddim), or 'bicubic' for the undegraded baseline dataset.")
+@click.option("--epoch", default=8, show_default=True, type=int, help="Training epoch of the checkpoint to use.")
+@click.option("--checkpoints", default="checkpoints", show_default=True, help="Checkpoint root: <checkpoints>/<model>/epoch-<E>.pt.")
+@click.option("--preset", default=None, help="Model preset for training a missing checkpoint (default: train's default).")
+@click.option("--train-data", "train_data", multiple=True, type=click.Path(), help="Images to train a missing checkpoint on (default: the HR images); repeatable.")
+@click.option("--train/--no-train", "train_missing", default=True, show_default=True, help="Train a missing checkpoint first, or stop with an error.")
+@click.option("--scale", default=4, show_default=True, type=int, help="Downsampling factor: HR size / LR size.")
+@click.option("--crop", default=None, type=int, help="HR crop side in pixels [default: 1024; 256 with the embedded default photos].")
+@click.option("--stride", default=None, type=int, help="Step of the crop grid [default: crop / 2, which gives DF2K ~20,700 crops of 1024].")
+@click.option("--limit", default=None, type=int, help="Build only the first N crops of the plan.")
+@click.option("--out", default="shards", show_default=True, help="Shard root (folder or URI such as s3://bucket/prefix).")
+@click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
+@click.option("--name", default=None, help="Dataset name [default: <model>-ep<E>, or 'bicubic'].")
+@click.option("--shard-size", "shard_size", default=1000, show_default=True, type=int, help="Pairs per shard.")
+@click.option("--codec", default="png", show_default=True, type=click.Choice(["png", "zst"]), help="Payload codec: png (any WebDataset reader) or zst (zstd-compressed .npy, faster to decode).")
+@click.option("--batch-size", "batch_size", default=8, show_default=True, type=int, help="Crops per device batch.")
+@click.option("--device", default="auto", show_default=True, help="Torch device of the workers: auto, cpu, cuda, mps.")
+@click.option("--actors", default=None, type=int, help="Worker actors [default: one per GPU; CPUs / 2 without GPUs].")
+@click.option("--address", default=None, help="Ray cluster to use: 'auto' or ray://host:10001 [default: an embedded local Ray].")
+@click.option("--num-cpus", "num_cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Build seed (sampling models draw from it per batch of keys).")
+@click.option("--max-pixels", "max_pixels", default=None, type=int, help="Reject larger images as decompression bombs [default: Pillow's 89,478,485].")
+@click.option("--color-correct", "color_correct", is_flag=True, help="Correct the degraded LR's colours towards the bicubic LR.")
+@click.option("--classifier", default=None, type=click.Path(dir_okay=False), help="Degradation classifier checkpoint: fills the label columns.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Print the plan (images, crops, shards, actors, estimated bytes) and write nothing.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@user_errors
+def build_command(**options) -> None:
+    """Build (degraded LR, HR) pairs into WebDataset shards with Parquet manifests (the main job).
+
+    Rerunning the same command resumes: committed shards are skipped, partial ones redone.
+    """
+    from factory.build import BuildConfig, build
+
+    for name in ("hr", "hr_list", "train_data"):
+        options[name] = tuple(options[name])
+    result = build(BuildConfig(**options, command=" ".join(sys.argv)))
+    click.echo("\n".join(result.summary_lines()))
+
+
+@main.command("verify")
+@click.argument("shards_dir")
+@click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
+@click.option("--dataset", default=None, help="Verify this dataset only [default: every dataset found].")
+@user_errors
+def verify_command(shards_dir: str, manifests: str, dataset: str | None) -> None:
+    """Check that every shard is readable and agrees with its manifest (keys, sizes, sha256s), with no orphan or
+    missing shards and no duplicate keys. Exits 1 listing the problems."""
+    from factory.manifests import verify
+
+    report = verify(shards_dir, manifests, dataset)
+    click.echo(
+        f"checked {len(report.datasets)} dataset(s), {report.shards} shard(s), {report.samples} sample(s): "
+        + ("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    )
+    for problem in report.problems:
+        click.echo(f"  {problem}")
+    if not report.ok:
+        sys.exit(1)
+
 # --- classifier commands ---
 
 # --- manifest commands ---
@@ -167,6 +231,59 @@ def export_command(export_format, shards_root, manifests_root, where, out) -> No
 
 
 # --- stream commands ---
+
+
+def _float_list(text: str | None) -> tuple[float, ...] | None:
+    """'3,1' -> (3.0, 1.0); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@main.command("finetune")
+@click.option("--arch", "architecture", type=click.Choice(["edsr", "esrgan", "swinir", "hat"]), required=True, help="SR network to fine-tune.")
+@click.option("--pretrained", default=None, help="Official (or fine-tuned) weights (.pth/.pt/.safetensors); without it a random --preset network.")
+@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True, help="Network shape without --pretrained: the official models' or a tiny test one.")
+@click.option("--shards", multiple=True, required=True, help="A shard folder, brace pattern or URL list; repeat for several datasets (see --weights).")
+@click.option("--weights", "dataset_weights", default=None, help="Mixing weights, one per --shards, e.g. '3,1'.")
+@click.option("--manifests", default=None, help="Manifest root: read only committed shards, and apply --where.")
+@click.option("--where", default=None, help="SQL predicate over the manifest columns, e.g. \"delta_e < 5\" (needs --manifests).")
+@click.option("--iters", "iterations", default=10_000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps (on every rank).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Patches per rank and step.")
+@click.option("--patch-size", default=64, show_default=True, type=click.IntRange(min=1), help="LR patch side (HR: scale x).")
+@click.option("--lr", "learning_rate", default=1e-4, show_default=True, type=float, help="Adam learning rate (constant).")
+@click.option("--patches-per-pair", default=8, show_default=True, type=click.IntRange(min=1), help="Random crops per decoded pair.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers per rank.")
+@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1), help="Iterations between checkpoints.")
+@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1), help="Iterations between loss / throughput log lines.")
+@click.option("--no-amp", is_flag=True, help="Train in float32 on GPU (default: bfloat16 autocast).")
+@click.option("--no-resume", is_flag=True, help="Start over even if OUT/checkpoints holds a checkpoint.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Initialisation and data-order seed.")
+@click.option("--out", default="runs/finetune", show_default=True, help="Output folder (checkpoints, log.jsonl, model.pth).")
+@user_errors
+def finetune_command(architecture, pretrained, preset, shards, dataset_weights, manifests, where, iterations, batch_size,
+                     patch_size, learning_rate, patches_per_pair, workers, checkpoint_every, log_every, no_amp, no_resume,
+                     seed, out) -> None:
+    """Fine-tune EDSR / ESRGAN / SwinIR / HAT with L1 on streamed pairs; runs as is or under torchrun (DDP)."""
+    from factory.finetune import FinetuneConfig, finetune
+
+    result = finetune(
+        FinetuneConfig(
+            architecture=architecture, pretrained=pretrained, preset=preset, shards=tuple(shards),
+            dataset_weights=_float_list(dataset_weights), manifests=manifests, where=where, iterations=iterations,
+            batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, patches_per_pair=patches_per_pair,
+            workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, amp=not no_amp,
+            resume=not no_resume, seed=seed, out=out,
+        )
+    )
+    if result.rank == 0:  # one result line, not one per process
+        click.echo(
+            f"{result.weights}: {result.iterations} iterations, L1 {result.final_loss:.5f}, "
+            f"{result.patches_per_second:.1f} patches/s"
+        )
 
 
 if __name__ == "__main__":

@@ -8,13 +8,24 @@ Layout (all datasets side by side under one manifest root, default `manifests/`)
 
 Names starting with "_" are not pair manifests; pyarrow's dataset API skips them by default, and
 `manifest_files` skips them too.
+
+Each pair manifest also carries, in its Parquet key-value metadata under `factory.commit`, the commit record of its
+shard (JSON: shard path, byte size and sha256 of the tar, the number of planned crops, a digest of the crop plan and
+of the build settings, and the inputs rejected while building that shard). `factory build` reads it to skip
+committed shards on a rerun; `verify` (`factory verify`) checks every shard against it and its rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tarfile
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,6 +85,8 @@ REJECT_SCHEMA = pa.schema(
 
 REJECTS_NAME = "_rejects.parquet"
 CARD_NAME = "_card.json"
+LOCK_NAME = "_build.lock"
+COMMIT_METADATA_KEY = b"factory.commit"  # Parquet key-value metadata of a pair manifest: its shard's commit record
 
 
 def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:
@@ -118,3 +131,205 @@ def read_manifests(root: str | os.PathLike, dataset: str | None = None) -> pa.Ta
     if not files:
         return PAIR_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(path, schema=PAIR_SCHEMA) for path in files])
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commit records and verification (any pyarrow filesystem, through factory.storage)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def shard_stem(dataset: str, index: int) -> str:
+    """`<dataset>-NNNNNN`: the shared name of a shard (`.tar`) and its manifest (`.parquet`)."""
+    return f"{dataset}-{index:06d}"
+
+
+def write_manifest(storage, relative: str, rows: list[dict], commit: dict[str, Any]) -> None:
+    """Write one shard's pair manifest atomically to `relative` in `storage` (a factory.storage.Storage), with its
+    commit record in the file's metadata. Written after the shard: its presence commits the shard."""
+    table = rows_to_table(rows)
+    metadata = dict(table.schema.metadata or {})
+    metadata[COMMIT_METADATA_KEY] = json.dumps(commit, sort_keys=True).encode()
+    table = table.replace_schema_metadata(metadata)
+    with storage.open_atomic(relative) as stream:
+        pq.write_table(table, stream)
+
+
+def write_rejects(storage, relative: str, rows: list[dict]) -> None:
+    """The rejects manifest (REJECT_SCHEMA), atomically."""
+    table = rows_to_table(rows, REJECT_SCHEMA)
+    with storage.open_atomic(relative) as stream:
+        pq.write_table(table, stream)
+
+
+def read_commit(storage, relative: str) -> dict[str, Any] | None:
+    """The commit record of a pair manifest, or None when the file is missing, unreadable or has none."""
+    if not storage.exists(relative):
+        return None
+    try:
+        with storage.open_input(relative) as handle:
+            metadata = pq.read_schema(handle).metadata or {}
+        return json.loads(metadata[COMMIT_METADATA_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+
+
+def read_manifest(storage, relative: str) -> pa.Table:
+    """One pair manifest from `storage` as a table of PAIR_SCHEMA."""
+    with storage.open_input(relative) as handle:
+        return pq.read_table(handle, schema=PAIR_SCHEMA)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: checked counts and one line per problem (empty when the datasets are sound)."""
+
+    datasets: list[str] = field(default_factory=list)
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _payload_problems(where: str, members: dict[str, bytes], row: dict[str, Any]) -> list[str]:
+    """Does a sample agree with its manifest row (members present, sizes, sha256s, the json member)?"""
+    from factory.shards import payload_extension
+
+    problems = []
+    try:
+        extension = payload_extension(row["codec"])
+    except ValueError:
+        return [f"{where}: manifest row has unknown codec {row['codec']!r}"]
+    expected = {f"hr.{extension}", f"lr.{extension}", "json"}
+    if set(members) != expected:
+        problems.append(f"{where}: members {sorted(members)}, expected {sorted(expected)}")
+    for side in ("hr", "lr"):
+        data = members.get(f"{side}.{extension}")
+        if data is None:
+            continue
+        if len(data) != row[f"{side}_bytes"]:
+            problems.append(
+                f"{where}: {side} payload is {len(data)} bytes, manifest says {row[f'{side}_bytes']}"
+            )
+        elif hashlib.sha256(data).hexdigest() != row[f"{side}_sha256"]:
+            problems.append(f"{where}: {side} payload sha256 differs from the manifest")
+    if "json" in members:
+        try:
+            stored = json.loads(members["json"])
+            if stored.get("key") != row["key"] or stored.get("hr_sha256") != row["hr_sha256"]:
+                problems.append(f"{where}: json member does not match the manifest row")
+        except ValueError:
+            problems.append(f"{where}: json member is not valid JSON")
+    return problems
+
+
+def verify_dataset(shard_storage, manifest_storage, dataset: str, report: VerifyReport) -> None:
+    """Check one dataset: every manifest has its shard and every shard its manifest; each shard is readable, has the
+    size and sha256 of its commit record, and holds exactly its manifest's samples, each agreeing with its row; no key
+    appears twice in the dataset."""
+    from factory.shards import read_samples
+
+    report.datasets.append(dataset)
+    manifests = {
+        name[: -len(".parquet")]
+        for name in manifest_storage.list_files(dataset)
+        if name.endswith(".parquet") and not name.startswith(("_", "."))
+    }
+    shards = {name[: -len(".tar")] for name in shard_storage.list_files(dataset) if name.endswith(".tar")}
+    shards = {name for name in shards if not name.startswith(".")}
+    for stem in sorted(shards - manifests):
+        report.problems.append(f"{dataset}/{stem}.tar: orphan shard (no manifest commits it)")
+    for stem in sorted(manifests - shards):
+        report.problems.append(f"{dataset}/{stem}.parquet: missing shard {dataset}/{stem}.tar")
+    key_counts: Counter[str] = Counter()
+    for stem in sorted(manifests & shards):
+        shard = f"{dataset}/{stem}.tar"
+        report.shards += 1
+        try:
+            table = read_manifest(manifest_storage, f"{dataset}/{stem}.parquet")
+        except (OSError, ValueError, pa.ArrowException) as error:
+            report.problems.append(f"{dataset}/{stem}.parquet: unreadable manifest: {error}")
+            continue
+        commit = read_commit(manifest_storage, f"{dataset}/{stem}.parquet") or {}
+        rows = table.to_pylist()
+        key_counts.update(row["key"] for row in rows)
+        by_key: dict[str, dict] = {}
+        for row in rows:
+            if row["shard"] != shard:
+                report.problems.append(f"{shard}: manifest row {row['key']} names shard {row['shard']}")
+            if row["dataset"] != dataset:
+                report.problems.append(f"{shard}: manifest row {row['key']} is of dataset {row['dataset']}")
+            by_key.setdefault(row["key"], row)
+        size = shard_storage.size(shard)
+        if commit.get("shard_bytes") is not None and size != commit["shard_bytes"]:
+            report.problems.append(f"{shard}: {size} bytes, its commit record says {commit['shard_bytes']}")
+        digest = hashlib.sha256()
+        seen: Counter[str] = Counter()
+        try:
+            with shard_storage.open_input(shard) as handle:
+                hashing = _HashingReader(handle, digest)
+                for sample in read_samples(hashing):
+                    report.samples += 1
+                    seen[sample.key] += 1
+                    row = by_key.get(sample.key)
+                    if row is None:
+                        report.problems.append(f"{shard}: sample {sample.key} is not in its manifest")
+                        continue
+                    report.problems.extend(_payload_problems(f"{shard}: {sample.key}", sample.members, row))
+                hashing.drain()
+        except (OSError, tarfile.TarError, ValueError, EOFError) as error:
+            report.problems.append(f"{shard}: unreadable shard: {error}")
+            continue
+        if commit.get("shard_sha256") and digest.hexdigest() != commit["shard_sha256"]:
+            report.problems.append(f"{shard}: sha256 differs from its commit record")
+        for key, count in sorted(seen.items()):
+            if count > 1:
+                report.problems.append(f"{shard}: sample {key} appears {count} times")
+        for key in sorted(set(by_key) - set(seen)):
+            report.problems.append(f"{shard}: manifest row {key} has no sample in the shard")
+    for key, count in sorted(key_counts.items()):
+        if count > 1:
+            report.problems.append(f"{dataset}: key {key} appears in {count} manifest rows")
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it (the whole shard is hashed in the same single pass
+    that reads its samples)."""
+
+    def __init__(self, stream, digest):
+        self.stream = stream
+        self.digest = digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash whatever the tar reader did not need (end-of-archive padding)."""
+        while self.read(1 << 20):
+            pass
+
+
+def verify(
+    shards_root: str | os.PathLike, manifests_root: str | os.PathLike, dataset: str | None = None
+) -> VerifyReport:
+    """Verify one dataset, or every dataset found under either root (see `verify_dataset`)."""
+    from factory.storage import Storage
+
+    shard_storage, manifest_storage = Storage(shards_root), Storage(manifests_root)
+    report = VerifyReport()
+    if dataset is not None:
+        names = [dataset]
+    else:
+        names = sorted(set(shard_storage.list_dirs()) | set(manifest_storage.list_dirs()))
+        names = [name for name in names if not name.startswith((".", "_"))]
+    if not names:
+        report.problems.append(f"no datasets under {shards_root} or {manifests_root}")
+    for name in names:
+        if not shard_storage.list_files(name) and not manifest_storage.list_files(name):
+            report.problems.append(f"dataset {name}: nothing found under {shards_root} or {manifests_root}")
+            continue
+        verify_dataset(shard_storage, manifest_storage, name, report)
+    return report

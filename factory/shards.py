@@ -1,4 +1,4 @@
-"""WebDataset shards: payload codecs (and, with the build, writing, reading and atomic commit).
+"""WebDataset shards: payload codecs, reproducible tar writing and sample-by-sample reading.
 
 A sample is `__key__`, `hr.<ext>`, `lr.<ext>` and `json` (its manifest row). Two codecs:
 
@@ -10,7 +10,12 @@ A sample is `__key__`, `hr.<ext>`, `lr.<ext>` and `json` (its manifest row). Two
 
 from __future__ import annotations
 
+import hashlib
 import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import zstandard
@@ -55,3 +60,98 @@ def decode_image(name: str, data: bytes) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"payload {name!r} is not an (H, W, 3) uint8 image: {array.shape} {array.dtype}")
     return array
+
+
+# Fixed tar header fields, so that the same samples always give the same bytes (reproducible shards): the epoch
+# of 2000-01-01 rather than 0 because some tools warn on a zero mtime.
+TAR_MTIME = 946684800
+TAR_MODE = 0o444
+TAR_FORMAT = (
+    tarfile.PAX_FORMAT
+)  # the default of Python and GNU tar; plain ASCII names add no extended headers
+
+
+class HashingWriter:
+    """Wraps a binary output stream, counting and sha256-hashing the bytes written through it (the shard's
+    fingerprint, computed while streaming so the shard is never read back)."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        self.stream.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass  # pyarrow streams flush on close; tarfile calls flush() only as a courtesy
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def validate_key(key: str) -> str:
+    """A WebDataset key: WebDataset splits a member name at the first '.' of its base name, so a key holds no '.'
+    (and no '/', which would make it a folder)."""
+    if not key or "." in key or "/" in key or not key.isascii():
+        raise ValueError(f"invalid sample key {key!r}: must be non-empty ASCII without '.' or '/'")
+    return key
+
+
+class TarShardWriter:
+    """Writes samples into an uncompressed tar stream, member by member, with fixed header fields.
+
+    Members of a sample are written in sorted order of their extension; samples in the order given. The stream is
+    written sequentially (tar "w|" mode), so it can be a non-seekable object-store upload."""
+
+    def __init__(self, stream: BinaryIO):
+        self._tar = tarfile.open(fileobj=stream, mode="w|", format=TAR_FORMAT)
+        self.samples = 0
+
+    def add_sample(self, key: str, members: dict[str, bytes]) -> None:
+        validate_key(key)
+        for extension in sorted(members):
+            data = members[extension]
+            info = tarfile.TarInfo(name=f"{key}.{extension}")
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = TAR_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+@dataclass
+class ShardSample:
+    key: str  # the WebDataset __key__
+    members: dict[str, bytes]  # extension ("hr.png", "lr.png", "json") -> payload bytes
+
+
+def read_samples(stream: BinaryIO) -> Iterator[ShardSample]:
+    """The samples of a tar shard in order, grouping consecutive members by key as WebDataset does. Raises
+    tarfile.TarError / OSError on an unreadable or truncated shard, ValueError on a member name without a key."""
+    current: ShardSample | None = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                raise ValueError(f"shard member {info.name!r} is not a regular file")
+            base = info.name.rsplit("/", 1)[-1]
+            key, dot, extension = base.partition(".")
+            if not dot:
+                raise ValueError(f"shard member {info.name!r} has no extension")
+            data = tar.extractfile(info).read()
+            # A repeated member starts a new sample: a duplicated sample shows up as two samples with one key.
+            if current is None or current.key != key or extension in current.members:
+                if current is not None:
+                    yield current
+                current = ShardSample(key=key, members={})
+            current.members[extension] = data
+    if current is not None:
+        yield current

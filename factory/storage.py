@@ -1,0 +1,139 @@
+"""Output folders on any pyarrow filesystem: a local path or a URI such as `s3://bucket/prefix`.
+
+    storage = Storage("shards/")               # or Storage("s3://bucket/shards")
+    with storage.open_atomic("bicubic/bicubic-000000.tar") as stream:
+        stream.write(data)                     # readers see the old object or the whole new one, never a part
+
+Commit protocol: write to a temporary name in the same folder, then move it onto the final name (`os.replace` on a
+local disk, which is atomic; copy + delete on S3, where a PUT is atomic by itself and the temporary object only
+shields readers from a failed upload). Everything the build writes goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import pyarrow.fs as pafs
+
+from factory.config import FactoryError
+
+
+def _is_uri(location: str) -> bool:
+    return "://" in location
+
+
+class Storage:
+    """A folder (`location`: local path or filesystem URI) and relative paths below it, using '/' separators."""
+
+    def __init__(self, location: str | os.PathLike):
+        location = os.fspath(location)
+        self.location = location
+        try:
+            if _is_uri(location):
+                self.filesystem, self.base = pafs.FileSystem.from_uri(location)
+            else:
+                self.filesystem, self.base = pafs.LocalFileSystem(), os.path.abspath(location)
+        except Exception as error:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad URIs
+            raise FactoryError(f"cannot open storage {location!r}: {error}") from None
+        self.base = self.base.rstrip("/") or "/"
+        self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.location!r})"
+
+    def path(self, relative: str = "") -> str:
+        """The filesystem path of `relative` (what pyarrow calls it)."""
+        return f"{self.base}/{relative}" if relative else self.base
+
+    def uri(self, relative: str = "") -> str:
+        """A location a reader can open: a local path, or `scheme://...` for remote filesystems."""
+        if self.is_local:
+            return self.path(relative)
+        return f"{self.filesystem.type_name}://{self.path(relative)}"
+
+    def make_dirs(self, relative: str = "") -> None:
+        self.filesystem.create_dir(self.path(relative), recursive=True)
+
+    def info(self, relative: str) -> pafs.FileInfo:
+        return self.filesystem.get_file_info(self.path(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.info(relative).type == pafs.FileType.File
+
+    def size(self, relative: str) -> int | None:
+        """Size in bytes of a file, or None when there is none."""
+        info = self.info(relative)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def list_files(self, relative: str = "") -> list[str]:
+        """Names (not paths) of the files directly in folder `relative`, sorted; [] when the folder is missing."""
+        info = self.info(relative)
+        if info.type != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(self.path(relative), recursive=False)
+        return sorted(
+            entry.base_name
+            for entry in self.filesystem.get_file_info(selector)
+            if entry.type == pafs.FileType.File
+        )
+
+    def list_dirs(self, relative: str = "") -> list[str]:
+        """Names of the sub-folders of `relative`, sorted; [] when the folder is missing."""
+        info = self.info(relative)
+        if info.type != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(self.path(relative), recursive=False)
+        return sorted(
+            entry.base_name
+            for entry in self.filesystem.get_file_info(selector)
+            if entry.type == pafs.FileType.Directory
+        )
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.filesystem.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def open_input(self, relative: str) -> BinaryIO:
+        """A readable, seekable file object (caller closes it)."""
+        return self.filesystem.open_input_file(self.path(relative))
+
+    def delete(self, relative: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self.path(relative))
+
+    @contextlib.contextmanager
+    def open_atomic(self, relative: str) -> Iterator[BinaryIO]:
+        """A writable stream whose bytes appear at `relative` only when the block ends without an exception."""
+        folder, _, name = relative.rpartition("/")
+        self.make_dirs(folder)
+        temporary = f"{folder + '/' if folder else ''}.{name}.{secrets.token_hex(4)}.tmp"
+        stream = self.filesystem.open_output_stream(self.path(temporary))
+        try:
+            yield stream
+            stream.close()
+            if self.is_local:
+                os.replace(self.path(temporary), self.path(relative))
+            else:
+                self.filesystem.move(self.path(temporary), self.path(relative))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.close()
+            self.delete(temporary)
+            raise
+
+    def write_bytes_atomic(self, relative: str, data: bytes) -> None:
+        with self.open_atomic(relative) as stream:
+            stream.write(data)
+
+    def remove_temporaries(self, relative: str) -> int:
+        """Delete leftover temporary files (`.name.XXXX.tmp`) of interrupted writes in folder `relative`."""
+        leftovers = [
+            name for name in self.list_files(relative) if name.startswith(".") and name.endswith(".tmp")
+        ]
+        for name in leftovers:
+            self.delete(f"{relative}/{name}" if relative else name)
+        return len(leftovers)
