@@ -259,7 +259,8 @@ def _check_name(name: str) -> None:
         raise FactoryError(f"invalid dataset name {name!r}: no '/', '\\' or '.', and not starting with '_'")
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write `data` to `path` via a temporary name in the same folder and os.replace: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -359,7 +360,7 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
             new_members["json"] = json.dumps(new_row, sort_keys=True).encode("utf-8")
             new_rows.append(new_row)
             samples.append((row["key"], new_members))
-        _write_bytes_atomic(_tar_bytes(samples), Path(config.out) / shard)
+        write_bytes_atomic(_tar_bytes(samples), Path(config.out) / shard)
         write_table_atomic(
             rows_to_table(new_rows), Path(out_manifests) / name / f"{name}-{len(shards):06d}.parquet"
         )
@@ -388,7 +389,7 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
         },
         "factory_version": __version__,
     }
-    _write_bytes_atomic(
+    write_bytes_atomic(
         (json.dumps(card, indent=2, sort_keys=True) + "\n").encode(), Path(out_manifests) / name / CARD_NAME
     )
     logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))

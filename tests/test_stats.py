@@ -1,0 +1,165 @@
+"""`factory stats`: numbers and figures against values computed by hand on a small dataset.
+
+The hand computations are written out in the comments (numpy's default linear-interpolation percentile:
+position = 0.95 * (n - 1) in the sorted values).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from manifest_fixtures import PairSpec, make_dataset
+from PIL import Image
+
+from factory.cli import main
+from factory.corruptions import CORRUPTIONS
+from factory.query import FilterConfig, filter_dataset
+from factory.stats import (
+    FIGURE_NAMES,
+    StatsConfig,
+    compute_stats,
+    dataset_stats,
+    delta_e_histogram_figure,
+    epoch_figure,
+    label_distribution_figure,
+)
+
+NOISE, JPEG, DEFOCUS = "gaussian_noise", "jpeg_compression", "defocus_blur"
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("stats")
+    shards, manifests = root / "shards", root / "manifests"
+    specs_a = [PairSpec(1, NOISE), PairSpec(2, NOISE), PairSpec(3, JPEG), PairSpec(4, NOISE), PairSpec(10)]
+    make_dataset(shards, manifests, "vqvae2-ep4", specs_a, photos, epoch=4, rejects=2)
+    specs_b = [PairSpec(2, DEFOCUS), PairSpec(2, NOISE), PairSpec(2, DEFOCUS), PairSpec(6, NOISE)]
+    make_dataset(shards, manifests, "vqvae2-ep8", specs_b, photos, epoch=8)
+    make_dataset(
+        shards, manifests, "mae-ep8", [PairSpec(5, JPEG), PairSpec(7, JPEG)], photos, model="mae", epoch=8
+    )
+    make_dataset(
+        shards, manifests, "bicubic", [PairSpec(0.5), PairSpec(1.5)], photos, model="bicubic", epoch=None
+    )
+    # A filtered subset of vqvae2-ep8 (delta_e 6 only): counted per dataset, left out of the per-epoch curves.
+    filter_dataset(
+        FilterConfig(
+            where="delta_e > 5 AND dataset = 'vqvae2-ep8'",
+            shards_root=shards,
+            manifests_root=manifests,
+            out=shards,
+            name="vqvae2-high",
+        )
+    )
+    return {"shards": shards, "manifests": manifests}
+
+
+def test_per_dataset_numbers(roots):
+    report = compute_stats(roots["manifests"])
+    by_name = {item.dataset: item for item in report.datasets}
+    assert sorted(by_name) == ["bicubic", "mae-ep8", "vqvae2-ep4", "vqvae2-ep8", "vqvae2-high"]
+
+    a = by_name["vqvae2-ep4"]
+    # [1, 2, 3, 4, 10]: mean 20 / 5 = 4, median 3, p95 at position 3.8: 4 + 0.8 * (10 - 4) = 8.8
+    assert (a.pairs, a.model, a.epoch, a.rejects, a.derived) == (5, "vqvae2", 4, 2, False)
+    assert (a.delta_e_mean, a.delta_e_median, a.delta_e_p95) == pytest.approx((4.0, 3.0, 8.8))
+    assert a.labels[NOISE] == 3 and a.labels[JPEG] == 1 and sum(a.labels.values()) == 4 and a.unlabelled == 1
+    assert list(a.labels) == list(CORRUPTIONS)
+
+    b = by_name["vqvae2-ep8"]
+    # [2, 2, 2, 6]: mean 3, median 2, p95 at position 2.85: 2 + 0.85 * (6 - 2) = 5.4
+    assert (b.delta_e_mean, b.delta_e_median, b.delta_e_p95) == pytest.approx((3.0, 2.0, 5.4))
+    assert (b.labels[DEFOCUS], b.labels[NOISE], b.rejects) == (2, 2, 0)
+
+    high = by_name["vqvae2-high"]
+    assert (high.pairs, high.derived, high.delta_e_mean) == (1, True, pytest.approx(6.0))
+    assert by_name["bicubic"].epoch is None and by_name["bicubic"].delta_e_mean == pytest.approx(1.0)
+
+
+def test_epoch_curves_pool_per_model_and_skip_derived(roots):
+    curves = compute_stats(roots["manifests"]).curves
+    # vqvae2: epoch 4 mean 4.0 (5 pairs), epoch 8 mean 3.0 (4 pairs, the filtered copy not counted again);
+    # mae: epoch 8 mean (5 + 7) / 2 = 6; bicubic has no epoch and gives no curve.
+    assert sorted(curves) == ["mae", "vqvae2"]
+    assert [(p.epoch, p.pairs, p.delta_e_mean) for p in curves["vqvae2"]] == [(4, 5, 4.0), (8, 4, 3.0)]
+    assert [(p.epoch, p.pairs, p.delta_e_mean) for p in curves["mae"]] == [(8, 2, 6.0)]
+
+
+def test_entropy_is_the_classifiers_on_the_label_histogram(roots):
+    classifier = pytest.importorskip("factory.classifier")
+    if not hasattr(classifier, "degradation_entropy"):
+        pytest.skip("factory.classifier.degradation_entropy has not landed")
+    by_name = {item.dataset: item for item in compute_stats(roots["manifests"]).datasets}
+    # vqvae2-ep4's labelled pairs: 3 gaussian_noise, 1 jpeg -> P = (3/4, 1/4); Eq. 2 in nats (the classifier's
+    # unit): -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.5623
+    expected = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert by_name["vqvae2-ep4"].entropy == pytest.approx(expected)
+    # vqvae2-ep8: 2 defocus, 2 noise -> ln 2
+    assert by_name["vqvae2-ep8"].entropy == pytest.approx(np.log(2))
+    assert by_name["bicubic"].entropy is None  # nothing labelled
+
+
+def test_histogram_figure_counts_by_hand():
+    values = {"a": np.array([1.0, 2.0, 3.0, 4.0, 10.0]), "b": np.array([2.0, 2.0, 2.0, 6.0])}
+    figure = delta_e_histogram_figure(values, bins=[0.0, 2.5, 5.0, 7.5, 10.0])
+    panels = [axis for axis in figure.axes if axis.get_visible()]
+    heights = {axis.get_title(): [patch.get_height() for patch in axis.patches] for axis in panels}
+    # a: {1, 2} < 2.5, {3, 4} < 5, none < 7.5, 10 in the last (closed) bin; b: three 2s, one 6
+    assert heights == {"a": [2, 2, 0, 1], "b": [3, 0, 1, 0]}
+
+
+def test_epoch_and_label_figures_show_the_numbers(roots):
+    report = compute_stats(roots["manifests"])
+    curves = {name: [(p.epoch, p.delta_e_mean) for p in points] for name, points in report.curves.items()}
+    figure = epoch_figure(curves, "mean ΔE", "test", references={"bicubic": 1.0})
+    lines = {line.get_label(): line.get_xydata().tolist() for line in figure.axes[0].get_lines()}
+    assert lines["vqvae2"] == [[4, 4.0], [8, 3.0]] and lines["mae"] == [[8, 6.0]]
+    assert lines["bicubic"][0][1] == 1.0
+
+    labelled = {item.dataset: item.labels for item in report.datasets if sum(item.labels.values())}
+    shares = np.asarray(label_distribution_figure(labelled).axes[0].images[0].get_array())
+    row = list(labelled).index("vqvae2-ep4")
+    expected = np.zeros(len(CORRUPTIONS))
+    expected[CORRUPTIONS.index(NOISE)], expected[CORRUPTIONS.index(JPEG)] = (
+        0.75,
+        0.25,
+    )  # 3 and 1 of 4 labelled
+    np.testing.assert_allclose(shares[row], expected)
+
+
+def test_plots_are_real_pngs(roots, tmp_path):
+    report = dataset_stats(StatsConfig(manifests_root=roots["manifests"], plots=tmp_path / "figures"))
+    names = {path.name for path in report.figures}
+    assert {
+        FIGURE_NAMES["delta_e_histogram"],
+        FIGURE_NAMES["delta_e_vs_epoch"],
+        FIGURE_NAMES["label_distribution"],
+    } <= names
+    for path in report.figures:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 300 and image.height >= 200
+            extrema = image.convert("L").getextrema()
+            assert extrema[1] - extrema[0] > 100  # something drawn, not a blank canvas
+    assert not list((tmp_path / "figures").glob(".*"))  # no temporary files left
+
+
+def test_cli_json_and_text(roots):
+    runner = CliRunner()
+    result = runner.invoke(main, ["stats", "--manifests", str(roots["manifests"]), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    by_name = {item["dataset"]: item for item in payload["datasets"]}
+    assert (
+        by_name["vqvae2-ep4"]["delta_e_p95"] == pytest.approx(8.8) and by_name["vqvae2-ep4"]["rejects"] == 2
+    )
+
+    text = runner.invoke(main, ["stats", "--manifests", str(roots["manifests"])]).output.splitlines()
+    assert text[0].split()[:4] == ["dataset", "model", "epoch", "pairs"]
+    assert any(line.startswith("vqvae2-ep4") and "gaussian_noise 75%" in line for line in text)
+
+    missing = runner.invoke(main, ["stats", "--manifests", "/nonexistent/manifests"])
+    assert missing.exit_code == 2 and missing.output.startswith("error: ")
