@@ -53,6 +53,17 @@ def test_loss_is_finite_and_reaches_the_first_layer(name, photo_batch):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast_keeps_loss_finite_and_output_dtype(name, photo_batch):
+    # The trainer and the build use bf16 autocast on CUDA; CPU autocast exercises the same dtype paths here.
+    model = build_model(name, preset="tiny").train()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(photo_batch)
+        x_hat = model.reconstruct(photo_batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert x_hat.dtype == photo_batch.dtype and x_hat.shape == photo_batch.shape
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_adam_steps_on_one_photo_lower_the_loss(name, photo_batch):
     model = build_model(name, preset="tiny")
 

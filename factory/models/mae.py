@@ -300,4 +300,4 @@ class MAE(nn.Module):
             mean, std = self._patch_statistics(self.patchify(images))
             prediction = prediction * std + mean
         output = self.unpatchify(prediction, encoded.grid) * self.pixel_std + self.pixel_mean
-        return output[..., :height, :width].clamp(0.0, 1.0)
+        return output[..., :height, :width].clamp(0.0, 1.0).to(x.dtype)

@@ -252,4 +252,5 @@ class VQVAE(nn.Module):
         (nothing is sampled: the quantiser picks the nearest code)."""
         height, width = x.shape[-2:]
         padded = reflect_pad_to_multiple(to_signed(x), self.downsampling)
-        return to_unit(self.decode(self.encode(padded).latents)[..., :height, :width])
+        # Cast back: under a caller's bf16 autocast the decoder returns bf16, but x_hat keeps x's dtype.
+        return to_unit(self.decode(self.encode(padded).latents)[..., :height, :width]).to(x.dtype)

@@ -184,4 +184,5 @@ class VQVAE2(nn.Module):
         height, width = x.shape[-2:]
         padded = reflect_pad_to_multiple(to_signed(x), self.downsampling)
         latents = self.encode(padded)
-        return to_unit(self.decode(latents.top.latents, latents.bottom.latents)[..., :height, :width])
+        output = self.decode(latents.top.latents, latents.bottom.latents)[..., :height, :width]
+        return to_unit(output).to(x.dtype)  # x's dtype even under a caller's bf16 autocast
