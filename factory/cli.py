@@ -156,8 +156,8 @@ def query_command(expression: str, manifests_root: str, output_format: str) -> N
 @click.option("--where", required=True, help=WHERE_HELP)
 @click.option("--shards", "shards_root", default="shards", show_default=True, help=SHARDS_HELP)
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
-@click.option("--out", required=True, help="Shard root for the new dataset (written to OUT/NAME/).")
-@click.option("--out-manifests", default=None, help="Manifest root for the new dataset [default: --manifests].")
+@click.option("--out", required=True, help="Shard root for the new dataset (written to OUT/NAME/); a folder or URI.")
+@click.option("--out-manifests", default=None, help="Manifest root for the new dataset [default: --manifests]; a folder or URI.")
 @click.option("--name", default=None, help="Name of the new dataset [default: <parent>-where-<hash of --where>].")
 @click.option("--pairs-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Pairs per new shard.")
 @user_errors
@@ -169,8 +169,8 @@ def filter_command(where, shards_root, manifests_root, out, out_manifests, name,
 
     summary = filter_dataset(
         FilterConfig(
-            where=where, shards_root=Path(shards_root), manifests_root=Path(manifests_root), out=Path(out),
-            out_manifests=Path(out_manifests) if out_manifests else None, name=name, pairs_per_shard=pairs_per_shard,
+            where=where, shards_root=shards_root, manifests_root=Path(manifests_root), out=out,
+            out_manifests=out_manifests, name=name, pairs_per_shard=pairs_per_shard,
         )
     )
     click.echo(f"{summary.dataset}: {summary.pairs} pairs in {len(summary.shards)} shards from {', '.join(summary.parent_datasets)}")

@@ -20,20 +20,19 @@ import logging
 import math
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import webdataset as wds
 from tqdm import tqdm
 
 from factory import __version__
 from factory.config import FactoryError
-from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, rows_to_table, write_table_atomic
-from factory.shards import payload_extension
+from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
+from factory.shards import HashingWriter, ShardSample, TarShardWriter, payload_extension, read_samples
+from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +222,16 @@ def format_table(table: pa.Table, fmt: str, summary: bool = False) -> str:
 @dataclass(frozen=True)
 class FilterConfig:
     where: str  # SQL predicate over the manifest columns, e.g. "delta_e < 5 AND label = 'gaussian_noise'"
-    shards_root: Path  # where the parent datasets' shards live (the `shard` column is relative to it)
-    manifests_root: Path  # where the parent datasets' manifests live (all datasets there are searched)
-    out: Path  # shard root of the new dataset: it goes to <out>/<name>/<name>-NNNNNN.tar
-    # manifest root of the new dataset; None: manifests_root, beside its parents
-    out_manifests: Path | None = None
+    # where the parent datasets' shards live (the `shard` column is relative to it); a folder or storage URI
+    shards_root: str | Path
+    manifests_root: (
+        str | Path
+    )  # local folder of the parent datasets' manifests (all datasets there are searched)
+    out: (
+        str | Path
+    )  # shard root of the new dataset: it goes to <out>/<name>/<name>-NNNNNN.tar (folder or URI)
+    # manifest root of the new dataset (folder or URI); None: manifests_root, beside its parents
+    out_manifests: str | Path | None = None
     # the new dataset's name; None: "<parent>-where-<sha256(where)[:8]>" (one parent only)
     name: str | None = None
     pairs_per_shard: int = 1000  # samples per new shard
@@ -259,67 +263,36 @@ def _check_name(name: str) -> None:
         raise FactoryError(f"invalid dataset name {name!r}: no '/', '\\' or '.', and not starting with '_'")
 
 
-def write_bytes_atomic(data: bytes, path: Path) -> None:
-    """Write `data` to `path` via a temporary name in the same folder and os.replace: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _parent_samples(shards_root: Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
-    """(manifest row, {member suffix: bytes}) for each selected row, in parent shard order then member order.
+def _parent_samples(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(manifest row, {member extension: bytes}) for each selected row, in parent shard order then member order.
 
     Payloads are checked against the manifest's sha256 so a damaged parent is never copied silently."""
+    storage = Storage(shards_root)
     by_shard: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], {})[row["key"]] = row
     for shard in sorted(by_shard):
         wanted = by_shard[shard]
-        path = shards_root / shard
-        members: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
+        found: list[ShardSample] = []
         try:
-            with tarfile.open(path, mode="r:") as archive:
-                for member in archive:
-                    key, _, suffix = member.name.partition(".")
-                    if key not in wanted or not member.isfile():
-                        continue
-                    if key not in members:
-                        order.append(key)
-                    members.setdefault(key, {})[suffix] = archive.extractfile(member).read()
-        except (OSError, tarfile.TarError) as error:
-            raise FactoryError(f"cannot read shard {path}: {error}") from None
-        missing = sorted(set(wanted) - set(members))
+            with storage.open_input(shard) as handle:
+                found = [sample for sample in read_samples(handle) if sample.key in wanted]
+        except (OSError, tarfile.TarError, ValueError, EOFError) as error:
+            raise FactoryError(f"cannot read shard {storage.uri(shard)}: {_one_line(error)}") from None
+        missing = sorted(set(wanted) - {sample.key for sample in found})
         if missing:
             raise FactoryError(
-                f"shard {path} lacks {len(missing)} pair(s) its manifest lists, e.g. {missing[0]!r}"
+                f"shard {shard} lacks {len(missing)} pair(s) its manifest lists, e.g. {missing[0]!r}"
             )
-        for key in order:
-            row, sample = wanted[key], members[key]
+        for sample in found:
+            row = wanted[sample.key]
             for side in ("hr", "lr"):
-                payload = sample.get(f"{side}.{payload_extension(row['codec'])}")
+                payload = sample.members.get(f"{side}.{payload_extension(row['codec'])}")
                 if payload is None or hashlib.sha256(payload).hexdigest() != row[f"{side}_sha256"]:
                     raise FactoryError(
-                        f"shard {path}: the {side} payload of {key!r} does not match its manifest"
+                        f"shard {shard}: the {side} payload of {sample.key!r} does not match its manifest"
                     )
-            yield row, sample
-
-
-def _tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A reproducible tar of WebDataset samples: members `<key>.<suffix>` in sorted suffix order, fixed mtime,
-    owner and mode (webdataset.TarWriter's conventions with mtime=0)."""
-    buffer = io.BytesIO()
-    writer = wds.TarWriter(buffer, encoder=False, mtime=0.0, user="", group="")
-    for key, members in samples:
-        writer.write({"__key__": key, **members})
-    writer.close()
-    return buffer.getvalue()
+            yield row, sample.members
 
 
 def filter_dataset(config: FilterConfig) -> FilterSummary:
@@ -327,9 +300,13 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
 
     HR and LR payloads are copied byte for byte (no re-encoding). Each new row keeps its parent's `key` (it names
     the pair's source crop, so provenance stays traceable) and every other column; only `dataset` and `shard`
-    change, and the sample's `json` member is the new row. Shards are written atomically, each committed by its
-    manifest written after it; the dataset card (parents, predicate) comes last.
+    change, and the sample's `json` member is the new row. Shards are written as the build writes them (same tar
+    conventions, reproducible bytes), each atomically and committed by its manifest with a commit record (size,
+    sha256) written after it; the dataset card (parents, predicate) comes last. `out` and `out_manifests` may be
+    any factory.storage location (a local folder or e.g. s3://bucket/prefix).
     """
+    from factory.build import row_json  # the json member exactly as the build writes it
+
     out_manifests = config.out_manifests if config.out_manifests is not None else config.manifests_root
     if config.pairs_per_shard < 1:
         raise FactoryError("pairs per shard must be at least 1")
@@ -351,24 +328,37 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     shards: list[str] = []
     pending: list[tuple[dict, dict[str, bytes]]] = []
 
+    shard_storage, manifest_storage = Storage(config.out), Storage(out_manifests)
+
     def commit() -> None:
-        shard = f"{name}/{name}-{len(shards):06d}.tar"
-        new_rows, samples = [], []
-        for row, members in pending:
-            new_row = {**row, "dataset": name, "shard": shard}
-            new_members = {suffix: data for suffix, data in members.items() if suffix != "json"}
-            new_members["json"] = json.dumps(new_row, sort_keys=True).encode("utf-8")
-            new_rows.append(new_row)
-            samples.append((row["key"], new_members))
-        write_bytes_atomic(_tar_bytes(samples), Path(config.out) / shard)
-        write_table_atomic(
-            rows_to_table(new_rows), Path(out_manifests) / name / f"{name}-{len(shards):06d}.parquet"
-        )
+        stem = shard_stem(name, len(shards))
+        shard = f"{name}/{stem}.tar"
+        new_rows = []
+        with shard_storage.open_atomic(shard) as raw:
+            stream = HashingWriter(raw)
+            writer = TarShardWriter(stream)
+            for row, members in pending:
+                new_row = {**row, "dataset": name, "shard": shard}
+                copied = {extension: data for extension, data in members.items() if extension != "json"}
+                writer.add_sample(row["key"], {**copied, "json": row_json(new_row)})
+                new_rows.append(new_row)
+            writer.close()
+        record = {
+            "shard": shard,
+            "shard_bytes": stream.size,
+            "shard_sha256": stream.hexdigest(),
+            "pairs": len(new_rows),
+            "planned": len(new_rows),
+            "filter_predicate": config.where,
+            "parent_datasets": parents,
+            "factory_version": __version__,
+        }
+        write_manifest(manifest_storage, f"{name}/{stem}.parquet", new_rows, record)
         shards.append(shard)
         pending.clear()
 
     progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
-    for row, members in _parent_samples(Path(config.shards_root), rows):
+    for row, members in _parent_samples(config.shards_root, rows):
         pending.append((row, members))
         progress.update(1)
         if len(pending) == config.pairs_per_shard:
@@ -389,8 +379,8 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
         },
         "factory_version": __version__,
     }
-    write_bytes_atomic(
-        (json.dumps(card, indent=2, sort_keys=True) + "\n").encode(), Path(out_manifests) / name / CARD_NAME
+    manifest_storage.write_bytes_atomic(
+        f"{name}/{CARD_NAME}", (json.dumps(card, indent=2, sort_keys=True) + "\n").encode()
     )
     logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))
     return FilterSummary(dataset=name, pairs=len(rows), shards=shards, parent_datasets=parents)

@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from factory.config import FactoryError
 from factory.corruptions import CORRUPTIONS
 from factory.manifests import CARD_NAME, REJECTS_NAME
-from factory.query import select, write_bytes_atomic
+from factory.query import select
+from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def label_distribution_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure
 def _save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-    write_bytes_atomic(buffer.getvalue(), path)
+    Storage(path.parent).write_bytes_atomic(path.name, buffer.getvalue())
     return path
 
 

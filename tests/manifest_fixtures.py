@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
+from factory.build import row_json
 from factory.corruptions import CORRUPTIONS
-from factory.manifests import LABEL_PROB_COLUMNS, rows_to_table, write_table_atomic
-from factory.shards import encode_image, payload_extension
+from factory.manifests import (
+    LABEL_PROB_COLUMNS,
+    rows_to_table,
+    shard_stem,
+    write_manifest,
+    write_table_atomic,
+)
+from factory.shards import HashingWriter, TarShardWriter, encode_image, payload_extension
+from factory.storage import Storage
 
 HR_SIZE = 32
 SCALE = 4
@@ -104,13 +110,14 @@ def make_dataset(
     names = sorted(photos)
     extension = payload_extension(codec)
     rows: list[dict] = []
+    shard_storage, manifest_storage = Storage(shards_root), Storage(manifests_root)
     for shard_index, start in enumerate(range(0, len(specs), pairs_per_shard)):
-        shard = f"{dataset}/{dataset}-{shard_index:06d}.tar"
-        shard_path = shards_root / shard
-        shard_path.parent.mkdir(parents=True, exist_ok=True)
+        shard = f"{dataset}/{shard_stem(dataset, shard_index)}.tar"
         shard_rows = []
-        with open(shard_path, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="", group="")
+        # The build's writer (factory.shards) and commit record, so `factory verify` accepts these datasets.
+        with shard_storage.open_atomic(shard) as raw:
+            stream = HashingWriter(raw)
+            writer = TarShardWriter(stream)
             for index in range(start, min(start + pairs_per_shard, len(specs))):
                 photo = photos[names[index % len(names)]]
                 top, left = 8 * (index % 5), 8 * (index % 7)
@@ -119,19 +126,25 @@ def make_dataset(
                 lr = np.clip(hr[::SCALE, ::SCALE].astype(int) + noise, 0, 255).astype(np.uint8)
                 hr_payload, lr_payload = encode_image(hr, codec), encode_image(lr, codec)
                 row = _row(dataset, model, epoch, index, specs[index], shard, codec, hr_payload, lr_payload)
-                writer.write(
-                    {
-                        "__key__": row["key"],
-                        f"hr.{extension}": hr_payload,
-                        f"lr.{extension}": lr_payload,
-                        "json": json.dumps(row, sort_keys=True).encode(),
-                    }
-                )
+                row = rows_to_table([row]).to_pylist()[0]  # float32 columns as they read back
+                members = {
+                    f"hr.{extension}": hr_payload,
+                    f"lr.{extension}": lr_payload,
+                    "json": row_json(row),
+                }
+                writer.add_sample(row["key"], members)
                 shard_rows.append(row)
             writer.close()
-        table = rows_to_table(shard_rows)
-        write_table_atomic(table, manifests_root / dataset / f"{dataset}-{shard_index:06d}.parquet")
-        rows += table.to_pylist()
+        commit = {
+            "shard": shard,
+            "shard_bytes": stream.size,
+            "shard_sha256": stream.hexdigest(),
+            "pairs": len(shard_rows),
+        }
+        write_manifest(
+            manifest_storage, f"{dataset}/{shard_stem(dataset, shard_index)}.parquet", shard_rows, commit
+        )
+        rows += shard_rows
     if rejects:
         reject_rows = [
             {

@@ -18,7 +18,7 @@ from manifest_fixtures import PairSpec, make_dataset, sample_payloads
 
 from factory.cli import main
 from factory.config import FactoryError
-from factory.manifests import PAIR_SCHEMA, manifest_files
+from factory.manifests import PAIR_SCHEMA, manifest_files, verify
 from factory.query import format_table, query, select
 
 LABELS = ("gaussian_noise", "jpeg_compression", "defocus_blur", "gaussian_noise", None)
@@ -203,7 +203,7 @@ def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
     expected = {
         (row["dataset"], row["key"]): row for row in built["rows"] if row["delta_e"] < 4.5 and row["label"]
     }
-    assert summary.pairs == len(expected) > 3
+    assert summary.pairs == len(expected) == 8  # ceil(8 / 3) = 3 new shards
 
     new_rows = select(out_manifests, None).to_pylist()
     assert sorted(row["key"] for row in new_rows) == sorted(key for _, key in expected)
@@ -224,6 +224,10 @@ def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
         assert {k: v for k, v in row.items() if k not in ("dataset", "shard")} == {
             k: v for k, v in parent_row.items() if k not in ("dataset", "shard")
         }
+    # The new dataset passes the build engineer's verify (payload hashes, commit records, no orphan, no duplicate).
+    report = verify(out_shards, out_manifests)
+    assert report.ok, report.problems
+    assert (report.datasets, report.shards, report.samples) == (["low-de"], 3, len(expected))
     card = json.loads((out_manifests / "low-de" / "_card.json").read_text())
     assert card["predicate"] == predicate
     assert card["parent_datasets"] == sorted({dataset for dataset, _ in expected})
