@@ -162,9 +162,10 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """The raw checkpoint dict, loaded with `weights_only=True` on CPU; a missing, unreadable or foreign file is a
-    one-line FactoryError."""
+    one-line FactoryError. `mmap=True` maps the tensors instead of reading them (cheap when only the metadata is
+    wanted)."""
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"checkpoint not found: {path}")
@@ -175,7 +176,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"cannot read checkpoint {path}: not a torch.save file (corrupt or another format)"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for truncated / foreign / unsafe files
         message = str(error).strip()
         first_line = message.splitlines()[0][:200] if message else type(error).__name__
@@ -189,6 +190,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise FactoryError(f"checkpoint {path} lacks {', '.join(missing)}")
     return payload
+
+
+def configs_equal(first: Any, second: Any) -> bool:
+    """Two configs (dataclass instances or dicts) hold the same values, lists and tuples alike."""
+    return _comparable(_plain_config(first)) == _comparable(_plain_config(second))
 
 
 def _comparable(value: Any) -> Any:
@@ -232,7 +238,7 @@ def load_reconstructor(
     stored_config = dict(payload["config"])
     if config is not None:
         requested = _plain_config(config)
-        if _comparable(requested) != _comparable(stored_config):
+        if not configs_equal(requested, stored_config):
             raise FactoryError(
                 f"checkpoint {path} has another {stored_name} config than requested "
                 f"(checkpoint vs requested: {_config_difference(stored_config, requested)})"

@@ -56,6 +56,136 @@ def main(verbose: int) -> None:
 
 # --- train commands ---
 
+
+@main.command("train")
+@click.option(
+    "--model",
+    required=True,
+    help="Reconstructor to train, by registry name: vqvae, vqvae2, mae, vae or ddim.",
+)
+@click.option(
+    "--data",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Training images: a folder (searched recursively; Tiny-ImageNet's train/ works as is) or an image file. "
+    "Repeat for several.",
+)
+@click.option("--epochs", default=64, show_default=True, type=int, help="Train up to this epoch.")
+@click.option(
+    "--save-at",
+    default=None,
+    help="Comma-separated epochs to write checkpoints at [default: the paper's 4,8,16,32,64 up to --epochs, and "
+    "--epochs]. An epoch beyond --epochs is an error.",
+)
+@click.option(
+    "--epoch-size",
+    default=None,
+    type=int,
+    help="Samples per epoch, drawn from the images (e.g. 45000 for the paper's epochs on a smaller folder) "
+    "[default: the number of images].",
+)
+@click.option(
+    "--image-size",
+    default=None,
+    type=int,
+    help="Side of the square training crops [default: the model's native size: 64 vae, 224 mae, 256 others].",
+)
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Images per optimiser step.")
+@click.option(
+    "--lr",
+    default=None,
+    type=float,
+    help="Learning rate [default: the model's reference rate: vqvae 2e-4, vqvae2 3e-4, mae 1.5e-4, vae 5e-3, "
+    "ddim 2e-5].",
+)
+@click.option(
+    "--preset",
+    default="paper",
+    show_default=True,
+    type=click.Choice(["paper", "tiny"]),
+    help="Model size: paper (the reference implementations' sizes) or tiny (seconds on a CPU, for tests).",
+)
+@click.option(
+    "--checkpoints",
+    default="checkpoints",
+    show_default=True,
+    type=click.Path(path_type=str),
+    help="Checkpoint root; files go to <checkpoints>/<model>/epoch-<E>.pt.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed for initialisation, data order, crops and noise.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+)
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Image-decoding worker processes (0: in-process).",
+)
+@click.option(
+    "--bf16/--no-bf16",
+    default=True,
+    show_default=True,
+    help="bf16 autocast for the forward pass on CUDA (no effect on CPU).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@user_errors
+def train_command(
+    model,
+    data,
+    epochs,
+    save_at,
+    epoch_size,
+    image_size,
+    batch_size,
+    lr,
+    preset,
+    checkpoints,
+    seed,
+    device,
+    workers,
+    bf16,
+    progress,
+) -> None:
+    """Train a reconstructor from scratch and write undertrained checkpoints at chosen epochs.
+
+    Resumes from the newest checkpoint of the same run (same model, config, data, seed and settings) when
+    restarted.
+    """
+    from factory.train import TrainConfig, train
+
+    config = TrainConfig(
+        model=model,
+        data=tuple(data),
+        epochs=epochs,
+        save_at=None if save_at is None else parse_int_list(save_at),
+        epoch_size=epoch_size,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        preset=preset,
+        checkpoints=checkpoints,
+        seed=seed,
+        device=device,
+        workers=workers,
+        bf16=bf16,
+        progress=progress,
+    )
+    for line in train(config).summary_lines():
+        click.echo(line)
+
+
 # --- build commands ---
 
 

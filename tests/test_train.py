@@ -1,0 +1,252 @@
+"""`factory train`: every registry model trains (tiny preset), checkpoints reload and reproduce, interrupted
+training resumes to the same result, and bad input is a one-line error that leaves no checkpoint behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from factory.checkpoints import checkpoint_path, load_reconstructor, read_checkpoint
+from factory.cli import main
+from factory.config import FactoryError
+from factory.models import MODEL_NAMES
+from factory.train import TrainConfig, epoch_order, list_training_images, train
+
+
+def model_available(name: str) -> bool:
+    return importlib.util.find_spec(f"factory.models.{name}") is not None
+
+
+def tiny_run(name: str, data: Path, checkpoints: Path, **changes) -> TrainConfig:
+    """Seconds on one core: 64x64 crops, 8 samples per epoch, batch 4 (2 steps per epoch)."""
+    settings = dict(
+        model=name,
+        data=(str(data),),
+        epochs=2,
+        save_at=(1, 2),
+        epoch_size=8,
+        image_size=64,
+        batch_size=4,
+        lr=1e-3,  # one rate that moves every tiny model within 4 steps (the reference rates are for long runs)
+        preset="tiny",
+        checkpoints=str(checkpoints),
+        workers=0,
+        progress=False,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def fast_reconstructor(model: torch.nn.Module) -> torch.nn.Module:
+    """DDIM with 2 sampling steps instead of the preset's 10, so a 256x256 call stays under a second."""
+    if hasattr(model.config, "sampling_steps"):
+        model.config = dataclasses.replace(model.config, sampling_steps=2)
+    return model
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_tiny_model_trains_two_epochs_and_checkpoints_reproduce(name, photo_folder, tmp_path):
+    if not model_available(name):
+        pytest.skip(f"factory/models/{name}.py not written yet")
+    result = train(tiny_run(name, photo_folder, tmp_path / "checkpoints"))
+    assert result.final_loss < result.initial_loss
+    assert (result.start_epoch, result.end_epoch, result.steps) == (0, 2, 4)
+    paths = [checkpoint_path(tmp_path / "checkpoints", name, epoch) for epoch in (1, 2)]
+    assert result.checkpoints == paths and all(path.is_file() for path in paths)
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    first = load_reconstructor(paths[1], model_name=name)
+    second = load_reconstructor(paths[1], model_name=name)
+    assert (first.epoch, first.steps, first.preset) == (2, 4, "tiny")
+    output = first.model.reconstruct(x, generator=torch.Generator().manual_seed(5))
+    again = second.model.reconstruct(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(output, again)
+    # Epoch 1 is another model: its reconstruction differs from epoch 2's.
+    earlier = load_reconstructor(paths[0], model_name=name).model.reconstruct(
+        x, generator=torch.Generator().manual_seed(5)
+    )
+    assert not torch.equal(earlier, output)
+    for size in (64, 256):
+        big = torch.rand(1, 3, size, size)
+        x_hat = fast_reconstructor(first.model).reconstruct(big, generator=torch.Generator().manual_seed(0))
+        assert x_hat.shape == big.shape and x_hat.min() >= 0 and x_hat.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["vae", "vqvae2"])
+def test_interrupted_training_resumes_to_the_uninterrupted_result(name, photo_folder, tmp_path):
+    if not model_available(name):
+        pytest.skip(f"factory/models/{name}.py not written yet")
+    straight = train(tiny_run(name, photo_folder, tmp_path / "straight"))
+    # "Interrupted" after epoch 1: the first call stops there; the restart asks for the full run.
+    first = train(tiny_run(name, photo_folder, tmp_path / "resumed", epochs=1, save_at=(1,)))
+    assert first.end_epoch == 1
+    resumed = train(tiny_run(name, photo_folder, tmp_path / "resumed"))
+    assert resumed.start_epoch == 1 and resumed.end_epoch == 2
+    assert resumed.checkpoints == [checkpoint_path(tmp_path / "resumed", name, 2)]
+    assert resumed.existing == [checkpoint_path(tmp_path / "resumed", name, 1)]
+    # It started from epoch 1's state: its loss before training is epoch 1's loss.
+    assert resumed.initial_loss == pytest.approx(first.final_loss)
+    a = read_checkpoint(checkpoint_path(tmp_path / "straight", name, 2))
+    b = read_checkpoint(checkpoint_path(tmp_path / "resumed", name, 2))
+    assert a["steps"] == b["steps"] == straight.steps
+    assert a["weights"].keys() == b["weights"].keys()
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+    assert resumed.final_loss == straight.final_loss
+    # A third call has nothing left to do and rewrites nothing.
+    before = checkpoint_path(tmp_path / "resumed", name, 2).stat().st_mtime_ns
+    again = train(tiny_run(name, photo_folder, tmp_path / "resumed"))
+    assert again.checkpoints == [] and again.start_epoch == 2
+    assert checkpoint_path(tmp_path / "resumed", name, 2).stat().st_mtime_ns == before
+
+
+def test_results_do_not_depend_on_worker_processes(photo_folder, tmp_path):
+    in_process = train(tiny_run("vae", photo_folder, tmp_path / "a", epochs=1, save_at=(1,), workers=0))
+    with_workers = train(tiny_run("vae", photo_folder, tmp_path / "b", epochs=1, save_at=(1,), workers=2))
+    a = read_checkpoint(in_process.checkpoints[0])["weights"]
+    b = read_checkpoint(with_workers.checkpoints[0])["weights"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_another_run_in_the_checkpoint_folder_is_refused(photo_folder, tmp_path):
+    train(tiny_run("vae", photo_folder, tmp_path, epochs=1, save_at=(1,)))
+    with pytest.raises(FactoryError, match=r"another training run \(seed 0 vs 1\)"):
+        train(tiny_run("vae", photo_folder, tmp_path, epochs=1, save_at=(1,), seed=1))
+
+
+def test_unreadable_images_are_skipped_and_counted(photo_folder, tmp_path, caplog):
+    (photo_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (photo_folder / "nested" / "empty.jpg").write_bytes(b"")
+    result = train(tiny_run("vae", photo_folder, tmp_path, epochs=1, save_at=(1,), epoch_size=16))
+    assert result.files == 8
+    # Each epoch visits every file at least once (epoch size 16 >= 8 files), so both bad ones were replaced.
+    assert result.skipped_images >= 2
+    assert "unreadable" in caplog.text
+
+
+def test_tiny_imagenet_layout_and_epoch_order(tmp_path, photos):
+    image = photos["astronaut"][:64, :64]
+    for wnid in ("n01443537", "n01629819"):
+        folder = tmp_path / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(image).save(folder / f"{wnid}_{index}.JPEG")
+        (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("ignored\n")
+    files, fingerprint = list_training_images([tmp_path / "train"])
+    assert len(files) == 6 and all(path.suffix == ".JPEG" for path in files)
+    assert files == sorted(files)
+    assert list_training_images([tmp_path / "train"])[1] == fingerprint
+    # An epoch of 15 samples from 6 files: whole permutations, each file used 2 or 3 times.
+    order = epoch_order(6, 15, seed=0, epoch=1)
+    assert len(order) == 15 and sorted(order[:6]) == list(range(6)) and sorted(order[6:12]) == list(range(6))
+    assert not np.array_equal(order, epoch_order(6, 15, seed=0, epoch=2))
+
+
+def run_cli(*arguments: str):
+    return CliRunner().invoke(main, list(arguments))
+
+
+def assert_one_line_error(result, checkpoints: Path, *fragments: str) -> None:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not checkpoints.exists() or not any(checkpoints.rglob("*"))
+
+
+def test_cli_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, photo_folder):
+    checkpoints = tmp_path / "checkpoints"
+    common = ["--epochs", "1", "--preset", "tiny", "--image-size", "64", "--checkpoints", str(checkpoints)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(
+        run_cli("train", "--model", "vae", "--data", str(empty), *common), checkpoints, "no image"
+    )
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "a.png").write_bytes(b"not a png")
+    (corrupt / "b.jpg").write_bytes(b"")
+    jpeg = photo_folder / "astronaut.jpg"
+    (corrupt / "c.jpg").write_bytes(jpeg.read_bytes()[:200])  # truncated in the header
+    (corrupt / "notes.txt").write_text("not an image")
+    result = run_cli("train", "--model", "vae", "--data", str(corrupt), *common)
+    assert_one_line_error(result, checkpoints, "no usable image among 3")
+
+    result = run_cli("train", "--model", "resnet", "--data", str(photo_folder), *common)
+    assert_one_line_error(result, checkpoints, "unknown model 'resnet'", "vqvae2")
+
+    result = run_cli("train", "--model", "vae", "--data", str(photo_folder), *common, "--save-at", "1,4")
+    assert_one_line_error(result, checkpoints, "--save-at 4 is beyond --epochs 1")
+
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(
+        run_cli("train", "--model", "vae", "--data", str(missing), *common), checkpoints, "not found"
+    )
+
+
+def test_cli_trains_and_reports(photo_folder, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    result = run_cli(
+        "train",
+        "--model",
+        "vae",
+        "--data",
+        str(photo_folder),
+        "--epochs",
+        "1",
+        "--epoch-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--preset",
+        "tiny",
+        "--checkpoints",
+        str(checkpoints),
+        "--workers",
+        "0",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {checkpoint_path(checkpoints, 'vae', 1)}" in result.stdout
+    assert "images/s" in result.stdout
+
+
+def test_help_describes_every_option():
+    top = run_cli("--help")
+    assert top.exit_code == 0 and "train" in top.output
+    result = run_cli("train", "--help")
+    assert result.exit_code == 0
+    command = main.commands["train"]
+    for parameter in command.params:
+        assert parameter.help, f"{parameter.name} has no help text"
+        for option in parameter.opts:
+            assert option in result.output, option
+    for option in (
+        "--model",
+        "--data",
+        "--epochs",
+        "--save-at",
+        "--epoch-size",
+        "--image-size",
+        "--batch-size",
+        "--lr",
+        "--preset",
+        "--checkpoints",
+        "--seed",
+        "--device",
+        "--workers",
+    ):
+        assert option in result.output
