@@ -95,7 +95,7 @@ class BuildConfig:
     codec: str = "png"  # payload codec: "png" or "zst"
     batch_size: int = 8  # crops per device batch
     device: str = "auto"  # torch device of the workers: auto (cuda if present), cpu, cuda, mps
-    actors: int | None = None  # worker actors (None: one per GPU, or CPUs // 2 on CPU-only clusters)
+    actors: int | None = None  # worker actors (None: one per GPU, or one per CPU on CPU-only clusters)
     address: str | None = None  # Ray cluster ("auto", "ray://host:10001"); None: an embedded local Ray
     num_cpus: int | None = None  # CPUs of the embedded Ray (None: all)
     seed: int = 0  # the build seed; sampling models draw from a generator seeded from (seed, keys)
@@ -379,13 +379,10 @@ class ShardWorker:
             loaded = load_reconstructor(settings.checkpoint, model_name=settings.model, device=self.device)
             self.model, self.preset, self.checkpoint_sha256 = loaded.model, loaded.preset, loaded.sha256
         self.labeler = None
-        self.classifier_sha256: str | None = None
         if settings.classifier:
-            from factory.checkpoints import file_sha256
             from factory.classifier import Labeler
 
             self.labeler = Labeler.load(settings.classifier, device=self.device)
-            self.classifier_sha256 = file_sha256(settings.classifier)
         self.ready = True
 
     def ping(self) -> bool:
@@ -513,7 +510,9 @@ class ShardWorker:
                 degraded8 = quantize(degraded)
             difference = delta_e(y8, degraded8)  # the paper's ΔE: bicubic(HR) vs the stored degraded LR
             psnr, ssim = image_quality(degraded8, x8)
-            labels = self.labeler.predict(degraded8.float() / 255.0) if self.labeler is not None else None
+            labels = None
+            if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
+                labels = self.labeler.manifest_columns(*self.labeler.predict(degraded8.float() / 255.0))
             lr_images = degraded8.permute(0, 2, 3, 1).cpu().numpy()
             means = difference.mean.double().cpu().tolist()
             p95s = difference.p95.double().cpu().tolist()
@@ -552,7 +551,7 @@ class ShardWorker:
                 "factory_version": __version__,
             }
             if labels is not None:
-                row.update(label_columns(labels, index, self.classifier_sha256))
+                row.update({name: values[index] for name, values in labels.items()})
             members = {f"hr.{extension}": hr, f"lr.{extension}": lr, "json": row_json(row)}
             yield row, members
 
@@ -562,22 +561,6 @@ def quantize(image):
     import torch
 
     return (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
-
-
-def label_columns(labels, index: int, classifier_sha256: str | None) -> dict[str, Any]:
-    """The label columns of pair `index` from the classifier's (names, probabilities (N, 15)) prediction."""
-    from factory.corruptions import CORRUPTIONS
-    from factory.manifests import LABEL_PROB_COLUMNS
-
-    names, probabilities = labels
-    row_probabilities = [float(value) for value in probabilities[index].tolist()]
-    label = names[index]
-    return {
-        "label": label,
-        "label_prob": row_probabilities[CORRUPTIONS.index(label)],
-        "classifier_sha256": classifier_sha256,
-        **dict(zip(LABEL_PROB_COLUMNS, row_probabilities, strict=True)),
-    }
 
 
 def row_json(row: dict[str, Any]) -> bytes:
@@ -630,7 +613,9 @@ def run_shards(
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
         use_gpus = gpus > 0 and settings.device != "cpu"
-        count = config.actors or (gpus if use_gpus else max(1, cpus // 2))
+        # CPU-only: one single-threaded actor per CPU. Measured here: with other work on the cores, two torch threads in
+        # one actor ran 4x slower than one (OpenMP threads spin while they wait for each other).
+        count = config.actors or (gpus if use_gpus else cpus)
         if not use_gpus and count > cpus:
             log.warning("--actors %d is more than the cluster's %d CPUs; using %d", count, cpus, cpus)
             count = cpus
@@ -993,7 +978,7 @@ def build(config: BuildConfig) -> BuildResult:
 
         result.estimated_bytes = _estimate_bytes(plan, config)
         gpus = torch.cuda.device_count() if config.device != "cpu" else 0
-        result.actors = config.actors or (gpus or max(1, (config.num_cpus or os.cpu_count() or 2) // 2))
+        result.actors = config.actors or gpus or config.num_cpus or os.cpu_count() or 1
         return result
     if plan.crops == 0:
         raise FactoryError(
