@@ -95,7 +95,7 @@ class BuildConfig:
     codec: str = "png"  # payload codec: "png" or "zst"
     batch_size: int = 8  # crops per device batch
     device: str = "auto"  # torch device of the workers: auto (cuda if present), cpu, cuda, mps
-    actors: int | None = None  # worker actors (None: one per GPU, or one per CPU on CPU-only clusters)
+    actors: int | None = None  # worker actors (None: one per GPU, or one per CPU; 0: in this process, without Ray)
     address: str | None = None  # Ray cluster ("auto", "ray://host:10001"); None: an embedded local Ray
     num_cpus: int | None = None  # CPUs of the embedded Ray (None: all)
     seed: int = 0  # the build seed; sampling models draw from a generator seeded from (seed, keys)
@@ -673,6 +673,17 @@ def run_shards(
             ray.shutdown()
 
 
+def run_in_process(config: BuildConfig, settings: WorkerSettings, tasks: list[ShardTask], on_done) -> None:
+    """`--actors 0`: one ShardWorker in this process, no Ray (debugging, tiny builds, tests of what follows)."""
+    from tqdm import tqdm
+
+    worker = ShardWorker(settings)
+    with tqdm(total=sum(len(task.crops) for task in tasks), unit="pair", disable=not config.progress) as bar:
+        for task in tasks:
+            on_done(worker.build_shard(task))
+            bar.update(len(task.crops))
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
@@ -978,7 +989,7 @@ def build(config: BuildConfig) -> BuildResult:
 
         result.estimated_bytes = _estimate_bytes(plan, config)
         gpus = torch.cuda.device_count() if config.device != "cpu" else 0
-        result.actors = config.actors or gpus or config.num_cpus or os.cpu_count() or 1
+        result.actors = config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
         return result
     if plan.crops == 0:
         raise FactoryError(
@@ -1044,7 +1055,9 @@ def build(config: BuildConfig) -> BuildResult:
             result.built_shards += 1
             shard_rejects.extend(summary.rejects)
 
-        if todo:
+        if todo and config.actors == 0:
+            run_in_process(config, settings, todo, on_done)
+        elif todo:
             run_shards(config, settings, todo, sum(len(task.crops) for task in todo), on_done)
         run_seconds = time.perf_counter() - run_started
         # Totals from what is committed now (this run's shards and earlier ones).

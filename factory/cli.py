@@ -209,7 +209,7 @@ def train_command(
 @click.option("--codec", default="png", show_default=True, type=click.Choice(["png", "zst"]), help="Payload codec: png (any WebDataset reader) or zst (zstd-compressed .npy, faster to decode).")
 @click.option("--batch-size", "batch_size", default=8, show_default=True, type=int, help="Crops per device batch.")
 @click.option("--device", default="auto", show_default=True, help="Torch device of the workers: auto, cpu, cuda, mps.")
-@click.option("--actors", default=None, type=int, help="Worker actors [default: one per GPU; CPUs / 2 without GPUs].")
+@click.option("--actors", default=None, type=int, help="Worker actors [default: one per GPU; one per CPU without GPUs]; 0 runs in this process without Ray.")
 @click.option("--address", default=None, help="Ray cluster to use: 'auto' or ray://host:10001 [default: an embedded local Ray].")
 @click.option("--num-cpus", "num_cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Build seed (sampling models draw from it per batch of keys).")
@@ -253,6 +253,54 @@ def verify_command(shards_dir: str, manifests: str, dataset: str | None) -> None
         sys.exit(1)
 
 # --- classifier commands ---
+
+
+@main.group("classifier")
+def classifier_group() -> None:
+    """The degradation classifier (15 Tiny-ImageNet-C classes) behind the labels and the entropy H (paper 4.3.1)."""
+
+
+@classifier_group.command("train")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of source images (any photos; random crops get corrupted).")
+@click.option("--arch", default="resnet152", show_default=True, type=click.Choice(["resnet152", "resnet50", "resnet18"]), help="torchvision ResNet, trained from scratch (resnet152 as in the paper).")
+@click.option("--per-class", "per_class", default=2000, show_default=True, type=int, help="Synthetic images per class (Tiny-ImageNet-C: 2,000).")
+@click.option("--size", default=64, show_default=True, type=int, help="Input size in pixels (Tiny-ImageNet-C: 64).")
+@click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training split.")
+@click.option("--batch-size", "batch_size", default=64, show_default=True, type=int, help="Images per optimiser step.")
+@click.option("--learning-rate", "learning_rate", default=2e-3, show_default=True, type=float, help="AdamW peak learning rate (one-cycle schedule).")
+@click.option("--holdout", "holdout_fraction", default=0.2, show_default=True, type=float, help="Fraction of each class held out for accuracy and the confusion matrix.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthesis, split and training.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
+@click.option("--threads", default=None, type=int, help="Torch CPU threads [default: torch's choice].")
+@click.option("--out", default="classifier.safetensors", show_default=True, type=click.Path(dir_okay=False), help="Checkpoint path; .confusion.png and .metrics.json are written beside it.")
+@user_errors
+def classifier_train_command(**options) -> None:
+    """Synthesise a Tiny-ImageNet-C-like set from DATA, train the classifier, report held-out accuracy."""
+    from factory.classifier import ClassifierTrainConfig, train_classifier
+
+    result = train_classifier(ClassifierTrainConfig(**options))
+    click.echo(f"held-out accuracy {result.accuracy:.1%} (chance {1 / 15:.1%})")
+    click.echo(f"checkpoint {result.checkpoint}\nconfusion matrix {result.figure}\nmetrics {result.metrics}")
+    for true, predicted, fraction in result.most_confused[:5]:
+        click.echo(f"  {true} -> {predicted}: {fraction:.0%}")
+
+
+@main.command("label")
+@click.option("--classifier", required=True, type=click.Path(dir_okay=False), help="Classifier checkpoint from `factory classifier train`.")
+@click.option("--shards", default="shards", show_default=True, help="Shard root (folder or URI).")
+@click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
+@click.option("--dataset", default=None, help="Label this dataset only [default: every dataset under the manifest root].")
+@click.option("--batch-size", "batch_size", default=64, show_default=True, type=int, help="LR images per classifier call.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
+@user_errors
+def label_command(**options) -> None:
+    """(Re)label a dataset's pairs: rewrites only its Parquet manifests (atomically); shards stay byte-identical."""
+    from factory.classifier import LabelConfig, label_dataset
+
+    result = label_dataset(LabelConfig(**options))
+    click.echo(f"labelled {result.pairs} pair(s) in {result.manifests} manifest(s)")
+    for dataset, entropy in result.entropy.items():
+        click.echo(f"  {dataset}: entropy H = {entropy:.3f} nats over {sum(result.counts[dataset].values())} pair(s)")
 
 # --- manifest commands ---
 
