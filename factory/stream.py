@@ -44,7 +44,8 @@ class Patch:
 
 def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard URLs: a folder (its *.tar, sorted), a brace pattern (`d/d-{000000..000009}.tar`), `::`-separated
-    lists, or anything webdataset's gopen opens (`pipe:...`, `s3://...` through a pipe, http)."""
+    lists, an object-store folder or shard (`s3://bucket/shards/<dataset>`, `gs://...`, read through pyarrow), or
+    anything webdataset's gopen opens (`pipe:...`, http)."""
     if isinstance(urls, (str, os.PathLike)):
         urls = [urls]
     expanded: list[str] = []
@@ -55,9 +56,51 @@ def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
             if not shards:
                 raise FactoryError(f"no shards (*.tar) in {url}")
             expanded += shards
+        elif _is_object_store(url) and not url.endswith(".tar") and "{" not in url:
+            shards = _object_store_shards(url)
+            if not shards:
+                raise FactoryError(f"no shards (*.tar) in {url}")
+            expanded += shards
         else:
             expanded += webdataset.shardlists.expand_urls(url)
     return expanded
+
+
+# Object stores are read through pyarrow's filesystems, the layer the build writes with (endpoint and credentials
+# from the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); webdataset's gopen would shell out to a CLI.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
+
+
+def _is_object_store(url: str) -> bool:
+    scheme, separator, _ = url.partition("://")
+    return bool(separator) and scheme.lower() in OBJECT_STORE_SCHEMES
+
+
+def _object_store_shards(url: str) -> list[str]:
+    """The *.tar objects directly under the object-store folder `url` (`s3://bucket/shards/<dataset>`), sorted."""
+    import pyarrow.fs
+
+    scheme = url.partition("://")[0]
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path.rstrip("/"), allow_not_found=True))
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise FactoryError(f"cannot list {url}: {error}") from None
+    return sorted(
+        f"{scheme}://{entry.path}"
+        for entry in entries
+        if entry.type == pyarrow.fs.FileType.File and entry.base_name.endswith(".tar") and not entry.base_name.startswith(".")
+    )
+
+
+def open_shard(url: str):
+    """A readable binary stream of one shard: pyarrow for s3:// and gs://, webdataset's gopen for the rest."""
+    if _is_object_store(url):
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+        return filesystem.open_input_stream(path)
+    return webdataset.gopen(url, "rb")
 
 
 def distributed_position() -> tuple[int, int]:
@@ -117,7 +160,7 @@ def iterate_pairs(url: str, keys: frozenset[str] | None = None) -> Iterator[tupl
     wanted = False  # whether current_key is selected
     fields: dict[str, tuple[str, bytes]] = {}
     try:
-        with webdataset.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
