@@ -1,0 +1,263 @@
+"""Fine-tune a pre-trained SR network (EDSR, ESRGAN, SwinIR, HAT) on the factory's pairs, streamed from the shards.
+
+    factory finetune --arch hat --pretrained HAT_SRx4_ImageNet-pretrain.pth --shards shards/vqvae2-ep8 --iters 50000
+    torchrun --nnodes 2 --nproc-per-node 8 ... "$(command -v factory)" finetune ...    (DDP: NCCL on GPU, gloo on CPU)
+
+Loss. The paper (Sec. 4.2) fine-tunes the pre-trained models on the generated pairs and reports PSNR / SSIM / LPIPS, but
+states no loss or schedule; the dataset is its only variable. The pre-trained EDSR, SwinIR (classical) and HAT were
+trained with the pixel L1 loss alone, so L1 keeps their objective and changes only the data: that is what we do.
+ESRGAN's generator was trained with L1, then perceptual (VGG19) + relativistic GAN losses; L1 fine-tuning pulls it
+toward the PSNR-oriented RRDBNet, which fits the paper's large SSIM gain for ESRGAN (+0.127). The perceptual + GAN
+recipe is not offered yet: it needs VGG19 ImageNet weights, which this project may not download, plus a
+discriminator; it would come as `--loss esrgan --vgg-weights PATH`.
+
+Optimiser: Adam (betas 0.9, 0.99), constant learning rate, as in BasicSR's fine-tuning configs. AMP: bfloat16
+autocast on CUDA (no gradient scaler needed); full float32 on CPU.
+
+Output (--out): `checkpoints/iter_NNNNNNN.pt` (network, optimiser, iteration; read back with weights_only=True, the
+newest is resumed automatically), `log.jsonl` (loss and throughput), and `model.pth`, the fine-tuned weights in the
+official key layout of the architecture (loadable by `factory eval`, spandrel and the official repositories).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from factory.config import FactoryError, config_to_dict
+from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_weights
+from factory.stream import PairedPatches
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pt$")
+STEPS_PER_EPOCH = 100  # batches per rank and DataLoader worker in one pass of the (resampled) stream
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    architecture: str = "edsr"  # edsr | esrgan | swinir | hat
+    pretrained: str | None = None  # official (or our) weights; None: randomly initialised `preset`
+    preset: str = "paper"  # network shape without --pretrained: paper (the official models') | tiny (tests)
+    shards: tuple[str, ...] = ()  # one entry per dataset: a shard folder, a brace pattern or a URL list
+    dataset_weights: tuple[float, ...] | None = None  # mixing weight per entry of `shards` (None: one dataset)
+    manifests: str | None = None  # manifest root: only committed shards are read, and `where` applies
+    where: str | None = None  # SQL predicate over the manifest columns, e.g. "delta_e < 5"
+    iterations: int = 10_000  # optimiser steps (every rank runs exactly this many)
+    batch_size: int = 16  # patches per rank per step
+    patch_size: int = 64  # LR patch side; the HR patch is scale x larger
+    learning_rate: float = 1e-4  # Adam, constant
+    patches_per_pair: int = 8  # random crops per decoded pair (decoding is the cost)
+    workers: int = 4  # DataLoader worker processes per rank
+    checkpoint_every: int = 1000  # iterations between checkpoints (and at the end)
+    log_every: int = 50  # iterations between loss / throughput lines
+    amp: bool = True  # bfloat16 autocast on CUDA
+    resume: bool = True  # continue from the newest checkpoint in out/checkpoints
+    seed: int = 0  # initialisation and data order
+    out: str = "runs/finetune"  # output folder
+
+
+@dataclass
+class FinetuneResult:
+    weights: Path  # fine-tuned weights in the official key layout
+    iterations: int  # total optimiser steps done (including resumed ones)
+    final_loss: float  # mean L1 of the last logging window (this rank)
+    patches_per_second: float  # all ranks together, over this run
+    rank: int = 0  # of the process that returns it
+    history: list[dict] = field(default_factory=list)  # the log lines of this run
+
+
+def _distributed_setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world_size, device
+
+
+def _checkpoints(out: Path) -> dict[int, Path]:
+    folder = out / "checkpoints"
+    found = {}
+    for path in folder.glob("iter_*.pt") if folder.is_dir() else []:
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _save_checkpoint(out: Path, iteration: int, network: SRNetwork, optimizer: torch.optim.Optimizer, config: FinetuneConfig) -> Path:
+    """Atomic: a crash mid-write leaves the previous checkpoints as they were."""
+    module = getattr(network.module, "module", network.module)
+    state = {
+        "network": {key: value.detach().cpu() for key, value in module.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "architecture": network.architecture,
+        "config": config_to_dict(config),
+    }
+    path = out / "checkpoints" / f"iter_{iteration:07d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _one_thread(worker: int) -> None:
+    """DataLoader workers decode and crop in NumPy; torch threads there would only compete with the trainer's."""
+    torch.set_num_threads(1)
+
+
+def _check(config: FinetuneConfig) -> None:
+    if config.architecture not in ARCHITECTURES:
+        raise FactoryError(f"unknown --arch {config.architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    if not config.shards:
+        raise FactoryError("give --shards (a shard folder or pattern, one per dataset)")
+    if config.dataset_weights is not None and len(config.dataset_weights) != len(config.shards):
+        raise FactoryError(f"{len(config.dataset_weights)} dataset weights for {len(config.shards)} --shards entries")
+    for name in ("iterations", "batch_size", "patch_size", "checkpoint_every", "log_every", "patches_per_pair"):
+        if getattr(config, name) < 1:
+            raise FactoryError(f"{name} must be >= 1")
+    if config.learning_rate <= 0:
+        raise FactoryError("the learning rate must be positive")
+
+
+def _resume(out: Path, network: SRNetwork, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load the newest checkpoint (weights_only) into network and optimizer; returns its iteration (0: none)."""
+    found = _checkpoints(out)
+    if not found:
+        return 0
+    iteration = max(found)
+    try:
+        state = torch.load(found[iteration], map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is reported in one line
+        raise FactoryError(f"cannot read checkpoint {found[iteration]}: {str(error).splitlines()[0][:200]}") from None
+    if state.get("architecture") != network.architecture:
+        raise FactoryError(f"{found[iteration]} is a {state.get('architecture')} checkpoint, not {network.architecture}")
+    network.module.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("resumed from %s (iteration %d)", found[iteration], iteration)
+    return int(state["iteration"])
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune with L1 on streamed patches; on every rank the same number of steps (see PairedPatches)."""
+    _check(config)
+    rank, world_size, device = _distributed_setup()
+    out = Path(config.out)
+    try:
+        torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        if config.pretrained:
+            network = load_network(config.pretrained, config.architecture)
+        else:
+            network = build_network(config.architecture, config.preset)
+        network.module.to(device).train()
+        parameters = [parameter for parameter in network.module.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.99))
+        start = _resume(out, network, optimizer, device) if config.resume else 0
+        if start >= config.iterations:
+            logger.info("already at iteration %d of %d", start, config.iterations)
+        model = network.module
+        if world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        workers = max(config.workers, 0)
+        readers = max(workers, 1)
+        dataset = PairedPatches(
+            list(config.shards),  # with weights: one entry per dataset; without: the shards of one dataset
+            weights=list(config.dataset_weights) if config.dataset_weights is not None else None,
+            patch_size=config.patch_size, scale=network.scale, manifests=config.manifests, where=config.where,
+            patches_per_pair=config.patches_per_pair, seed=config.seed,
+            # A fixed number of patches per rank and epoch, a whole number of batches per worker: every rank runs
+            # the same number of steps, whatever its shards hold.
+            epoch_length=config.batch_size * readers * STEPS_PER_EPOCH,
+        )
+        loader = DataLoader(
+            dataset, batch_size=config.batch_size, num_workers=workers, drop_last=True,
+            pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_one_thread,
+        )
+        use_amp = config.amp and device.type == "cuda"
+        history: list[dict] = []
+        log_path = out / "log.jsonl"
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        iteration = start
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        run_start, run_patches = time.perf_counter(), 0
+        progress = tqdm(total=config.iterations, initial=start, disable=rank != 0, desc="finetune", unit="it")
+        while iteration < config.iterations:
+            dataset.set_epoch(iteration)  # a different data order after every epoch and after a resume
+            for batch in loader:
+                lr = batch["lr"].to(device, non_blocking=True)  # (B, 3, p, p)
+                hr = batch["hr"].to(device, non_blocking=True)  # (B, 3, scale*p, scale*p)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    sr = model(lr)
+                loss = F.l1_loss(sr.float(), hr)
+                if not math.isfinite(loss.item()):
+                    raise FactoryError(f"the loss is {loss.item()} at iteration {iteration + 1}; lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                progress.update(1)
+                window_loss += loss.item()
+                window_steps += 1
+                run_patches += lr.shape[0] * world_size
+                if iteration % config.log_every == 0 or iteration == config.iterations:
+                    elapsed = time.perf_counter() - window_start
+                    line = {
+                        "iteration": iteration,
+                        "loss": window_loss / window_steps,
+                        "patches_per_second": window_steps * lr.shape[0] * world_size / max(elapsed, 1e-9),
+                    }
+                    history.append(line)
+                    if rank == 0:
+                        logger.info("iteration %d  L1 %.5f  %.1f patches/s", iteration, line["loss"], line["patches_per_second"])
+                        with open(log_path, "a") as log:
+                            log.write(json.dumps(line) + "\n")
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if rank == 0 and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
+                    _save_checkpoint(out, iteration, network, optimizer, config)
+                if iteration >= config.iterations:
+                    break
+        progress.close()
+        weights = out / "model.pth"
+        if rank == 0:
+            save_weights(network, weights)
+        if world_size > 1:
+            dist.barrier()  # every rank returns after the weights exist
+        elapsed = time.perf_counter() - run_start
+        return FinetuneResult(
+            weights=weights, iterations=iteration, final_loss=history[-1]["loss"] if history else float("nan"),
+            patches_per_second=run_patches / max(elapsed, 1e-9), rank=rank, history=history,
+        )
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+

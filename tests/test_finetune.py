@@ -1,0 +1,153 @@
+"""SR networks and fine-tuning: official key layouts, EDSR/ESRGAN/SwinIR/HAT through one loading path, learning on
+bicubic pairs, checkpoint resume, and DDP under torchrun (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sr_pairs import bicubic_lr, crops, write_pairs
+
+from factory.config import FactoryError
+from factory.finetune import FinetuneConfig, finetune
+from factory.sr import build_network, load_network, read_state_dict, save_weights
+from factory.sr.edsr import EDSR, EDSRConfig, load_edsr
+
+# The parameter names of the official EDSR-baseline x4 checkpoint (EDSR-PyTorch, edsr_baseline_x4-6b446fab.pt), with
+# 16 residual blocks abbreviated to the first and the conv after them: our module must produce exactly this layout.
+OFFICIAL_EDSR_BASELINE_KEYS = [
+    "sub_mean.weight", "sub_mean.bias", "add_mean.weight", "add_mean.bias", "head.0.weight", "head.0.bias",
+    "body.0.body.0.weight", "body.0.body.0.bias", "body.0.body.2.weight", "body.0.body.2.bias",
+    "body.16.weight", "body.16.bias", "tail.0.0.weight", "tail.0.0.bias", "tail.0.2.weight", "tail.0.2.bias",
+    "tail.1.weight", "tail.1.bias",
+]
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("pairs")
+    training = {name: photo for name, photo in photos.items() if name not in ("astronaut", "coffee")}
+    write_pairs(root / "shards", root / "manifests", crops(training, size=96, per_photo=4), per_shard=4)
+    return root / "shards" / "bicubic", root / "manifests"
+
+
+@pytest.fixture(scope="module")
+def held_out(photos):
+    """Held-out bicubic pairs from photos the training never sees: (LR (N, 3, 24, 24), HR (N, 3, 96, 96))."""
+    pairs = crops({"astronaut": photos["astronaut"], "coffee": photos["coffee"]}, size=96, per_photo=3)
+    hr = np.stack([image for _, image in pairs])
+    lr = np.stack([bicubic_lr(image, 4) for _, image in pairs])
+    as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    return as_tensor(lr), as_tensor(hr)
+
+
+def _config(shards, out, **changes) -> FinetuneConfig:
+    values = dict(
+        architecture="edsr", preset="tiny", shards=(str(shards),), iterations=4, batch_size=4, patch_size=16,
+        learning_rate=1e-3, patches_per_pair=4, workers=0, checkpoint_every=2, log_every=2, out=str(out),
+    )
+    values.update(changes)
+    return FinetuneConfig(**values)
+
+
+def test_edsr_has_the_official_key_layout():
+    baseline = EDSR(EDSRConfig(scale=4, features=64, residual_blocks=16))
+    keys = list(baseline.state_dict())
+    assert set(OFFICIAL_EDSR_BASELINE_KEYS) <= set(keys)
+    assert len(keys) == 4 + 2 + 4 * 16 + 2 + 6  # mean shifts, head, 16 blocks of 2 convs, body conv, tail (78)
+    # The official MeanShift: identity 1x1 conv with bias -255 * DIV2K mean (EDSR-PyTorch common.MeanShift).
+    assert torch.allclose(baseline.sub_mean.bias, -255 * torch.tensor([0.4488, 0.4371, 0.4040]))
+
+
+def test_basicsr_edsr_weights_load_into_the_same_network():
+    official = EDSR(EDSRConfig(scale=4, features=16, residual_blocks=2))
+    state = official.state_dict()
+    # The same weights under BasicSR's EDSR names (basicsr/archs/edsr_arch.py), which keeps the mean as a constant.
+    renames = {"head.0": "conv_first", "body.2": "conv_after_body", "tail.0.0": "upsample.0", "tail.0.2": "upsample.2", "tail.1": "conv_last"}
+    basicsr = {}
+    for key, value in state.items():
+        if key.startswith(("sub_mean", "add_mean")):
+            continue
+        prefix, kind = key.rsplit(".", 1)
+        prefix = renames.get(prefix, prefix).replace(".body.0", ".conv1").replace(".body.2", ".conv2")
+        basicsr[f"{prefix}.{kind}"] = value
+    loaded = load_edsr(basicsr)
+    x = torch.rand(1, 3, 12, 12)
+    assert torch.equal(loaded(x), official(x))
+
+
+@pytest.mark.parametrize("architecture", ["esrgan", "swinir", "hat"])
+def test_spandrel_architectures_load_train_a_step_and_save(tmp_path, train_shards, architecture):
+    # Weights in the official key layout, saved by spandrel's own architecture classes, as a user's download would be.
+    pretrained = tmp_path / f"{architecture}.pth"
+    network = build_network(architecture, "tiny")
+    torch.save({"params_ema": network.module.state_dict()}, pretrained)  # BasicSR's wrapper
+    before = read_state_dict(pretrained)
+    result = finetune(_config(train_shards[0], tmp_path / "run", architecture=architecture, pretrained=str(pretrained), iterations=1))
+    assert result.iterations == 1 and np.isfinite(result.final_loss)
+    after = load_network(result.weights, architecture)
+    saved = read_state_dict(result.weights)
+    assert list(saved) == list(before)  # the same (official) layout, key for key
+    assert any(not torch.equal(saved[key], before[key]) for key in before if before[key].is_floating_point())
+    assert after.module(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    path = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
+    with pytest.raises(FactoryError, match="--arch hat but the weights are edsr"):
+        load_network(path, "hat")
+
+
+def _held_out_l1(weights, held_out) -> float:
+    network = load_network(weights).module.eval()
+    lr, hr = held_out
+    with torch.no_grad():
+        return (network(lr).clamp(0, 1) - hr).abs().mean().item()
+
+
+def test_fine_tuning_on_bicubic_pairs_lowers_held_out_l1_and_resumes(tmp_path, train_shards, held_out):
+    torch.manual_seed(0)
+    initial = save_weights(build_network("edsr", "tiny"), tmp_path / "initial.pth")
+    result = finetune(_config(train_shards[0], tmp_path / "run", pretrained=str(initial), iterations=60, batch_size=8,
+                              checkpoint_every=30, log_every=10))
+    before, after = _held_out_l1(initial, held_out), _held_out_l1(result.weights, held_out)
+    assert after < 0.7 * before, (before, after)
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["iter_0000030.pt", "iter_0000060.pt"]
+    # Resume: 60 more steps asked for 70 in all; the run starts from the newest checkpoint, not from scratch.
+    resumed = finetune(_config(train_shards[0], tmp_path / "run", pretrained=str(initial), iterations=70, log_every=10))
+    assert resumed.iterations == 70 and [line["iteration"] for line in resumed.history] == [70]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [10, 20, 30, 40, 50, 60, 70]
+    assert all(line["patches_per_second"] > 0 for line in lines)
+
+
+def test_where_and_manifests_reach_the_stream(tmp_path, train_shards):
+    shards, manifests = train_shards
+    result = finetune(_config(shards, tmp_path / "run", manifests=str(manifests), where="label = 'defocus_blur'", iterations=2))
+    assert result.iterations == 2
+    with pytest.raises(FactoryError, match="select no pair"):
+        finetune(_config(shards, tmp_path / "none", manifests=str(manifests), where="delta_e > 1e9", iterations=2))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None or shutil.which("factory") is None, reason="needs torchrun and the factory script")
+def test_tiny_edsr_under_torchrun_with_two_processes(tmp_path, train_shards):
+    out = tmp_path / "ddp"
+    command = [
+        shutil.which("torchrun"), "--standalone", "--nproc-per-node=2", shutil.which("factory"), "finetune",
+        "--arch", "edsr", "--preset", "tiny", "--shards", str(train_shards[0]), "--iters", "6", "--batch-size", "4",
+        "--patch-size", "16", "--workers", "1", "--log-every", "3", "--checkpoint-every", "3", "--out", str(out),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("6 iterations") == 1  # one result line, from rank 0
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [3, 6]
+    assert load_network(out / "model.pth", "edsr").scale == 4
+    assert sys.executable  # the same interpreter family runs torchrun's workers
