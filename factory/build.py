@@ -584,7 +584,10 @@ def _ray_cluster(config: BuildConfig):
         if config.address:
             ray.init(address=config.address, logging_level=logging.WARNING, runtime_env=runtime_env)
         else:
+            # address="local": always a new embedded cluster. Plain ray.init() would silently join any cluster
+            # this machine has running (`ray start`, another build's test cluster), with its resources and fate.
             ray.init(
+                address="local",
                 num_cpus=config.num_cpus,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
