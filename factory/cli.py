@@ -421,6 +421,31 @@ def _float_list(text: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+@main.command("eval")
+@click.option("--model", required=True, help="SR weights: an official checkpoint or `factory finetune`'s model.pth.")
+@click.option("--lr", "lr_folder", required=True, help="Folder of LR inputs (NTIRE 2018 x4m names, NTIRE 2020 or same names).")
+@click.option("--hr", "hr_folder", required=True, help="Folder of ground-truth HR images.")
+@click.option("--out", default="runs/eval", show_default=True, help="Output folder: sr/*.png, metrics.csv, summary.json.")
+@click.option("--y-channel", is_flag=True, help="PSNR / SSIM on the BT.601 Y channel (BasicSR's test_y_channel).")
+@click.option("--crop-border", default=0, show_default=True, type=click.IntRange(min=0), help="Pixels dropped on each side before the metrics (BasicSR: the scale).")
+@click.option("--lpips-weights", default=None, help="LPIPS-alex weights file (the lpips package's LPIPS state dict); without it no LPIPS.")
+@click.option("--arch", "architecture", type=click.Choice(["edsr", "esrgan", "swinir", "hat"]), default=None, help="Expected architecture (checked against the weights).")
+@click.option("--device", default=None, help="cuda or cpu [default: cuda if present].")
+@user_errors
+def eval_command(model, lr_folder, hr_folder, out, y_channel, crop_border, lpips_weights, architecture, device) -> None:
+    """Super-resolve LR images, save the outputs and report PSNR / SSIM (/ LPIPS) against HR."""
+    from factory.evaluate import EvalConfig, evaluate
+
+    summary = evaluate(
+        EvalConfig(
+            model=model, lr=lr_folder, hr=hr_folder, out=out, y_channel=y_channel, crop_border=crop_border,
+            lpips_weights=lpips_weights, architecture=architecture, device=device,
+        )
+    )
+    lpips = "n/a" if summary.lpips is None else f"{summary.lpips:.4f}"
+    click.echo(f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} ({summary.csv})")
+
+
 @main.command("finetune")
 @click.option("--arch", "architecture", type=click.Choice(["edsr", "esrgan", "swinir", "hat"]), required=True, help="SR network to fine-tune.")
 @click.option("--pretrained", default=None, help="Official (or fine-tuned) weights (.pth/.pt/.safetensors); without it a random --preset network.")
