@@ -263,7 +263,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
 
 def image_quality(degraded, reference):
     """PSNR and SSIM of `degraded` against `reference`, both (N, 3, h, w) uint8 tensors, computed in float64 on
-    their device -> (psnr (N,), ssim (N,)) float64.
+    their device (float32 on MPS, which has no float64) -> (psnr (N,), ssim (N,)).
 
     The definitions of skimage's `peak_signal_noise_ratio(reference, degraded, data_range=255)` (an infinite PSNR,
     identical images, is stored as 100 dB) and `structural_similarity(..., channel_axis=2, data_range=255)` with its
@@ -273,8 +273,9 @@ def image_quality(degraded, reference):
     import torch
     import torch.nn.functional as F
 
-    a = degraded.to(torch.float64)
-    b = reference.to(torch.float64)
+    dtype = torch.float32 if degraded.device.type == "mps" else torch.float64  # MPS has no float64
+    a = degraded.to(dtype)
+    b = reference.to(dtype)
     mse = (a - b).pow(2).flatten(1).mean(dim=1)
     psnr = torch.where(
         mse > 0, 10.0 * torch.log10(255.0**2 / mse.clamp_min(1e-12)), torch.full_like(mse, 100.0)
@@ -1003,9 +1004,14 @@ def build(config: BuildConfig) -> BuildResult:
     checkpoint = ensure_checkpoint(config, all_sources)
     checkpoint_sha256 = None
     if checkpoint is not None:
-        from factory.checkpoints import file_sha256
+        from factory.checkpoints import load_reconstructor
 
-        checkpoint_sha256 = file_sha256(checkpoint)
+        # Load once here, on the CPU: a wrong or corrupt checkpoint is a one-line error before any actor starts.
+        checkpoint_sha256 = load_reconstructor(checkpoint, model_name=config.model).sha256
+    if config.classifier:
+        from factory.classifier import Labeler
+
+        Labeler.load(config.classifier)
     shards, manifests = Storage(config.out), Storage(config.manifests)
     fingerprint = build_fingerprint(config, plan.dataset, plan.crop, checkpoint_sha256)
     with DatasetLock(manifests, plan.dataset):
