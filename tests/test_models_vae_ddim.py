@@ -71,6 +71,18 @@ def test_loss_backpropagates_and_falls(name):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("name", ["vae", "ddim"])
+def test_bf16_autocast_keeps_loss_float32_and_output_dtype(name):
+    # Training and the build use bf16 autocast on CUDA; CPU autocast exercises the same dtype paths here.
+    model = fast_model(name)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss, _ = model.train().loss(x)
+        x_hat = model.eval().reconstruct(x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert x_hat.dtype == x.dtype and x_hat.shape == x.shape
+
+
 def test_paper_parameter_counts():
     # AntixK/PyTorch-VAE VanillaVAE (64x64, 32..512, latent 128): 3.94 M by the layer shapes in its vanilla_vae.py.
     vae = sum(p.numel() for p in VAE(make_config("vae", "paper")).parameters())

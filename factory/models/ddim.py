@@ -289,7 +289,7 @@ class DDIM(nn.Module):
         if pad_bottom or pad_right:
             mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
             x = F.pad(x, (0, pad_right, 0, pad_bottom), mode=mode)
-        x0 = x.float() * 2 - 1
+        x0 = x.float() * 2 - 1  # float32 DDIM updates even for bf16 input
         if self.config.encoding == "inversion":
             x_hat = self.sample(self.invert(x0))
         else:
@@ -300,4 +300,5 @@ class DDIM(nn.Module):
             noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
             abar = self._abar(tau[start])
             x_hat = self.sample(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, start=start)
-        return ((x_hat + 1) / 2)[:, :, :height, :width].clamp(0, 1)
+        # The DDIM arithmetic stays float32 (only e_theta runs under a caller's autocast); return x's dtype.
+        return ((x_hat + 1) / 2)[:, :, :height, :width].clamp(0, 1).to(x.dtype)

@@ -130,7 +130,11 @@ class VAE(nn.Module):
         z = mean + torch.exp(0.5 * log_variance) * torch.randn_like(mean)
         x_hat = self.decode(z)
         # MSE in the model's [-1, 1] space, as AntixK computes it (= 4 x MSE in [0, 1]).
-        reconstruction = F.mse_loss(x_hat * 2 - 1, x * 2 - 1)
+        reconstruction = F.mse_loss(x_hat.float() * 2 - 1, x.float() * 2 - 1)
+        mean, log_variance = (
+            mean.float(),
+            log_variance.float(),
+        )  # the KL sum in float32 even under bf16 autocast
         kld = torch.mean(-0.5 * torch.sum(1 + log_variance - mean**2 - log_variance.exp(), dim=1))
         total = reconstruction + self.config.kld_weight * kld
         return total, {"reconstruction": reconstruction.item(), "kld": kld.item()}
@@ -176,4 +180,5 @@ class VAE(nn.Module):
                 total[:, :, r : r + tile, c : c + tile] += decoded[:, index] * weight
                 weights[:, :, r : r + tile, c : c + tile] += weight
                 index += 1
-        return (total / weights)[:, :, :height, :width].clamp(0, 1)
+        # x's dtype even under a caller's bf16 autocast
+        return (total / weights)[:, :, :height, :width].clamp(0, 1).to(x.dtype)
