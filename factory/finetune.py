@@ -45,7 +45,7 @@ from factory.stream import PairedPatches
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pt$")
-STEPS_PER_EPOCH = 100  # batches per rank and DataLoader worker in one pass of the (resampled) stream
+STEPS_PER_EPOCH = 1000  # batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             patches_per_pair=config.patches_per_pair, seed=config.seed,
             # A fixed number of patches per rank and epoch, a whole number of batches per worker: every rank runs
             # the same number of steps, whatever its shards hold.
-            epoch_length=config.batch_size * readers * STEPS_PER_EPOCH,
+            epoch_length=config.batch_size * readers * min(STEPS_PER_EPOCH, config.iterations),
         )
         loader = DataLoader(
             dataset, batch_size=config.batch_size, num_workers=workers, drop_last=True,

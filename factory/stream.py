@@ -369,19 +369,21 @@ class PairedPatches(IterableDataset):
                 del weights[index]
 
     def _shuffled(self, patches: Iterator[Patch], generator: np.random.Generator) -> Iterator[Patch]:
-        """A shuffle buffer: hold `shuffle` patches, emit a random one for each new one (neighbours from one pair
-        end up in different batches)."""
+        """A shuffle buffer of up to `shuffle` patches: each emitted patch is a random one of the buffer, so the
+        crops of one pair end up in different batches. The buffer starts emitting at 16 patches and grows to its
+        size by emitting one patch for every two that arrive (no long stall before the first batch)."""
         if self.shuffle <= 1:
             yield from patches
             return
         buffer: list[Patch] = []
-        for patch in patches:
-            if len(buffer) < self.shuffle:
-                buffer.append(patch)
+        start = min(16, self.shuffle)
+        for arrivals, patch in enumerate(patches, start=1):
+            buffer.append(patch)
+            if len(buffer) < start or (len(buffer) < self.shuffle and arrivals % 2):
                 continue
             slot = int(generator.integers(len(buffer)))
-            yield buffer[slot]
-            buffer[slot] = patch
+            buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
+            yield buffer.pop()
         generator.shuffle(buffer)  # type: ignore[arg-type]
         yield from buffer
 

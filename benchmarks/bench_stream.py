@@ -1,0 +1,134 @@
+"""Training-patch throughput per core: PairedPatches on shards against a BasicSR-style paired-folder loader.
+
+    python -m benchmarks.bench_stream            (python -m benchmarks.bench_stream --quick for a short run)
+
+The same pairs both ways: 480x480 HR sub-images (the size BasicSR cuts DIV2K into for training) of real photos and
+their bicubic x4 LR (120x120). The baseline is BasicSR's PairedImageDataset as it works on folders of PNGs: for
+every patch, decode the HR and the LR file, random-crop 64 / 256, flip / rotate, convert both to float tensors.
+PairedPatches reads the same pairs from tar shards (png and zst codecs) and cuts `patches_per_pair` crops from
+each decoded pair. One process, one torch thread, no DataLoader workers: patches/s of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from factory.color import downsample
+from factory.shards import encode_image, payload_extension
+from factory.stream import PairedPatches, crop_patches, to_tensor
+
+HR_SIZE = 480
+SCALE = 4
+PATCH = 64
+
+
+def _photos() -> list[np.ndarray]:
+    import skimage.data
+
+    loaders = (skimage.data.retina, skimage.data.hubble_deep_field, skimage.data.astronaut, skimage.data.rocket,
+               skimage.data.coffee, skimage.data.immunohistochemistry)
+    return [np.ascontiguousarray(loader()[..., :3]) for loader in loaders]
+
+
+def make_pairs(count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`count` (key, HR 480x480, LR 120x120) pairs: 480 sub-images on a grid over the photos (repeated if needed)."""
+    subimages = []
+    for photo in _photos():
+        height, width = photo.shape[:2]
+        for top in range(0, height - HR_SIZE + 1, HR_SIZE // 2):
+            for left in range(0, width - HR_SIZE + 1, HR_SIZE // 2):
+                subimages.append(photo[top : top + HR_SIZE, left : left + HR_SIZE])
+    pairs = []
+    for index in range(count):
+        hr = np.ascontiguousarray(subimages[index % len(subimages)])
+        x = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+        lr = (downsample(x, SCALE)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        pairs.append((f"pair{index:05d}", hr, lr))
+    return pairs
+
+
+def write_folders(pairs, root: Path) -> None:
+    """BasicSR layout: <root>/hr/<key>.png and <root>/lr/<key>.png (PNG at Pillow's default level, as cv2 writes)."""
+    for folder in ("hr", "lr"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for key, hr, lr in pairs:
+        Image.fromarray(hr).save(root / "hr" / f"{key}.png")
+        Image.fromarray(lr).save(root / "lr" / f"{key}.png")
+
+
+def write_shards(pairs, root: Path, codec: str, per_shard: int = 16) -> Path:
+    extension = payload_extension(codec)
+    folder = root / f"shards-{codec}"
+    folder.mkdir(parents=True)
+    for start in range(0, len(pairs), per_shard):
+        with tarfile.open(folder / f"bench-{start // per_shard:06d}.tar", "w") as archive:
+            for key, hr, lr in pairs[start : start + per_shard]:
+                for name, data in ((f"{key}.hr.{extension}", encode_image(hr, codec)), (f"{key}.lr.{extension}", encode_image(lr, codec))):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def basicsr_style(root: Path, keys: list[str], patches: int, seed: int = 0) -> float:
+    """patches/s of the baseline: per patch, decode both PNGs, random crop, augment, to float tensors."""
+    generator = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for index in range(patches):
+        key = keys[index % len(keys)]
+        with Image.open(root / "hr" / f"{key}.png") as image:
+            hr = np.asarray(image.convert("RGB"))
+        with Image.open(root / "lr" / f"{key}.png") as image:
+            lr = np.asarray(image.convert("RGB"))
+        (patch,) = crop_patches(lr, hr, key, patch_size=PATCH, scale=SCALE, count=1, augment=True, generator=generator)
+        to_tensor(np.ascontiguousarray(patch.lr)), to_tensor(np.ascontiguousarray(patch.hr))
+    return patches / (time.perf_counter() - start)
+
+
+def paired_patches(folder: Path, patches: int, patches_per_pair: int) -> float:
+    dataset = PairedPatches(str(folder), patch_size=PATCH, scale=SCALE, patches_per_pair=patches_per_pair,
+                            shuffle=256, epoch_length=patches, rank=0, world_size=1)
+    start = time.perf_counter()
+    count = sum(1 for _ in dataset)
+    return count / (time.perf_counter() - start)
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    pairs = make_pairs(16 if quick else 64)
+    baseline_patches = 64 if quick else 256
+    # The shuffle buffer (256 patches) reads ahead once per epoch: epochs several times its size show the steady state.
+    stream_patches = {1: 512 if quick else 1024, 16: 1024 if quick else 4096}
+    results: dict = {"hr_size": HR_SIZE, "patch_size": PATCH, "pairs": len(pairs)}
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary)
+        write_folders(pairs, root)
+        shards = {codec: write_shards(pairs, root, codec) for codec in ("png", "zst")}
+        keys = [key for key, _, _ in pairs]
+        basicsr_style(root, keys, 8)  # warm the file cache and imports
+        results["basicsr_folders_patches_per_s"] = basicsr_style(root, keys, baseline_patches)
+        for codec in ("png", "zst"):
+            for per_pair in (1, 16):
+                rate = paired_patches(shards[codec], stream_patches[per_pair], per_pair)
+                results[f"stream_{codec}_ppp{per_pair}_patches_per_s"] = rate
+        best = results["stream_zst_ppp16_patches_per_s"]
+        results["speedup_zst_ppp16"] = best / results["basicsr_folders_patches_per_s"]
+        results["speedup_png_ppp1"] = results["stream_png_ppp1_patches_per_s"] / results["basicsr_folders_patches_per_s"]
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer pairs and patches")
+    arguments = parser.parse_args()
+    print(json.dumps(run(quick=arguments.quick), indent=2))
