@@ -1,17 +1,18 @@
 """VQ-VAE (van den Oord, Vinyals and Kavukcuoglu, "Neural Discrete Representation Learning", NeurIPS 2017).
 
-The `paper` preset follows the paper's ImageNet model (Section 4.1 and Appendix): the encoder is two stride-2 4x4
+The `paper` preset follows the paper's ImageNet model (Sections 4.1-4.2): the encoder is two stride-2 4x4
 convolutions followed by two residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv), "all having 256 hidden units"; the
 decoder mirrors it with two residual blocks and two stride-2 4x4 transposed convolutions. A 256x256 input gives a
 64x64 grid of latents. The codebook has K = 512 entries, as in the paper; the paper does not state the embedding
 size D for ImageNet, so D = 64 is taken from the authors' Sonnet example (`vqvae_example`, 512 x 64). The codebook is
 learnt by the paper's loss (Eq. 3), not by moving averages:
 
-    L = log p(x | z_q(x)) + || sg[z_e(x)] - e ||^2 + beta || z_e(x) - sg[e] ||^2,   beta = 0.25
+    L = -log p(x | z_q(x)) + || sg[z_e(x)] - e ||^2 + beta || z_e(x) - sg[e] ||^2,   beta = 0.25
 
-with the reconstruction term as mean squared error on images scaled to [-1, 1] (the scaling rosinality's VQ-VAE-2
-training uses; the paper does not say). Gradients pass the quantiser by the straight-through estimator.
-`ema_decay` switches to the moving-average codebook of the paper's Appendix A.1 (VQ-VAE-2 uses that one).
+with the reconstruction term (the negative log-likelihood) as mean squared error on images scaled to [-1, 1] (the
+scaling rosinality's VQ-VAE-2 training uses; the paper does not say). Gradients pass the quantiser by the
+straight-through estimator. `ema_decay` switches to the moving-average codebook of the paper's Appendix A.1
+(VQ-VAE-2 uses that one).
 
 This module also holds the pieces the VQ-VAE-2 shares: `VectorQuantizer`, `ResidualBlock` and
 `reflect_pad_to_multiple`.
