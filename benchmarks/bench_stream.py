@@ -35,8 +35,14 @@ PATCH = 64
 def _photos() -> list[np.ndarray]:
     import skimage.data
 
-    loaders = (skimage.data.retina, skimage.data.hubble_deep_field, skimage.data.astronaut, skimage.data.rocket,
-               skimage.data.coffee, skimage.data.immunohistochemistry)
+    loaders = (
+        skimage.data.retina,
+        skimage.data.hubble_deep_field,
+        skimage.data.astronaut,
+        skimage.data.rocket,
+        skimage.data.coffee,
+        skimage.data.immunohistochemistry,
+    )
     return [np.ascontiguousarray(loader()[..., :3]) for loader in loaders]
 
 
@@ -73,7 +79,10 @@ def write_shards(pairs, root: Path, codec: str, per_shard: int = 16) -> Path:
     for start in range(0, len(pairs), per_shard):
         with tarfile.open(folder / f"bench-{start // per_shard:06d}.tar", "w") as archive:
             for key, hr, lr in pairs[start : start + per_shard]:
-                for name, data in ((f"{key}.hr.{extension}", encode_image(hr, codec)), (f"{key}.lr.{extension}", encode_image(lr, codec))):
+                for name, data in (
+                    (f"{key}.hr.{extension}", encode_image(hr, codec)),
+                    (f"{key}.lr.{extension}", encode_image(lr, codec)),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
@@ -90,14 +99,24 @@ def basicsr_style(root: Path, keys: list[str], patches: int, seed: int = 0) -> f
             hr = np.asarray(image.convert("RGB"))
         with Image.open(root / "lr" / f"{key}.png") as image:
             lr = np.asarray(image.convert("RGB"))
-        (patch,) = crop_patches(lr, hr, key, patch_size=PATCH, scale=SCALE, count=1, augment=True, generator=generator)
+        (patch,) = crop_patches(
+            lr, hr, key, patch_size=PATCH, scale=SCALE, count=1, augment=True, generator=generator
+        )
         to_tensor(np.ascontiguousarray(patch.lr)), to_tensor(np.ascontiguousarray(patch.hr))
     return patches / (time.perf_counter() - start)
 
 
 def paired_patches(folder: Path, patches: int, patches_per_pair: int) -> float:
-    dataset = PairedPatches(str(folder), patch_size=PATCH, scale=SCALE, patches_per_pair=patches_per_pair,
-                            shuffle=256, epoch_length=patches, rank=0, world_size=1)
+    dataset = PairedPatches(
+        str(folder),
+        patch_size=PATCH,
+        scale=SCALE,
+        patches_per_pair=patches_per_pair,
+        shuffle=256,
+        epoch_length=patches,
+        rank=0,
+        world_size=1,
+    )
     start = time.perf_counter()
     count = sum(1 for _ in dataset)
     return count / (time.perf_counter() - start)
@@ -123,7 +142,9 @@ def run(quick: bool = False) -> dict:
                 results[f"stream_{codec}_ppp{per_pair}_patches_per_s"] = rate
         best = results["stream_zst_ppp16_patches_per_s"]
         results["speedup_zst_ppp16"] = best / results["basicsr_folders_patches_per_s"]
-        results["speedup_png_ppp1"] = results["stream_png_ppp1_patches_per_s"] / results["basicsr_folders_patches_per_s"]
+        results["speedup_png_ppp1"] = (
+            results["stream_png_ppp1_patches_per_s"] / results["basicsr_folders_patches_per_s"]
+        )
     return results
 
 

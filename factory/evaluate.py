@@ -89,7 +89,9 @@ def _index(paths: list[Path], suffix: re.Pattern, role: str) -> dict[str, Path]:
     for path in paths:
         stem = suffix.sub("", path.stem) or path.stem
         if stem in index:
-            raise FactoryError(f"two {role} images match the name {stem!r}: {index[stem].name} and {path.name}")
+            raise FactoryError(
+                f"two {role} images match the name {stem!r}: {index[stem].name} and {path.name}"
+            )
         index[stem] = path
     return index
 
@@ -108,7 +110,9 @@ def pair_folders(lr_folder: str | os.PathLike, hr_folder: str | os.PathLike) -> 
         else:
             pairs.append(ImagePair(name=hr.stem, lr=path, hr=hr))
     if unmatched:
-        raise FactoryError(f"{len(unmatched)} LR images without an HR image in {hr_folder}, e.g. {unmatched[0]}")
+        raise FactoryError(
+            f"{len(unmatched)} LR images without an HR image in {hr_folder}, e.g. {unmatched[0]}"
+        )
     return pairs
 
 
@@ -152,14 +156,21 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 255.0) ->
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     covariance = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * covariance + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * covariance + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return float(ssim_map.mean(dim=(1, 2, 3)).mean())
 
 
-def image_metrics(sr: np.ndarray, hr: np.ndarray, *, y_channel: bool = False, crop_border: int = 0) -> tuple[float, float]:
+def image_metrics(
+    sr: np.ndarray, hr: np.ndarray, *, y_channel: bool = False, crop_border: int = 0
+) -> tuple[float, float]:
     """(PSNR, SSIM) of an (H, W, 3) uint8 SR image against its HR image."""
     if crop_border:
-        sr, hr = sr[crop_border:-crop_border, crop_border:-crop_border], hr[crop_border:-crop_border, crop_border:-crop_border]
+        sr, hr = (
+            sr[crop_border:-crop_border, crop_border:-crop_border],
+            hr[crop_border:-crop_border, crop_border:-crop_border],
+        )
     if y_channel:
         sr, hr = rgb_to_y(sr), rgb_to_y(hr)
     return psnr(sr, hr), ssim(sr, hr)
@@ -271,12 +282,18 @@ def evaluate(config: EvalConfig) -> EvalSummary:
         sr = super_resolve(module, lr, device)
         excess = (hr.shape[0] - sr.shape[0], hr.shape[1] - sr.shape[1])
         if not all(0 <= pixels < network.scale for pixels in excess):
-            raise FactoryError(f"{pair.lr.name} x{network.scale} is {sr.shape[:2]}, {pair.hr.name} is {hr.shape[:2]}")
-        hr = hr[: sr.shape[0], : sr.shape[1]]  # HR not a multiple of the scale: cropped, as BasicSR's mod-crop does
+            raise FactoryError(
+                f"{pair.lr.name} x{network.scale} is {sr.shape[:2]}, {pair.hr.name} is {hr.shape[:2]}"
+            )
+        hr = hr[
+            : sr.shape[0], : sr.shape[1]
+        ]  # HR not a multiple of the scale: cropped, as BasicSR's mod-crop does
         buffer = io.BytesIO()
         Image.fromarray(sr).save(buffer, format="PNG")
         _write_atomic(out / "sr" / f"{pair.name}.png", buffer.getvalue())
-        value_psnr, value_ssim = image_metrics(sr, hr, y_channel=config.y_channel, crop_border=config.crop_border)
+        value_psnr, value_ssim = image_metrics(
+            sr, hr, y_channel=config.y_channel, crop_border=config.crop_border
+        )
         value_lpips = None
         if lpips is not None:
             border = config.crop_border or None
@@ -291,15 +308,25 @@ def evaluate(config: EvalConfig) -> EvalSummary:
         writer.writerow({**row, "lpips": "" if row["lpips"] is None else row["lpips"]})
     _write_atomic(out / "metrics.csv", text.getvalue().encode())
     summary = EvalSummary(
-        images=len(rows), psnr=float(np.mean([row["psnr"] for row in rows])),
+        images=len(rows),
+        psnr=float(np.mean([row["psnr"] for row in rows])),
         ssim=float(np.mean([row["ssim"] for row in rows])),
         lpips=float(np.mean([row["lpips"] for row in rows])) if lpips is not None else None,
-        csv=out / "metrics.csv", outputs=out / "sr",
+        csv=out / "metrics.csv",
+        outputs=out / "sr",
     )
     card = {
-        "model": str(config.model), "architecture": network.architecture, "scale": network.scale, "lr": str(config.lr),
-        "hr": str(config.hr), "y_channel": config.y_channel, "crop_border": config.crop_border, "images": summary.images,
-        "psnr": summary.psnr, "ssim": summary.ssim, "lpips": summary.lpips,
+        "model": str(config.model),
+        "architecture": network.architecture,
+        "scale": network.scale,
+        "lr": str(config.lr),
+        "hr": str(config.hr),
+        "y_channel": config.y_channel,
+        "crop_border": config.crop_border,
+        "images": summary.images,
+        "psnr": summary.psnr,
+        "ssim": summary.ssim,
+        "lpips": summary.lpips,
     }
     _write_atomic(out / "summary.json", (json.dumps(card, indent=2) + "\n").encode())
     return summary

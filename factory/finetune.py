@@ -45,7 +45,9 @@ from factory.stream import PairedPatches
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pt$")
-STEPS_PER_EPOCH = 1000  # batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer
+STEPS_PER_EPOCH = (
+    1000  # batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class FinetuneConfig:
     pretrained: str | None = None  # official (or our) weights; None: randomly initialised `preset`
     preset: str = "paper"  # network shape without --pretrained: paper (the official models') | tiny (tests)
     shards: tuple[str, ...] = ()  # one entry per dataset: a shard folder, a brace pattern or a URL list
-    dataset_weights: tuple[float, ...] | None = None  # mixing weight per entry of `shards` (None: one dataset)
+    dataset_weights: tuple[float, ...] | None = (
+        None  # mixing weight per entry of `shards` (None: one dataset)
+    )
     manifests: str | None = None  # manifest root: only committed shards are read, and `where` applies
     where: str | None = None  # SQL predicate over the manifest columns, e.g. "delta_e < 5"
     iterations: int = 10_000  # optimiser steps (every rank runs exactly this many)
@@ -106,7 +110,9 @@ def _checkpoints(out: Path) -> dict[int, Path]:
     return found
 
 
-def _save_checkpoint(out: Path, iteration: int, network: SRNetwork, optimizer: torch.optim.Optimizer, config: FinetuneConfig) -> Path:
+def _save_checkpoint(
+    out: Path, iteration: int, network: SRNetwork, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+) -> Path:
     """Atomic: a crash mid-write leaves the previous checkpoints as they were."""
     module = getattr(network.module, "module", network.module)
     state = {
@@ -140,8 +146,17 @@ def _check(config: FinetuneConfig) -> None:
     if not config.shards:
         raise FactoryError("give --shards (a shard folder or pattern, one per dataset)")
     if config.dataset_weights is not None and len(config.dataset_weights) != len(config.shards):
-        raise FactoryError(f"{len(config.dataset_weights)} dataset weights for {len(config.shards)} --shards entries")
-    for name in ("iterations", "batch_size", "patch_size", "checkpoint_every", "log_every", "patches_per_pair"):
+        raise FactoryError(
+            f"{len(config.dataset_weights)} dataset weights for {len(config.shards)} --shards entries"
+        )
+    for name in (
+        "iterations",
+        "batch_size",
+        "patch_size",
+        "checkpoint_every",
+        "log_every",
+        "patches_per_pair",
+    ):
         if getattr(config, name) < 1:
             raise FactoryError(f"{name} must be >= 1")
     if config.learning_rate <= 0:
@@ -157,9 +172,13 @@ def _resume(out: Path, network: SRNetwork, optimizer: torch.optim.Optimizer, dev
     try:
         state = torch.load(found[iteration], map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is reported in one line
-        raise FactoryError(f"cannot read checkpoint {found[iteration]}: {str(error).splitlines()[0][:200]}") from None
+        raise FactoryError(
+            f"cannot read checkpoint {found[iteration]}: {str(error).splitlines()[0][:200]}"
+        ) from None
     if state.get("architecture") != network.architecture:
-        raise FactoryError(f"{found[iteration]} is a {state.get('architecture')} checkpoint, not {network.architecture}")
+        raise FactoryError(
+            f"{found[iteration]} is a {state.get('architecture')} checkpoint, not {network.architecture}"
+        )
     network.module.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     logger.info("resumed from %s (iteration %d)", found[iteration], iteration)
@@ -172,7 +191,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     rank, world_size, device = _distributed_setup()
     out = Path(config.out)
     try:
-        torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        torch.manual_seed(
+            config.seed
+        )  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         if config.pretrained:
             network = load_network(config.pretrained, config.architecture)
         else:
@@ -185,22 +206,33 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             logger.info("already at iteration %d of %d", start, config.iterations)
         model = network.module
         if world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
 
         workers = max(config.workers, 0)
         readers = max(workers, 1)
         dataset = PairedPatches(
             list(config.shards),  # with weights: one entry per dataset; without: the shards of one dataset
             weights=list(config.dataset_weights) if config.dataset_weights is not None else None,
-            patch_size=config.patch_size, scale=network.scale, manifests=config.manifests, where=config.where,
-            patches_per_pair=config.patches_per_pair, seed=config.seed,
+            patch_size=config.patch_size,
+            scale=network.scale,
+            manifests=config.manifests,
+            where=config.where,
+            patches_per_pair=config.patches_per_pair,
+            seed=config.seed,
             # A fixed number of patches per rank and epoch, a whole number of batches per worker: every rank runs
             # the same number of steps, whatever its shards hold.
             epoch_length=config.batch_size * readers * min(STEPS_PER_EPOCH, config.iterations),
         )
         loader = DataLoader(
-            dataset, batch_size=config.batch_size, num_workers=workers, drop_last=True,
-            pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_one_thread,
+            dataset,
+            batch_size=config.batch_size,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=_one_thread,
         )
         use_amp = config.amp and device.type == "cuda"
         history: list[dict] = []
@@ -238,7 +270,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     }
                     history.append(line)
                     if rank == 0:
-                        logger.info("iteration %d  L1 %.5f  %.1f patches/s", iteration, line["loss"], line["patches_per_second"])
+                        logger.info(
+                            "iteration %d  L1 %.5f  %.1f patches/s",
+                            iteration,
+                            line["loss"],
+                            line["patches_per_second"],
+                        )
                         with open(log_path, "a") as log:
                             log.write(json.dumps(line) + "\n")
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -254,10 +291,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             dist.barrier()  # every rank returns after the weights exist
         elapsed = time.perf_counter() - run_start
         return FinetuneResult(
-            weights=weights, iterations=iteration, final_loss=history[-1]["loss"] if history else float("nan"),
-            patches_per_second=run_patches / max(elapsed, 1e-9), rank=rank, history=history,
+            weights=weights,
+            iterations=iteration,
+            final_loss=history[-1]["loss"] if history else float("nan"),
+            patches_per_second=run_patches / max(elapsed, 1e-9),
+            rank=rank,
+            history=history,
         )
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-

@@ -89,7 +89,9 @@ def _object_store_shards(url: str) -> list[str]:
     return sorted(
         f"{scheme}://{entry.path}"
         for entry in entries
-        if entry.type == pyarrow.fs.FileType.File and entry.base_name.endswith(".tar") and not entry.base_name.startswith(".")
+        if entry.type == pyarrow.fs.FileType.File
+        and entry.base_name.endswith(".tar")
+        and not entry.base_name.startswith(".")
     )
 
 
@@ -110,11 +112,18 @@ def distributed_position() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def selected_keys_by_shard(manifests: str | os.PathLike, where: str | None) -> dict[str, frozenset[str]]:
-    """shard path (relative to the shard root, as in the manifests) -> the keys `where` selects in it (one query)."""
+def selected_keys_by_shard(
+    manifests: str | os.PathLike, where: str | None, scale: int | None = None
+) -> dict[str, frozenset[str]]:
+    """shard path (relative to the shard root, as in the manifests) -> the keys `where` selects in it (one query).
+    With `scale`, selected pairs of another scale are an error (their patches would not be aligned)."""
     from factory.query import select
 
-    table = select(manifests, where, columns=["key", "shard"])
+    table = select(manifests, where, columns=["key", "shard", "scale"])
+    scales = set(table.column("scale").to_pylist())
+    if scale is not None and scales - {scale}:
+        found = ", ".join(f"x{value}" for value in sorted(scales))
+        raise FactoryError(f"the selected pairs are {found} but the patches are asked for at x{scale}")
     keys: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True):
         keys.setdefault(shard, set()).add(key)
@@ -124,7 +133,9 @@ def selected_keys_by_shard(manifests: str | os.PathLike, where: str | None) -> d
 def _match_shard(url: str, selection: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
     """The selected keys of the shard at `url` (matched by its path ending in the manifest's relative shard path),
     or None when the manifests select nothing in it."""
-    path = PurePosixPath(url.replace("\\", "/"))
+    # `pipe:aws s3 cp s3://bucket/root/d/d-000000.tar -`: the shard is the command's argument ending in .tar
+    candidates = [token for token in url.split() if token.endswith(".tar")]
+    path = PurePosixPath((candidates[-1] if candidates else url).replace("\\", "/"))
     for depth in (2, 1, 3):  # `<dataset>/<dataset>-NNNNNN.tar` is the layout; try it first
         if len(path.parts) >= depth:
             suffix = "/".join(path.parts[-depth:])
@@ -146,12 +157,16 @@ def _complete(key: str | None, fields: dict[str, tuple[str, bytes]], url: str) -
         return False
     missing = [name for name in IMAGE_FIELDS if name not in fields]
     if missing:
-        logger.warning("skipping sample %s in %s: no %s (truncated or incomplete shard)", key, url, "/".join(missing))
+        logger.warning(
+            "skipping sample %s in %s: no %s (truncated or incomplete shard)", key, url, "/".join(missing)
+        )
         return False
     return True
 
 
-def iterate_pairs(url: str, keys: frozenset[str] | None = None) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+def iterate_pairs(
+    url: str, keys: frozenset[str] | None = None
+) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
     """(key, {"hr": (member name, bytes), "lr": ...}) for each complete sample of one shard, in shard order.
 
     Members of samples not in `keys` are skipped without being read into memory; a truncated or corrupt shard ends
@@ -181,7 +196,14 @@ def iterate_pairs(url: str, keys: frozenset[str] | None = None) -> Iterator[tupl
 
 
 def crop_patches(
-    lr: np.ndarray, hr: np.ndarray, key: str, *, patch_size: int, scale: int, count: int, augment: bool,
+    lr: np.ndarray,
+    hr: np.ndarray,
+    key: str,
+    *,
+    patch_size: int,
+    scale: int,
+    count: int,
+    augment: bool,
     generator: np.random.Generator,
 ) -> list[Patch]:
     """`count` random aligned crops of one pair. lr: (h, w, 3), hr: (>= scale*h, >= scale*w, 3), both uint8.
@@ -191,11 +213,15 @@ def crop_patches(
     Augmentation is the SR convention (EDSR, BasicSR): horizontal flip, vertical flip and transpose, each with
     probability 1/2 (the 8 symmetries of the square), the same on both images. All are views: no pixel is copied."""
     height, width = lr.shape[:2]
-    if hr.shape[0] < scale * height or hr.shape[1] < scale * width:
-        logger.warning("skipping pair %s: HR %s is smaller than %d x LR %s", key, hr.shape[:2], scale, lr.shape[:2])
+    if hr.shape[0] // scale != height or hr.shape[1] // scale != width:
+        # HR may exceed scale x LR by less than `scale` pixels (cut to a multiple of the scale); anything else is
+        # another scale or not a pair, and its crops would not be aligned.
+        logger.warning("skipping pair %s: HR %s is not %d x LR %s", key, hr.shape[:2], scale, lr.shape[:2])
         return []
     if height < patch_size or width < patch_size:
-        logger.warning("skipping pair %s: LR %s is smaller than the patch size %d", key, lr.shape[:2], patch_size)
+        logger.warning(
+            "skipping pair %s: LR %s is smaller than the patch size %d", key, lr.shape[:2], patch_size
+        )
         return []
     tops = generator.integers(0, height - patch_size + 1, size=count)
     lefts = generator.integers(0, width - patch_size + 1, size=count)
@@ -281,13 +307,15 @@ class PairedPatches(IterableDataset):
         self.selected_pairs: int | None = None
         self.shard_keys: list[dict[str, frozenset[str] | None]] = []
         if manifests is not None:
-            selection = selected_keys_by_shard(manifests, where)
+            selection = selected_keys_by_shard(manifests, where, scale)
             self.selected_pairs = 0
             for index, shards in enumerate(datasets):
                 kept = {url: _match_shard(url, selection) for url in shards}
                 kept = {url: keys for url, keys in kept.items() if keys}
                 if not kept:
-                    raise FactoryError(f"the manifests under {manifests} select no pair in dataset {index} ({shards[0]}...)")
+                    raise FactoryError(
+                        f"the manifests under {manifests} select no pair in dataset {index} ({shards[0]}...)"
+                    )
                 self.selected_pairs += sum(len(keys) for keys in kept.values())  # type: ignore[arg-type]
                 self.shard_keys.append(kept)
         else:
@@ -296,7 +324,9 @@ class PairedPatches(IterableDataset):
 
         if epoch_length is None and self.world_size > 1:
             if self.selected_pairs is None:
-                raise FactoryError("with several ranks, give epoch_length (or manifests) so every rank runs as many steps")
+                raise FactoryError(
+                    "with several ranks, give epoch_length (or manifests) so every rank runs as many steps"
+                )
             epoch_length = self.selected_pairs * patches_per_pair // self.world_size
         self.epoch_length = epoch_length
         self.patch_size, self.scale = patch_size, scale
@@ -327,7 +357,11 @@ class PairedPatches(IterableDataset):
         else:
             # Fewer shards than readers: every reader opens every shard and keeps every members-th sample
             # (disjoint samples, not disjoint shards). More shards than ranks x workers avoids this.
-            logger.warning("%d shards for %d readers: splitting by sample, every reader reads every shard", len(shards), members)
+            logger.warning(
+                "%d shards for %d readers: splitting by sample, every reader reads every shard",
+                len(shards),
+                members,
+            )
             mine, sample_stride = shards, members
         while True:
             emitted = 0
@@ -345,24 +379,38 @@ class PairedPatches(IterableDataset):
                         logger.warning("skipping pair %s in %s: %s", key, url, error)
                         continue
                     patches = crop_patches(
-                        lr, hr, key, patch_size=self.patch_size, scale=self.scale, count=self.patches_per_pair,
-                        augment=self.augment, generator=generator,
+                        lr,
+                        hr,
+                        key,
+                        patch_size=self.patch_size,
+                        scale=self.scale,
+                        count=self.patches_per_pair,
+                        augment=self.augment,
+                        generator=generator,
                     )
                     emitted += len(patches)
                     yield from patches
             if not cycle:
                 return
             if emitted == 0:
-                raise FactoryError(f"no usable pair in this reader's shards of dataset {index} ({len(mine)} shards)")
+                raise FactoryError(
+                    f"no usable pair in this reader's shards of dataset {index} ({len(mine)} shards)"
+                )
 
     def _mixed(self, generator: np.random.Generator, cycle: bool) -> Iterator[Patch]:
         """Patches drawn from dataset i with probability w_i (renormalised when a one-pass dataset runs out)."""
-        streams = {index: self._dataset_patches(index, generator, cycle) for index in range(len(self.shard_keys))}
+        streams = {
+            index: self._dataset_patches(index, generator, cycle) for index in range(len(self.shard_keys))
+        }
         weights = {index: self.weights[index] for index in streams if self.weights[index] > 0}
         while weights:
             indices = list(weights)
             probabilities = np.array([weights[index] for index in indices])
-            index = indices[0] if len(indices) == 1 else indices[generator.choice(len(indices), p=probabilities / probabilities.sum())]
+            index = (
+                indices[0]
+                if len(indices) == 1
+                else indices[generator.choice(len(indices), p=probabilities / probabilities.sum())]
+            )
             try:
                 yield next(streams[index])
             except StopIteration:

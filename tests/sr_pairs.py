@@ -31,13 +31,24 @@ def crops(photos: dict[str, np.ndarray], size: int, per_photo: int) -> list[tupl
         tops = np.linspace(0, height - size, per_photo).astype(int)
         lefts = np.linspace(0, width - size, per_photo).astype(int)[::-1]
         for index, (top, left) in enumerate(zip(tops, lefts, strict=True)):
-            result.append((f"{name.replace('_', '')}{index:03d}", np.ascontiguousarray(photo[top : top + size, left : left + size])))
+            result.append(
+                (
+                    f"{name.replace('_', '')}{index:03d}",
+                    np.ascontiguousarray(photo[top : top + size, left : left + size]),
+                )
+            )
     return result
 
 
 def write_pairs(
-    shards_root: Path, manifests_root: Path, pairs: list[tuple[str, np.ndarray]], *, dataset: str = "bicubic",
-    scale: int = 4, per_shard: int = 4, codec: str = "zst",
+    shards_root: Path,
+    manifests_root: Path,
+    pairs: list[tuple[str, np.ndarray]],
+    *,
+    dataset: str = "bicubic",
+    scale: int = 4,
+    per_shard: int = 4,
+    codec: str = "zst",
 ) -> list[Path]:
     """Shards <shards_root>/<dataset>/<dataset>-NNNNNN.tar and one manifest per shard; returns the shard paths.
     Rows get a `label` cycling over three classes and `delta_e` = index / 10, so predicates have something to pick."""
@@ -53,19 +64,43 @@ def write_pairs(
                 lr = bicubic_lr(hr, scale)
                 hr_bytes, lr_bytes = encode_image(hr, codec), encode_image(lr, codec)
                 row = {
-                    "key": key, "dataset": dataset, "model": "bicubic", "source": f"{key}.png", "source_root": "test",
-                    "source_sha256": hashlib.sha256(hr.tobytes()).hexdigest(), "crop_top": 0, "crop_left": 0,
-                    "crop_height": hr.shape[0], "crop_width": hr.shape[1], "scale": scale, "delta_e": index / 10,
-                    "delta_e_p95": index / 5, "psnr": 100.0, "ssim": 1.0, "color_corrected": False, "shard": relative,
-                    "codec": codec, "hr_bytes": len(hr_bytes), "lr_bytes": len(lr_bytes),
-                    "hr_sha256": hashlib.sha256(hr_bytes).hexdigest(), "lr_sha256": hashlib.sha256(lr_bytes).hexdigest(),
-                    "seed": 0, "factory_version": "test", "label": ("gaussian_noise", "defocus_blur", "jpeg_compression")[index % 3],
+                    "key": key,
+                    "dataset": dataset,
+                    "model": "bicubic",
+                    "source": f"{key}.png",
+                    "source_root": "test",
+                    "source_sha256": hashlib.sha256(hr.tobytes()).hexdigest(),
+                    "crop_top": 0,
+                    "crop_left": 0,
+                    "crop_height": hr.shape[0],
+                    "crop_width": hr.shape[1],
+                    "scale": scale,
+                    "delta_e": index / 10,
+                    "delta_e_p95": index / 5,
+                    "psnr": 100.0,
+                    "ssim": 1.0,
+                    "color_corrected": False,
+                    "shard": relative,
+                    "codec": codec,
+                    "hr_bytes": len(hr_bytes),
+                    "lr_bytes": len(lr_bytes),
+                    "hr_sha256": hashlib.sha256(hr_bytes).hexdigest(),
+                    "lr_sha256": hashlib.sha256(lr_bytes).hexdigest(),
+                    "seed": 0,
+                    "factory_version": "test",
+                    "label": ("gaussian_noise", "defocus_blur", "jpeg_compression")[index % 3],
                 }
-                for name, data in ((f"{key}.hr.{extension}", hr_bytes), (f"{key}.lr.{extension}", lr_bytes), (f"{key}.json", json.dumps(row).encode())):
+                for name, data in (
+                    (f"{key}.hr.{extension}", hr_bytes),
+                    (f"{key}.lr.{extension}", lr_bytes),
+                    (f"{key}.json", json.dumps(row).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
                 rows.append(row)
-        write_table_atomic(rows_to_table(rows), manifests_root / dataset / f"{dataset}-{shard_index:06d}.parquet")
+        write_table_atomic(
+            rows_to_table(rows), manifests_root / dataset / f"{dataset}-{shard_index:06d}.parquet"
+        )
         paths.append(shards_root / relative)
     return paths

@@ -51,7 +51,9 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 @pytest.fixture
 def ntire2018(tmp_path, photos):
     """NTIRE 2018 Track 3 layout: LR `08NNx4m.png` next to HR `08NN.png` (bicubic LR stands in for the mild set)."""
-    for index, (_, hr) in enumerate(crops({"coffee": photos["coffee"], "rocket": photos["rocket"]}, size=64, per_photo=2)):
+    for index, (_, hr) in enumerate(
+        crops({"coffee": photos["coffee"], "rocket": photos["rocket"]}, size=64, per_photo=2)
+    ):
         hr = hr[:, :60]  # not a multiple of the scale: the HR is cropped to the output (mod-crop)
         _write_png(tmp_path / "hr" / f"{801 + index:04d}.png", hr)
         _write_png(tmp_path / "lr" / f"{801 + index:04d}x4m.png", bicubic_lr(hr, 4))
@@ -63,8 +65,21 @@ def test_eval_writes_outputs_and_metrics_equal_to_skimage(tmp_path, ntire2018):
     weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
     out = tmp_path / "eval"
     result = CliRunner().invoke(
-        main, ["eval", "--model", str(weights), "--lr", str(lr_folder), "--hr", str(hr_folder), "--out", str(out),
-               "--y-channel", "--crop-border", "4"],
+        main,
+        [
+            "eval",
+            "--model",
+            str(weights),
+            "--lr",
+            str(lr_folder),
+            "--hr",
+            str(hr_folder),
+            "--out",
+            str(out),
+            "--y-channel",
+            "--crop-border",
+            "4",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "4 images" in result.output and "LPIPS n/a" in result.output
@@ -99,7 +114,9 @@ def test_pairing_rules(tmp_path):
 
 def test_missing_model_is_a_one_line_error(tmp_path, ntire2018):
     lr_folder, hr_folder = ntire2018
-    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "none.pth"), "--lr", str(lr_folder), "--hr", str(hr_folder)])
+    result = CliRunner().invoke(
+        main, ["eval", "--model", str(tmp_path / "none.pth"), "--lr", str(lr_folder), "--hr", str(hr_folder)]
+    )
     assert result.exit_code == 2 and "no weights file" in result.output
 
 
@@ -116,8 +133,20 @@ def test_lpips_equals_the_lpips_package(tmp_path, ntire2018):
     lr_folder, hr_folder = ntire2018
     weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
     result = CliRunner().invoke(
-        main, ["eval", "--model", str(weights), "--lr", str(lr_folder), "--hr", str(hr_folder), "--out", str(tmp_path / "e"),
-               "--lpips-weights", str(tmp_path / "lpips_alex.pth")],
+        main,
+        [
+            "eval",
+            "--model",
+            str(weights),
+            "--lr",
+            str(lr_folder),
+            "--hr",
+            str(hr_folder),
+            "--out",
+            str(tmp_path / "e"),
+            "--lpips-weights",
+            str(tmp_path / "lpips_alex.pth"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert all(float(row["lpips"]) > 0 for row in csv.DictReader((tmp_path / "e" / "metrics.csv").open()))

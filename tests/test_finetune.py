@@ -22,10 +22,24 @@ from factory.sr.edsr import EDSR, EDSRConfig, load_edsr
 # The parameter names of the official EDSR-baseline x4 checkpoint (EDSR-PyTorch, edsr_baseline_x4-6b446fab.pt), with
 # 16 residual blocks abbreviated to the first and the conv after them: our module must produce exactly this layout.
 OFFICIAL_EDSR_BASELINE_KEYS = [
-    "sub_mean.weight", "sub_mean.bias", "add_mean.weight", "add_mean.bias", "head.0.weight", "head.0.bias",
-    "body.0.body.0.weight", "body.0.body.0.bias", "body.0.body.2.weight", "body.0.body.2.bias",
-    "body.16.weight", "body.16.bias", "tail.0.0.weight", "tail.0.0.bias", "tail.0.2.weight", "tail.0.2.bias",
-    "tail.1.weight", "tail.1.bias",
+    "sub_mean.weight",
+    "sub_mean.bias",
+    "add_mean.weight",
+    "add_mean.bias",
+    "head.0.weight",
+    "head.0.bias",
+    "body.0.body.0.weight",
+    "body.0.body.0.bias",
+    "body.0.body.2.weight",
+    "body.0.body.2.bias",
+    "body.16.weight",
+    "body.16.bias",
+    "tail.0.0.weight",
+    "tail.0.0.bias",
+    "tail.0.2.weight",
+    "tail.0.2.bias",
+    "tail.1.weight",
+    "tail.1.bias",
 ]
 
 
@@ -49,8 +63,18 @@ def held_out(photos):
 
 def _config(shards, out, **changes) -> FinetuneConfig:
     values = dict(
-        architecture="edsr", preset="tiny", shards=(str(shards),), iterations=4, batch_size=4, patch_size=16,
-        learning_rate=1e-3, patches_per_pair=4, workers=0, checkpoint_every=2, log_every=2, out=str(out),
+        architecture="edsr",
+        preset="tiny",
+        shards=(str(shards),),
+        iterations=4,
+        batch_size=4,
+        patch_size=16,
+        learning_rate=1e-3,
+        patches_per_pair=4,
+        workers=0,
+        checkpoint_every=2,
+        log_every=2,
+        out=str(out),
     )
     values.update(changes)
     return FinetuneConfig(**values)
@@ -60,7 +84,9 @@ def test_edsr_has_the_official_key_layout():
     baseline = EDSR(EDSRConfig(scale=4, features=64, residual_blocks=16))
     keys = list(baseline.state_dict())
     assert set(OFFICIAL_EDSR_BASELINE_KEYS) <= set(keys)
-    assert len(keys) == 4 + 2 + 4 * 16 + 2 + 6  # mean shifts, head, 16 blocks of 2 convs, body conv, tail (78)
+    assert (
+        len(keys) == 4 + 2 + 4 * 16 + 2 + 6
+    )  # mean shifts, head, 16 blocks of 2 convs, body conv, tail (78)
     # The official MeanShift: identity 1x1 conv with bias -255 * DIV2K mean (EDSR-PyTorch common.MeanShift).
     assert torch.allclose(baseline.sub_mean.bias, -255 * torch.tensor([0.4488, 0.4371, 0.4040]))
 
@@ -69,7 +95,13 @@ def test_basicsr_edsr_weights_load_into_the_same_network():
     official = EDSR(EDSRConfig(scale=4, features=16, residual_blocks=2))
     state = official.state_dict()
     # The same weights under BasicSR's EDSR names (basicsr/archs/edsr_arch.py), which keeps the mean as a constant.
-    renames = {"head.0": "conv_first", "body.2": "conv_after_body", "tail.0.0": "upsample.0", "tail.0.2": "upsample.2", "tail.1": "conv_last"}
+    renames = {
+        "head.0": "conv_first",
+        "body.2": "conv_after_body",
+        "tail.0.0": "upsample.0",
+        "tail.0.2": "upsample.2",
+        "tail.1": "conv_last",
+    }
     basicsr = {}
     for key, value in state.items():
         if key.startswith(("sub_mean", "add_mean")):
@@ -89,7 +121,15 @@ def test_spandrel_architectures_load_train_a_step_and_save(tmp_path, train_shard
     network = build_network(architecture, "tiny")
     torch.save({"params_ema": network.module.state_dict()}, pretrained)  # BasicSR's wrapper
     before = read_state_dict(pretrained)
-    result = finetune(_config(train_shards[0], tmp_path / "run", architecture=architecture, pretrained=str(pretrained), iterations=1))
+    result = finetune(
+        _config(
+            train_shards[0],
+            tmp_path / "run",
+            architecture=architecture,
+            pretrained=str(pretrained),
+            iterations=1,
+        )
+    )
     assert result.iterations == 1 and np.isfinite(result.final_loss)
     after = load_network(result.weights, architecture)
     saved = read_state_dict(result.weights)
@@ -114,13 +154,27 @@ def _held_out_l1(weights, held_out) -> float:
 def test_fine_tuning_on_bicubic_pairs_lowers_held_out_l1_and_resumes(tmp_path, train_shards, held_out):
     torch.manual_seed(0)
     initial = save_weights(build_network("edsr", "tiny"), tmp_path / "initial.pth")
-    result = finetune(_config(train_shards[0], tmp_path / "run", pretrained=str(initial), iterations=60, batch_size=8,
-                              checkpoint_every=30, log_every=10))
+    result = finetune(
+        _config(
+            train_shards[0],
+            tmp_path / "run",
+            pretrained=str(initial),
+            iterations=60,
+            batch_size=8,
+            checkpoint_every=30,
+            log_every=10,
+        )
+    )
     before, after = _held_out_l1(initial, held_out), _held_out_l1(result.weights, held_out)
     assert after < 0.7 * before, (before, after)
-    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["iter_0000030.pt", "iter_0000060.pt"]
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "iter_0000030.pt",
+        "iter_0000060.pt",
+    ]
     # Resume: 60 more steps asked for 70 in all; the run starts from the newest checkpoint, not from scratch.
-    resumed = finetune(_config(train_shards[0], tmp_path / "run", pretrained=str(initial), iterations=70, log_every=10))
+    resumed = finetune(
+        _config(train_shards[0], tmp_path / "run", pretrained=str(initial), iterations=70, log_every=10)
+    )
     assert resumed.iterations == 70 and [line["iteration"] for line in resumed.history] == [70]
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [10, 20, 30, 40, 50, 60, 70]
@@ -129,19 +183,50 @@ def test_fine_tuning_on_bicubic_pairs_lowers_held_out_l1_and_resumes(tmp_path, t
 
 def test_where_and_manifests_reach_the_stream(tmp_path, train_shards):
     shards, manifests = train_shards
-    result = finetune(_config(shards, tmp_path / "run", manifests=str(manifests), where="label = 'defocus_blur'", iterations=2))
+    result = finetune(
+        _config(
+            shards, tmp_path / "run", manifests=str(manifests), where="label = 'defocus_blur'", iterations=2
+        )
+    )
     assert result.iterations == 2
     with pytest.raises(FactoryError, match="select no pair"):
-        finetune(_config(shards, tmp_path / "none", manifests=str(manifests), where="delta_e > 1e9", iterations=2))
+        finetune(
+            _config(shards, tmp_path / "none", manifests=str(manifests), where="delta_e > 1e9", iterations=2)
+        )
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None or shutil.which("factory") is None, reason="needs torchrun and the factory script")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None or shutil.which("factory") is None,
+    reason="needs torchrun and the factory script",
+)
 def test_tiny_edsr_under_torchrun_with_two_processes(tmp_path, train_shards):
     out = tmp_path / "ddp"
     command = [
-        shutil.which("torchrun"), "--standalone", "--nproc-per-node=2", shutil.which("factory"), "finetune",
-        "--arch", "edsr", "--preset", "tiny", "--shards", str(train_shards[0]), "--iters", "6", "--batch-size", "4",
-        "--patch-size", "16", "--workers", "1", "--log-every", "3", "--checkpoint-every", "3", "--out", str(out),
+        shutil.which("torchrun"),
+        "--standalone",
+        "--nproc-per-node=2",
+        shutil.which("factory"),
+        "finetune",
+        "--arch",
+        "edsr",
+        "--preset",
+        "tiny",
+        "--shards",
+        str(train_shards[0]),
+        "--iters",
+        "6",
+        "--batch-size",
+        "4",
+        "--patch-size",
+        "16",
+        "--workers",
+        "1",
+        "--log-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        str(out),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)

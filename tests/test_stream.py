@@ -46,10 +46,30 @@ def _bicubic_build(root: Path, photos: dict, codec: str) -> Path:
     (root / "hr").mkdir(parents=True)
     for name in ("coffee", "chelsea"):
         Image.fromarray(photos[name]).save(root / "hr" / f"{name}.png")
-    result = CliRunner().invoke(main, [
-        "build", "--model", "bicubic", "--hr", str(root / "hr"), "--crop", "128", "--stride", "256", "--shard-size", "3",
-        "--codec", codec, "--out", str(root / "shards"), "--manifests", str(root / "manifests"), "--actors", "0",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "--model",
+            "bicubic",
+            "--hr",
+            str(root / "hr"),
+            "--crop",
+            "128",
+            "--stride",
+            "256",
+            "--shard-size",
+            "3",
+            "--codec",
+            codec,
+            "--out",
+            str(root / "shards"),
+            "--manifests",
+            str(root / "manifests"),
+            "--actors",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root / "shards" / "bicubic"
 
@@ -58,7 +78,12 @@ def _bicubic_build(root: Path, photos: dict, codec: str) -> Path:
 def test_patches_are_aligned(tmp_path, photos, codec):
     shards = _bicubic_build(tmp_path, photos, codec)
     dataset = PairedPatches(
-        str(shards), patch_size=16, scale=SCALE, manifests=tmp_path / "manifests", patches_per_pair=4, shuffle=8
+        str(shards),
+        patch_size=16,
+        scale=SCALE,
+        manifests=tmp_path / "manifests",
+        patches_per_pair=4,
+        shuffle=8,
     )
     samples = list(dataset)
     assert len(samples) == dataset.selected_pairs * 4 > 0
@@ -77,14 +102,20 @@ def test_patches_are_aligned(tmp_path, photos, codec):
 
 def test_augmentation_covers_the_eight_symmetries(built):
     shards_root, _, _ = built
-    dataset = PairedPatches(str(shards_root / "bicubic"), patch_size=32, scale=SCALE, patches_per_pair=40, shuffle=0)
+    dataset = PairedPatches(
+        str(shards_root / "bicubic"), patch_size=32, scale=SCALE, patches_per_pair=40, shuffle=0
+    )
     # A whole 32x32 LR image as the patch: every sample of a key is one of the 8 symmetries of the same LR image.
     seen: dict[str, set[bytes]] = {}
     for sample in dataset:
         seen.setdefault(sample["key"], set()).add(sample["lr"].numpy().tobytes())
     assert max(len(variants) for variants in seen.values()) == 8
-    plain = PairedPatches(str(shards_root / "bicubic"), patch_size=32, scale=SCALE, patches_per_pair=5, shuffle=0, augment=False)
-    assert all(len({s["lr"].numpy().tobytes() for s in plain if s["key"] == key}) == 1 for key in list(seen)[:2])
+    plain = PairedPatches(
+        str(shards_root / "bicubic"), patch_size=32, scale=SCALE, patches_per_pair=5, shuffle=0, augment=False
+    )
+    assert all(
+        len({s["lr"].numpy().tobytes() for s in plain if s["key"] == key}) == 1 for key in list(seen)[:2]
+    )
 
 
 def test_where_streams_exactly_the_selected_keys(built, caplog):
@@ -100,8 +131,13 @@ def test_where_streams_exactly_the_selected_keys(built, caplog):
     untouched = next(path for path in shards if f"bicubic/{path.name}" not in selected_shards)
     untouched.write_bytes(b"not a tar")
     dataset = PairedPatches(
-        str(shards_root / "bicubic"), patch_size=8, scale=SCALE, manifests=manifests_root, where=where,
-        patches_per_pair=1, shuffle=0,
+        str(shards_root / "bicubic"),
+        patch_size=8,
+        scale=SCALE,
+        manifests=manifests_root,
+        where=where,
+        patches_per_pair=1,
+        shuffle=0,
     )
     with caplog.at_level(logging.WARNING, logger="factory.stream"):
         keys = sorted(sample["key"] for sample in dataset)
@@ -124,7 +160,9 @@ def test_truncated_shard_keeps_complete_samples_with_a_warning(built, caplog):
     shards[0].write_bytes(shards[0].read_bytes()[:cut])
     with caplog.at_level(logging.WARNING, logger="factory.stream"):
         kept = [key for key, _ in iterate_pairs(str(shards[0]))]
-        samples = list(PairedPatches([str(path) for path in shards], patch_size=8, patches_per_pair=1, shuffle=0))
+        samples = list(
+            PairedPatches([str(path) for path in shards], patch_size=8, patches_per_pair=1, shuffle=0)
+        )
     assert kept == whole[:1]
     assert any("ends early" in record.message for record in caplog.records)
     assert len(samples) == len(kept) + 3 * (len(shards) - 1)
@@ -148,11 +186,19 @@ def _shard_of(keys: set[str], manifests_root: Path) -> set[str]:
 
 
 def test_ranks_and_workers_read_disjoint_shards_with_equal_lengths(built):
-    shards_root, manifests_root, _ = built  # 6 shards: ranks x workers = 4 readers, so two readers get 2 shards
+    shards_root, manifests_root, _ = (
+        built  # 6 shards: ranks x workers = 4 readers, so two readers get 2 shards
+    )
     per_rank: list[list[str]] = []
     for rank in range(2):
         dataset = PairedPatches(
-            str(shards_root / "bicubic"), patch_size=8, patches_per_pair=2, epoch_length=30, rank=rank, world_size=2, seed=1
+            str(shards_root / "bicubic"),
+            patch_size=8,
+            patches_per_pair=2,
+            epoch_length=30,
+            rank=rank,
+            world_size=2,
+            seed=1,
         )
         loader = DataLoader(dataset, batch_size=5, num_workers=2, multiprocessing_context="fork")
         per_rank.append([key for batch in loader for key in batch["key"]])
@@ -167,8 +213,13 @@ def test_weighted_mixing(tmp_path, pairs):
     write_pairs(tmp_path / "shards", tmp_path / "manifests", pairs[6:12], dataset="second", per_shard=3)
     first = {key for key, _ in pairs[:6]}
     dataset = PairedPatches(
-        [str(tmp_path / "shards" / "first"), str(tmp_path / "shards" / "second")], weights=[3, 1], patch_size=8,
-        patches_per_pair=2, epoch_length=800, shuffle=0, augment=False,
+        [str(tmp_path / "shards" / "first"), str(tmp_path / "shards" / "second")],
+        weights=[3, 1],
+        patch_size=8,
+        patches_per_pair=2,
+        epoch_length=800,
+        shuffle=0,
+        augment=False,
     )
     share = np.mean([sample["key"] in first for sample in dataset])
     # Binomial(800, 0.75): standard deviation 0.015; 4 of them.
@@ -185,7 +236,9 @@ def _ddp_reader(rank: int, world_size: int, shards_dir: str, port: int, results:
         for batch in DataLoader(dataset, batch_size=4):
             keys += batch["key"]
             step = torch.ones(1)
-            dist.all_reduce(step)  # a collective per step, as DDP's gradient all-reduce: unequal counts would hang
+            dist.all_reduce(
+                step
+            )  # a collective per step, as DDP's gradient all-reduce: unequal counts would hang
             steps += 1
         torch.save({"steps": steps, "keys": keys}, Path(results) / f"rank{rank}.pt")
         dist.barrier()
@@ -198,7 +251,10 @@ def test_two_gloo_processes_read_disjoint_shards_and_run_the_same_steps(tmp_path
     write_pairs(tmp_path / "shards", tmp_path / "manifests", pairs[:15], per_shard=3)
     port = 29500 + os.getpid() % 1000
     mp.start_processes(
-        _ddp_reader, args=(2, str(tmp_path / "shards" / "bicubic"), port, str(tmp_path)), nprocs=2, start_method="fork"
+        _ddp_reader,
+        args=(2, str(tmp_path / "shards" / "bicubic"), port, str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
     )
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert [result["steps"] for result in results] == [6, 6]
@@ -210,3 +266,23 @@ def test_several_ranks_without_length_or_manifests_is_refused(built):
     shards_root, _, _ = built
     with pytest.raises(FactoryError, match="epoch_length"):
         PairedPatches(str(shards_root / "bicubic"), rank=0, world_size=2)
+
+
+def test_a_scale_mismatch_is_refused(built):
+    shards_root, manifests_root, _ = built
+    with pytest.raises(FactoryError, match="pairs are x4 but .* at x2"):
+        PairedPatches(str(shards_root / "bicubic"), scale=2, manifests=manifests_root)
+    # Without manifests every pair is skipped (crops would be misaligned), and a stream with nothing usable stops.
+    with pytest.raises(FactoryError, match="no usable pair"):
+        list(PairedPatches(str(shards_root / "bicubic"), scale=2, patch_size=8, epoch_length=10))
+
+
+def test_pipe_urls_match_their_manifests(built):
+    shards_root, manifests_root, shards = built
+    urls = [f"pipe:cat {path}" for path in shards]
+    dataset = PairedPatches(
+        urls, patch_size=8, manifests=manifests_root, where="delta_e < 0.5", patches_per_pair=1, shuffle=0
+    )
+    table = read_manifests(manifests_root)
+    expected = sorted(table.filter(pc.less(table["delta_e"], 0.5))["key"].to_pylist())
+    assert sorted(sample["key"] for sample in dataset) == expected

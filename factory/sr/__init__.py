@@ -48,31 +48,73 @@ def _spandrel_presets(architecture: str, preset: str) -> nn.Module:
         from spandrel.architectures.ESRGAN import ESRGAN
 
         # ESRGAN x4 (RRDB_ESRGAN_x4.pth): 64 features, 23 RRDBs, growth 32.
-        return ESRGAN(num_filters=64, num_blocks=23, scale=4) if preset == "paper" else ESRGAN(num_filters=16, num_blocks=1, scale=4)
+        return (
+            ESRGAN(num_filters=64, num_blocks=23, scale=4)
+            if preset == "paper"
+            else ESRGAN(num_filters=16, num_blocks=1, scale=4)
+        )
     if architecture == "swinir":
         from spandrel.architectures.SwinIR import SwinIR
 
         if preset == "paper":  # 001_classicalSR_DF2K_s64w8_SwinIR-M_x4
             return SwinIR(
-                img_size=64, window_size=8, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, mlp_ratio=2.0,
-                upscale=4, img_range=1.0, upsampler="pixelshuffle", resi_connection="1conv",
+                img_size=64,
+                window_size=8,
+                embed_dim=180,
+                depths=[6] * 6,
+                num_heads=[6] * 6,
+                mlp_ratio=2.0,
+                upscale=4,
+                img_range=1.0,
+                upsampler="pixelshuffle",
+                resi_connection="1conv",
             )
         return SwinIR(
-            img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2], mlp_ratio=2.0, upscale=4,
-            img_range=1.0, upsampler="pixelshuffle", resi_connection="1conv",
+            img_size=16,
+            window_size=4,
+            embed_dim=12,
+            depths=[1],
+            num_heads=[2],
+            mlp_ratio=2.0,
+            upscale=4,
+            img_range=1.0,
+            upsampler="pixelshuffle",
+            resi_connection="1conv",
         )
     if architecture == "hat":
         from spandrel.architectures.HAT import HAT
 
         if preset == "paper":  # HAT_SRx4 (and its ImageNet-pretrain variant)
             return HAT(
-                img_size=64, window_size=16, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, mlp_ratio=2.0,
-                compress_ratio=3, squeeze_factor=30, conv_scale=0.01, overlap_ratio=0.5, upscale=4, img_range=1.0,
-                upsampler="pixelshuffle", resi_connection="1conv",
+                img_size=64,
+                window_size=16,
+                embed_dim=180,
+                depths=[6] * 6,
+                num_heads=[6] * 6,
+                mlp_ratio=2.0,
+                compress_ratio=3,
+                squeeze_factor=30,
+                conv_scale=0.01,
+                overlap_ratio=0.5,
+                upscale=4,
+                img_range=1.0,
+                upsampler="pixelshuffle",
+                resi_connection="1conv",
             )
         return HAT(
-            img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2], mlp_ratio=2.0, compress_ratio=3,
-            squeeze_factor=4, conv_scale=0.01, overlap_ratio=0.5, upscale=4, img_range=1.0, upsampler="pixelshuffle",
+            img_size=16,
+            window_size=4,
+            embed_dim=12,
+            depths=[1],
+            num_heads=[2],
+            mlp_ratio=2.0,
+            compress_ratio=3,
+            squeeze_factor=4,
+            conv_scale=0.01,
+            overlap_ratio=0.5,
+            upscale=4,
+            img_range=1.0,
+            upsampler="pixelshuffle",
             resi_connection="1conv",
         )
     raise FactoryError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
@@ -104,7 +146,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's problem, said in one line
-        raise FactoryError(f"cannot read weights from {path}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+        raise FactoryError(
+            f"cannot read weights from {path}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -117,7 +161,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def network_from_state_dict(state_dict: dict[str, torch.Tensor], architecture: str | None = None) -> SRNetwork:
+def network_from_state_dict(
+    state_dict: dict[str, torch.Tensor], architecture: str | None = None
+) -> SRNetwork:
     """The network these weights belong to (detected from the keys); `architecture` (if given) must match."""
     if is_edsr_state_dict(state_dict):
         found = SRNetwork("edsr", load_edsr(state_dict), 0)
@@ -128,10 +174,14 @@ def network_from_state_dict(state_dict: dict[str, torch.Tensor], architecture: s
         try:
             descriptor = spandrel.ModelLoader().load_from_state_dict(dict(state_dict))
         except Exception as error:  # noqa: BLE001 - spandrel raises several types for unknown layouts
-            raise FactoryError(f"weights of an unsupported architecture ({type(error).__name__}: {str(error)[:160]})") from None
+            raise FactoryError(
+                f"weights of an unsupported architecture ({type(error).__name__}: {str(error)[:160]})"
+            ) from None
         name = _SPANDREL_IDS.get(descriptor.architecture.id)
         if name is None:
-            raise FactoryError(f"weights are {descriptor.architecture.name}; supported: {', '.join(ARCHITECTURES)}")
+            raise FactoryError(
+                f"weights are {descriptor.architecture.name}; supported: {', '.join(ARCHITECTURES)}"
+            )
         found = SRNetwork(name, descriptor.model, descriptor.scale)
     if architecture is not None and found.architecture != architecture:
         raise FactoryError(f"--arch {architecture} but the weights are {found.architecture}")

@@ -29,7 +29,9 @@ class EDSRConfig:
 
 
 PRESETS: dict[str, EDSRConfig] = {
-    "paper": EDSRConfig(scale=4, features=256, residual_blocks=32, residual_scale=0.1),  # EDSR x4 of the paper
+    "paper": EDSRConfig(
+        scale=4, features=256, residual_blocks=32, residual_scale=0.1
+    ),  # EDSR x4 of the paper
     "baseline": EDSRConfig(scale=4, features=64, residual_blocks=16, residual_scale=1.0),
     "tiny": EDSRConfig(scale=4, features=16, residual_blocks=2, residual_scale=1.0),  # tests
 }
@@ -52,7 +54,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, features: int, residual_scale: float) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(features, features, 3, padding=1)
+            nn.Conv2d(features, features, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(features, features, 3, padding=1),
         )
         self.residual_scale = residual_scale
 
@@ -79,10 +83,14 @@ class EDSR(nn.Module):
         self.config = config
         self.sub_mean = MeanShift(-1)
         self.head = nn.Sequential(nn.Conv2d(3, config.features, 3, padding=1))
-        blocks: list[nn.Module] = [ResidualBlock(config.features, config.residual_scale) for _ in range(config.residual_blocks)]
+        blocks: list[nn.Module] = [
+            ResidualBlock(config.features, config.residual_scale) for _ in range(config.residual_blocks)
+        ]
         blocks.append(nn.Conv2d(config.features, config.features, 3, padding=1))
         self.body = nn.Sequential(*blocks)
-        self.tail = nn.Sequential(upsampler(config.scale, config.features), nn.Conv2d(config.features, 3, 3, padding=1))
+        self.tail = nn.Sequential(
+            upsampler(config.scale, config.features), nn.Conv2d(config.features, 3, 3, padding=1)
+        )
         self.add_mean = MeanShift(+1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +112,16 @@ _BASICSR_RENAMES = (
 
 def is_edsr_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
     """True for EDSR-PyTorch and BasicSR EDSR key layouts."""
-    official = "head.0.weight" in state_dict and "body.0.body.0.weight" in state_dict and "tail.1.weight" in state_dict
-    basicsr = "conv_first.weight" in state_dict and "body.0.conv1.weight" in state_dict and "conv_after_body.weight" in state_dict
+    official = (
+        "head.0.weight" in state_dict
+        and "body.0.body.0.weight" in state_dict
+        and "tail.1.weight" in state_dict
+    )
+    basicsr = (
+        "conv_first.weight" in state_dict
+        and "body.0.conv1.weight" in state_dict
+        and "conv_after_body.weight" in state_dict
+    )
     return official or basicsr
 
 
@@ -132,7 +148,9 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> EDSRConfig:
     for key, value in state_dict.items():
         if re.match(r"^tail\.0\.\d+\.weight$", key):
             scale *= math.isqrt(value.shape[0] // features)
-    return EDSRConfig(scale=scale, features=features, residual_blocks=blocks, residual_scale=0.1 if features >= 256 else 1.0)
+    return EDSRConfig(
+        scale=scale, features=features, residual_blocks=blocks, residual_scale=0.1 if features >= 256 else 1.0
+    )
 
 
 def load_edsr(state_dict: dict[str, torch.Tensor]) -> EDSR:
