@@ -124,8 +124,6 @@ def test_build_verify_resume_and_stream_on_s3(s3_bucket: S3Bucket, photo_folder:
     assert f"manifests/{DATASET}/_card.json" in s3_bucket.keys("manifests/")
     assert not [key for key in s3_bucket.keys() if key.endswith(".tmp")]
 
-    verified = run_factory("verify", out, "--manifests", manifests)
-    assert verified.returncode == 0, verified.stdout + verified.stderr
     rows = pa.concat_tables(
         [
             read_s3_table(s3_bucket.uri(key))
@@ -144,13 +142,14 @@ def test_build_verify_resume_and_stream_on_s3(s3_bucket: S3Bucket, photo_folder:
     lost = f"manifests/{DATASET}/{DATASET}-000001.parquet"
     boto3.client("s3").delete_object(Bucket=s3_bucket.name, Key=lost)
     untouched = s3_etags(s3_bucket, "manifests/")
-    build_into(photo_folder, out, manifests)
+    build_into(photo_folder, out, manifests, "--actors", "0")  # in-process this time: no second Ray start-up
     assert lost in s3_bucket.keys("manifests/")
     after = s3_etags(s3_bucket, "manifests/")
     for key in untouched:
         if key.endswith(".parquet") and not key.rsplit("/", 1)[1].startswith("_"):
             assert after[key] == untouched[key], f"{key} was rewritten though it was committed"
     assert s3_etags(s3_bucket, "shards/") == before
+    # verify reads every shard and manifest back from S3: sizes, sha256s, keys, no orphans, no duplicates.
     verified = run_factory("verify", out, "--manifests", manifests)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
@@ -163,6 +162,11 @@ def test_build_verify_resume_and_stream_on_s3(s3_bucket: S3Bucket, photo_folder:
     )
     patches = list(dataset)
     assert sorted(patch["key"] for patch in patches) == sorted(manifest_pair_keys)
+    # Also from forked DataLoader workers (pyarrow's S3 client was first used in this parent process).
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=None, num_workers=2)
+    assert sorted(patch["key"] for patch in loader) == sorted(manifest_pair_keys)
 
     # The streamed bytes are the stored ones: each patch is an aligned window of the pair as boto3 (an independent
     # client) downloads it, LR at (top, left) and HR at (scale * top, scale * left).
