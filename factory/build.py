@@ -95,7 +95,9 @@ class BuildConfig:
     codec: str = "png"  # payload codec: "png" or "zst"
     batch_size: int = 8  # crops per device batch
     device: str = "auto"  # torch device of the workers: auto (cuda if present), cpu, cuda, mps
-    actors: int | None = None  # worker actors (None: one per GPU, or one per CPU; 0: in this process, without Ray)
+    actors: int | None = (
+        None  # worker actors (None: one per GPU, or one per CPU; 0: in this process, without Ray)
+    )
     address: str | None = None  # Ray cluster ("auto", "ray://host:10001"); None: an embedded local Ray
     num_cpus: int | None = None  # CPUs of the embedded Ray (None: all)
     seed: int = 0  # the build seed; sampling models draw from a generator seeded from (seed, keys)
@@ -103,6 +105,7 @@ class BuildConfig:
     color_correct: bool = False  # correct the degraded LR's colour towards the bicubic LR (colour module)
     classifier: str | None = None  # degradation classifier checkpoint that fills the label columns
     max_attempts: int = 3  # tries per shard before the build gives up (an actor death costs one)
+    actor_timeout: float = 600.0  # seconds without any worker actor up before the build gives up
     dry_run: bool = False  # print the plan, write nothing
     progress: bool = True  # show a progress bar
     command: str = ""  # the command line, recorded in the dataset card
@@ -605,10 +608,13 @@ def run_shards(
 ):
     """Run `tasks` on a pool of ShardWorker actors; `on_done(summary)` is called as each shard commits.
 
-    Scheduling: each actor holds one shard at a time (a shard is large enough to keep a device busy). An actor that
-    dies (RayActorError) is killed for good and replaced by a fresh one, and its shard goes back to the front of the
-    queue; a shard that fails `max_attempts` times stops the build with the error."""
-    from ray.exceptions import RayActorError, RayTaskError
+    Scheduling: a shard goes only to an actor that is up (it answered `ping`, so its model is loaded) and idle; each
+    actor holds one shard at a time (a shard is large enough to keep a device busy). An actor that dies
+    (RayActorError: its process or node is gone) is killed for good, its shard goes back to the front of the queue for
+    the actors that are up, and a replacement is requested; if the cluster cannot host the replacement (its node is
+    gone for good) the build carries on with the actors it has. A shard that fails `max_attempts` times, or a pool
+    with no actor up for `actor_timeout` seconds, stops the build with the error."""
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from tqdm import tqdm
 
     ray, started_here = _ray_cluster(config)
@@ -617,8 +623,8 @@ def run_shards(
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
         use_gpus = gpus > 0 and settings.device != "cpu"
-        # CPU-only: one single-threaded actor per CPU. Measured here: with other work on the cores, two torch threads in
-        # one actor ran 4x slower than one (OpenMP threads spin while they wait for each other).
+        # CPU-only: one single-threaded actor per CPU. Measured here: with other work on the cores, two torch threads
+        # in one actor ran 4x slower than one (OpenMP threads spin while they wait for each other).
         count = config.actors or (gpus if use_gpus else cpus)
         if not use_gpus and count > cpus:
             log.warning("--actors %d is more than the cluster's %d CPUs; using %d", count, cpus, cpus)
@@ -629,10 +635,20 @@ def run_shards(
         options = {"num_cpus": 1, "num_gpus": 1 if use_gpus else 0, "max_restarts": 0, "max_task_retries": 0}
         remote_worker = ray.remote(ShardWorker).options(**options)
         log.info("starting %d %s actor(s)", count, "GPU" if use_gpus else "CPU")
-        idle = deque(remote_worker.remote(settings) for _ in range(count))
+        starting: dict[Any, Any] = {}  # ping reference -> actor not yet up
+
+        def start_actor() -> None:
+            actor = remote_worker.remote(settings)
+            starting[actor.ping.remote()] = actor
+
+        for _ in range(count):
+            start_actor()
+        idle: deque = deque()  # actors that are up and hold no shard
         queue = deque(tasks)
         attempts: Counter[int] = Counter()
         in_flight: dict[Any, tuple[Any, ShardTask]] = {}
+        start_failures: list[str] = []
+        last_up = time.monotonic()  # when an actor was last seen up (for actor_timeout)
         bar = tqdm(total=total_pairs, unit="pair", disable=not config.progress, dynamic_ncols=True)
         done_shards = 0
         bar.set_postfix_str(f"shards 0/{len(tasks)}")
@@ -642,17 +658,44 @@ def run_shards(
                     actor, task = idle.popleft(), queue.popleft()
                     attempts[task.index] += 1
                     in_flight[actor.build_shard.remote(task)] = (actor, task)
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                if idle or in_flight:
+                    last_up = time.monotonic()
+                elif time.monotonic() - last_up > config.actor_timeout:
+                    detail = f"; last error: {start_failures[-1]}" if start_failures else ""
+                    raise FactoryError(
+                        f"no worker actor could start within {config.actor_timeout:.0f} s "
+                        f"({'1 GPU' if use_gpus else '1 CPU'} each){detail}"
+                    )
+                ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=1.0)
                 for reference in ready:
+                    if reference in starting:
+                        actor = starting.pop(reference)
+                        try:
+                            ray.get(reference, timeout=0)
+                        except (RayActorError, GetTimeoutError) as error:
+                            message = _actor_error_message(error)
+                            if message.startswith("FactoryError: "):
+                                raise FactoryError(message.removeprefix("FactoryError: ")) from None
+                            start_failures.append(message)
+                            log.warning("a worker actor failed to start: %s", message)
+                            ray.kill(actor, no_restart=True)
+                            if len(start_failures) >= config.max_attempts * max(1, count):
+                                raise FactoryError(
+                                    f"worker actors keep failing to start: {message}"
+                                ) from None
+                            start_actor()
+                            continue
+                        idle.append(actor)
+                        continue
                     actor, task = in_flight.pop(reference)
                     try:
                         summary = ray.get(reference)
                     except RayActorError as error:
                         log.warning(
-                            "actor died on shard %s (%s); retrying it on a fresh actor", task.stem, error
+                            "actor died on shard %s (%s); retrying it", task.stem, _actor_error_message(error)
                         )
                         ray.kill(actor, no_restart=True)
-                        idle.append(remote_worker.remote(settings))
+                        start_actor()
                         _requeue(queue, task, attempts, config.max_attempts, error)
                         continue
                     except RayTaskError as error:
@@ -670,11 +713,23 @@ def run_shards(
                     on_done(summary)
         finally:
             bar.close()
-            for actor in list(idle) + [actor for actor, _ in in_flight.values()]:
+            for actor in [*idle, *starting.values(), *(actor for actor, _ in in_flight.values())]:
                 ray.kill(actor, no_restart=True)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _actor_error_message(error: BaseException) -> str:
+    """The useful line of a Ray actor error: the exception raised in the actor's __init__, if that is what killed it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("FactoryError: ", "factory.config.FactoryError: ")):
+            return "FactoryError: " + line.split("FactoryError: ", 1)[1]
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0]:
+            return line
+    return lines[0] if lines else type(error).__name__
 
 
 def run_in_process(config: BuildConfig, settings: WorkerSettings, tasks: list[ShardTask], on_done) -> None:
@@ -993,7 +1048,9 @@ def build(config: BuildConfig) -> BuildResult:
 
         result.estimated_bytes = _estimate_bytes(plan, config)
         gpus = torch.cuda.device_count() if config.device != "cpu" else 0
-        result.actors = config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
+        result.actors = (
+            config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
+        )
         return result
     if plan.crops == 0:
         raise FactoryError(

@@ -150,6 +150,7 @@ def test_model_build_metrics_equal_skimage_on_stored_pairs(tmp_path: Path, hr_fo
         checkpoints=str(tmp_path / "checkpoints"),
         codec="zst",
         limit=10,
+        actors=0,  # the same ShardWorker, in-process: Ray is covered by the other builds; this test is about metrics
     )
     result = build(build_config)
     assert (result.dataset, result.pairs) == ("vqvae2-ep1", 10)
@@ -209,6 +210,7 @@ def test_bad_and_awkward_inputs(tmp_path: Path, photos):
     assert verify(config.out, config.manifests).ok
 
 
+@pytest.mark.slow  # ~1 min on two busy cores: three actors start
 def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, hr_folder: Path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(
@@ -223,6 +225,7 @@ def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, hr_
     assert verify(config.out, config.manifests).ok
 
 
+@pytest.mark.slow  # ~1 min on two busy cores: a second Ray starts in the subprocess
 def test_sigkill_mid_build_then_rerun_is_exactly_once(tmp_path: Path, hr_folder: Path):
     """SIGKILL the whole build (driver, embedded Ray, actors: its process group) after two shards, then rerun."""
     config = config_for(tmp_path, hr_folder, crop=64, stride=128, shard_size=3, actors=1)
