@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from factory.config import FactoryError
 from factory.sources import find_images, load_rgb
+from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -238,15 +238,7 @@ class LPIPS(nn.Module):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    Storage(path.parent).write_bytes_atomic(path.name, data)
 
 
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from factory.config import FactoryError, config_to_dict
-from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_weights
+from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_atomic, save_weights
 from factory.stream import PairedPatches
 
 logger = logging.getLogger(__name__)
@@ -122,17 +121,7 @@ def _save_checkpoint(
         "architecture": network.architecture,
         "config": config_to_dict(config),
     }
-    path = out / "checkpoints" / f"iter_{iteration:07d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(state, out / "checkpoints" / f"iter_{iteration:07d}.pt")
 
 
 def _one_thread(worker: int) -> None:

@@ -12,7 +12,6 @@ Every network maps x: (N, 3, h, w) in [0, 1] to (N, 3, scale*h, scale*w).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from factory.config import FactoryError
 from factory.sr.edsr import EDSR, is_edsr_state_dict, load_edsr
 from factory.sr.edsr import PRESETS as EDSR_PRESETS
+from factory.storage import Storage
 
 ARCHITECTURES: tuple[str, ...] = ("edsr", "esrgan", "swinir", "hat")
 PRESET_NAMES: tuple[str, ...] = ("paper", "tiny")
@@ -194,20 +194,18 @@ def load_network(path: str | os.PathLike, architecture: str | None = None) -> SR
     return network_from_state_dict(read_state_dict(path), architecture)
 
 
+def save_atomic(payload: object, path: str | os.PathLike) -> Path:
+    """torch.save `payload` so that readers see the old file or the whole new one (temporary name, then rename)."""
+    path = Path(path)
+    with Storage(path.parent).open_atomic(path.name) as stream:
+        torch.save(payload, stream)
+    return path
+
+
 def save_weights(network: SRNetwork | nn.Module, path: str | os.PathLike) -> Path:
     """The bare state dict in the network's official key layout (what `load_network` and the official repos read),
     written atomically."""
     module = network.module if isinstance(network, SRNetwork) else network
     module = getattr(module, "module", module)  # unwrap DDP
     state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(state, path)
