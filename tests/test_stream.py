@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -249,7 +250,9 @@ def _ddp_reader(rank: int, world_size: int, shards_dir: str, port: int, results:
 def test_two_gloo_processes_read_disjoint_shards_and_run_the_same_steps(tmp_path, pairs):
     # 5 shards over 2 ranks: rank 0 holds 3, rank 1 holds 2, yet both run ceil(21 / 4) = 6 steps.
     write_pairs(tmp_path / "shards", tmp_path / "manifests", pairs[:15], per_shard=3)
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as probe:  # a free port for the rendezvous (other test runs may hold 29500)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     mp.start_processes(
         _ddp_reader,
         args=(2, str(tmp_path / "shards" / "bicubic"), port, str(tmp_path)),
