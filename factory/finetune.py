@@ -258,6 +258,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                         "patches_per_second": window_steps * lr.shape[0] * world_size / max(elapsed, 1e-9),
                     }
                     history.append(line)
+                    progress.set_postfix(
+                        loss=f"{line['loss']:.4f}", patches_per_s=f"{line['patches_per_second']:.0f}"
+                    )
                     if rank == 0:
                         logger.info(
                             "iteration %d  L1 %.5f  %.1f patches/s",
