@@ -55,19 +55,21 @@ def gpu_nodes(cluster) -> list:
     return sorted(cluster.worker_nodes, key=lambda node: node.node_id)
 
 
-def planned_keys(photo_folder: Path, limit: int) -> list[str]:
+def planned_keys(photo_folder: Path, limit: int, crop: int = 128, shard_size: int = 2) -> list[str]:
     """The pair keys the build plans for these options (the build's own deterministic planner)."""
     from factory.build import BuildConfig, plan_build
 
     plan = plan_build(
-        BuildConfig(model="bicubic", hr=(str(photo_folder),), crop=128, limit=limit, shard_size=2)
+        BuildConfig(model="bicubic", hr=(str(photo_folder),), crop=crop, limit=limit, shard_size=shard_size)
     )
     return [crop.key for task in plan.shards for crop in task.crops]
 
 
-def start_build(cluster, photo_folder: Path, out: Path, limit: int) -> subprocess.Popen:
+def start_build(
+    cluster, photo_folder: Path, out: Path, limit: int, options: list[str] = ()
+) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "factory.cli", "build", *BUILD_OPTIONS, "--limit", str(limit),
+        sys.executable, "-m", "factory.cli", "build", *BUILD_OPTIONS, *options, "--limit", str(limit),
         "--hr", str(photo_folder), "--out", str(out / "shards"), "--manifests", str(out / "manifests"),
         "--address", cluster.address,
     ]  # fmt: skip
@@ -87,6 +89,15 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> str:
 
 def committed_manifests(out: Path) -> list[Path]:
     return sorted((out / "manifests" / DATASET).glob(f"{DATASET}-*.parquet"))
+
+
+def wait_for_first_commit(process: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Return once the build has committed its first shard (its manifest exists): the build is then mid-way."""
+    deadline = time.monotonic() + timeout
+    while not committed_manifests(out):
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no shard committed within {timeout:.0f} s"
+        time.sleep(0.05)
 
 
 def check_exactly_once(out: Path, expected_keys: list[str]) -> None:
@@ -134,14 +145,17 @@ def test_shards_spread_over_the_gpu_nodes(cluster, photo_folder: Path, tmp_path:
     workers = {node.node_id for node in gpu_nodes(cluster)}
     assert len(workers) == 2
     before = job_ids()
-    output = finish(start_build(cluster, photo_folder, tmp_path, limit=12))
-    assert "6 shards (6 built" in output
-    check_exactly_once(tmp_path, planned_keys(photo_folder, limit=12))
+    # Shards of 4 pairs of 256 x 256 (about a second each here), so that the queue outlasts the start-up of the
+    # second actor: the build gives shards only to actors that are up.
+    options = ["--crop", "256", "--shard-size", "4"]
+    output = finish(start_build(cluster, photo_folder, tmp_path, limit=32, options=options))
+    assert "8 shards (8 built" in output
+    check_exactly_once(tmp_path, planned_keys(photo_folder, limit=32, crop=256, shard_size=4))
 
-    records = shard_task_records(before, expected_finished=6)
+    records = shard_task_records(before, expected_finished=8)
     finished = [record for record in records if record.state == "FINISHED"]
     # One task per shard, no retries, and each GPU node built some: the actors (num_gpus=1) sit one per node.
-    assert len(finished) == 6
+    assert len(finished) == 8
     by_node = Counter(record.node_id for record in finished)
     assert set(by_node) == workers, f"shards per node: {dict(by_node)}"
     assert cluster.head_node.node_id not in by_node
@@ -151,18 +165,14 @@ def test_losing_a_node_mid_build_keeps_every_pair_exactly_once(cluster, photo_fo
     before = job_ids()
     limit = 24  # 12 shards: the first commit comes well before the last
     process = start_build(cluster, photo_folder, tmp_path, limit=limit)
-    deadline = time.monotonic() + 120
-    while not committed_manifests(tmp_path):
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no shard committed within 120 s"
-        time.sleep(0.05)
+    wait_for_first_commit(process, tmp_path)
     lost = gpu_nodes(cluster)[0]
     cluster.remove_node(lost)  # SIGTERM to the node's raylet and its workers, as when a VM or pod goes away
     # The autoscaler (or KubeRay) replaces the node; the build's replacement actor lands on it.
     cluster.add_node(num_cpus=1, num_gpus=1)
     output = finish(process)
 
-    assert "retrying it on a fresh actor" in output, "the node loss did not reach the build"
+    assert "actor died" in output, "the node loss did not reach the build"
     assert f"{limit} pairs in 12 shards" in output
     check_exactly_once(tmp_path, planned_keys(photo_folder, limit=limit))
     records = shard_task_records(before, expected_finished=12)
@@ -218,11 +228,7 @@ def test_torchrun_on_ray_runs_one_torchrun_per_gpu_node(cluster, tmp_path: Path)
 )
 def test_losing_a_node_for_good_finishes_on_the_nodes_left(cluster, photo_folder: Path, tmp_path: Path):
     process = start_build(cluster, photo_folder, tmp_path, limit=24)
-    deadline = time.monotonic() + 120
-    while not committed_manifests(tmp_path):
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no shard committed within 120 s"
-        time.sleep(0.05)
+    wait_for_first_commit(process, tmp_path)
     cluster.remove_node(gpu_nodes(cluster)[0])
     try:
         finish(process, timeout=45)
