@@ -1069,6 +1069,11 @@ def build(config: BuildConfig) -> BuildResult:
         from factory.classifier import Labeler
 
         Labeler.load(config.classifier)
+    if config.color_correct:
+        import factory.color
+
+        if not hasattr(factory.color, "color_correct"):
+            raise FactoryError("--color-correct needs factory.color.color_correct, which this version lacks")
     shards, manifests = Storage(config.out), Storage(config.manifests)
     fingerprint = build_fingerprint(config, plan.dataset, plan.crop, checkpoint_sha256)
     with DatasetLock(manifests, plan.dataset):

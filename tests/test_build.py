@@ -33,7 +33,7 @@ from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_manifests
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -309,3 +309,33 @@ def test_nothing_buildable_is_an_error(tmp_path: Path, hr_folder: Path):
         ],
     )
     assert outcome.exit_code == 2 and "nothing could be built" in outcome.output
+
+
+def test_classifier_fills_the_label_columns(tmp_path: Path, hr_folder: Path):
+    from factory.checkpoints import file_sha256
+    from factory.classifier import ClassifierTrainConfig, Labeler, build_network, save_classifier
+    from factory.corruptions import CORRUPTIONS
+    from factory.manifests import LABEL_PROB_COLUMNS
+
+    torch.manual_seed(0)
+    path = (
+        tmp_path / "classifier.safetensors"
+    )  # an untrained ResNet-18: the labels are arbitrary, the wiring is not
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, path
+    )
+    config = config_for(tmp_path, hr_folder, classifier=str(path), limit=4, actors=0)
+    build(config)
+    rows = {row["key"]: row for row in read_manifests(config.manifests, "bicubic").to_pylist()}
+    labeler = Labeler.load(path)
+    for sample in wds.WebDataset(shard_urls(config, "bicubic"), shardshuffle=False).decode("rgb8"):
+        row = rows[sample["__key__"]]
+        # Reference: the classifier itself on the stored 8-bit LR read back from the shard.
+        lr = torch.from_numpy(sample["lr.png"].copy()).permute(2, 0, 1)[None].float() / 255.0
+        labels, probabilities = labeler.predict(lr)
+        assert row["label"] == labels[0] in CORRUPTIONS
+        assert [row[name] for name in LABEL_PROB_COLUMNS] == pytest.approx(
+            probabilities[0].tolist(), abs=1e-5
+        )
+        assert row["label_prob"] == pytest.approx(max(probabilities[0].tolist()), abs=1e-6)
+        assert row["classifier_sha256"] == file_sha256(path)
