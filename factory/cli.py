@@ -466,11 +466,13 @@ def eval_command(model, lr_folder, hr_folder, out, y_channel, crop_border, lpips
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/checkpoints holds a checkpoint.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Initialisation and data-order seed.")
 @click.option("--out", default="runs/finetune", show_default=True, help="Output folder (checkpoints, log.jsonl, model.pth).")
+@click.option("--loss", type=click.Choice(["l1", "esrgan"]), default="l1", show_default=True, help="l1: the pre-trained models' objective; esrgan: L1 + VGG19 perceptual + relativistic GAN.")
+@click.option("--vgg-weights", default=None, help="VGG19 weights file for --loss esrgan (torchvision's vgg19 state dict).")
 @user_errors
 def finetune_command(architecture, pretrained, preset, shards, dataset_weights, manifests, where, iterations, batch_size,
                      patch_size, learning_rate, patches_per_pair, workers, checkpoint_every, log_every, no_amp, no_resume,
-                     seed, out) -> None:
-    """Fine-tune EDSR / ESRGAN / SwinIR / HAT with L1 on streamed pairs; runs as is or under torchrun (DDP)."""
+                     seed, out, loss, vgg_weights) -> None:
+    """Fine-tune EDSR / ESRGAN / SwinIR / HAT on streamed pairs; runs as is or under torchrun (DDP)."""
     from factory.finetune import FinetuneConfig, finetune
 
     result = finetune(
@@ -479,12 +481,12 @@ def finetune_command(architecture, pretrained, preset, shards, dataset_weights, 
             dataset_weights=_float_list(dataset_weights), manifests=manifests, where=where, iterations=iterations,
             batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, patches_per_pair=patches_per_pair,
             workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, amp=not no_amp,
-            resume=not no_resume, seed=seed, out=out,
+            resume=not no_resume, seed=seed, out=out, loss=loss, vgg_weights=vgg_weights,
         )
     )
     if result.rank == 0:  # one result line, not one per process
         click.echo(
-            f"{result.weights}: {result.iterations} iterations, L1 {result.final_loss:.5f}, "
+            f"{result.weights}: {result.iterations} iterations, loss {result.final_loss:.5f}, "
             f"{result.patches_per_second:.1f} patches/s"
         )
 

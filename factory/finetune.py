@@ -5,11 +5,11 @@
 
 Loss. The paper (Sec. 4.2) fine-tunes the pre-trained models on the generated pairs and reports PSNR / SSIM / LPIPS, but
 states no loss or schedule; the dataset is its only variable. The pre-trained EDSR, SwinIR (classical) and HAT were
-trained with the pixel L1 loss alone, so L1 keeps their objective and changes only the data: that is what we do.
+trained with the pixel L1 loss alone, so L1 (the default) keeps their objective and changes only the data.
 ESRGAN's generator was trained with L1, then perceptual (VGG19) + relativistic GAN losses; L1 fine-tuning pulls it
-toward the PSNR-oriented RRDBNet, which fits the paper's large SSIM gain for ESRGAN (+0.127). The perceptual + GAN
-recipe is not offered yet: it needs VGG19 ImageNet weights, which this project may not download, plus a
-discriminator; it would come as `--loss esrgan --vgg-weights PATH`.
+toward the PSNR-oriented RRDBNet, which fits the paper's large SSIM gain for ESRGAN (+0.127). `--loss esrgan
+--vgg-weights PATH` fine-tunes with ESRGAN's own objective instead (factory/sr/losses.py): VGG19 weights from a file,
+since nothing may be downloaded; it works for every --arch.
 
 Optimiser: Adam (betas 0.9, 0.99), constant learning rate, as in BasicSR's fine-tuning configs. AMP: bfloat16
 autocast on CUDA (no gradient scaler needed); full float32 on CPU.
@@ -33,20 +33,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from factory.config import FactoryError, config_to_dict
 from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_atomic, save_weights
+from factory.sr.losses import (
+    ESRGANLossConfig,
+    VGGFeatures,
+    VGGStyleDiscriminator,
+    discriminator_loss,
+    generator_loss,
+)
 from factory.stream import PairedPatches
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pt$")
-STEPS_PER_EPOCH = (
-    1000  # batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer
-)
+# Batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer.
+STEPS_PER_EPOCH = 1000
+LOSSES: tuple[str, ...] = ("l1", "esrgan")
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,8 @@ class FinetuneConfig:
     pretrained: str | None = None  # official (or our) weights; None: randomly initialised `preset`
     preset: str = "paper"  # network shape without --pretrained: paper (the official models') | tiny (tests)
     shards: tuple[str, ...] = ()  # one entry per dataset: a shard folder, a brace pattern or a URL list
-    dataset_weights: tuple[float, ...] | None = (
-        None  # mixing weight per entry of `shards` (None: one dataset)
-    )
+    # mixing weight per entry of `shards` (None: one dataset)
+    dataset_weights: tuple[float, ...] | None = None
     manifests: str | None = None  # manifest root: only committed shards are read, and `where` applies
     where: str | None = None  # SQL predicate over the manifest columns, e.g. "delta_e < 5"
     iterations: int = 10_000  # optimiser steps (every rank runs exactly this many)
@@ -72,13 +79,18 @@ class FinetuneConfig:
     resume: bool = True  # continue from the newest checkpoint in out/checkpoints
     seed: int = 0  # initialisation and data order
     out: str = "runs/finetune"  # output folder
+    loss: str = (
+        "l1"  # l1 (the pre-trained models' objective) | esrgan (L1 + VGG19 perceptual + relativistic GAN)
+    )
+    vgg_weights: str | None = None  # VGG19 weights for --loss esrgan (torchvision's vgg19 state dict)
+    perceptual_layer: str = "conv5_4"  # VGG19 layer of the perceptual loss (ESRGAN: conv5_4, before its ReLU)
 
 
 @dataclass
 class FinetuneResult:
     weights: Path  # fine-tuned weights in the official key layout
     iterations: int  # total optimiser steps done (including resumed ones)
-    final_loss: float  # mean L1 of the last logging window (this rank)
+    final_loss: float  # mean objective of the last logging window, this rank (L1 with --loss l1)
     patches_per_second: float  # all ranks together, over this run
     rank: int = 0  # of the process that returns it
     history: list[dict] = field(default_factory=list)  # the log lines of this run
@@ -109,19 +121,52 @@ def _checkpoints(out: Path) -> dict[int, Path]:
     return found
 
 
+@dataclass
+class Adversary:
+    """What --loss esrgan adds: the frozen VGG19 features, the discriminator and its optimiser."""
+
+    vgg: VGGFeatures
+    discriminator: nn.Module  # VGGStyleDiscriminator, DDP-wrapped under torchrun
+    module: VGGStyleDiscriminator  # the unwrapped discriminator (what checkpoints hold)
+    optimizer: torch.optim.Optimizer
+    weights: ESRGANLossConfig
+
+
 def _save_checkpoint(
-    out: Path, iteration: int, network: SRNetwork, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+    out: Path,
+    iteration: int,
+    network: SRNetwork,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    adversary: Adversary | None,
 ) -> Path:
     """Atomic: a crash mid-write leaves the previous checkpoints as they were."""
-    module = getattr(network.module, "module", network.module)
     state = {
-        "network": {key: value.detach().cpu() for key, value in module.state_dict().items()},
+        "network": {key: value.detach().cpu() for key, value in network.module.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "iteration": iteration,
         "architecture": network.architecture,
         "config": config_to_dict(config),
     }
+    if adversary is not None:
+        state["discriminator"] = {
+            key: value.detach().cpu() for key, value in adversary.module.state_dict().items()
+        }
+        state["discriminator_optimizer"] = adversary.optimizer.state_dict()
     return save_atomic(state, out / "checkpoints" / f"iter_{iteration:07d}.pt")
+
+
+def _adversary(config: FinetuneConfig, device: torch.device) -> Adversary:
+    vgg = VGGFeatures.from_file(config.vgg_weights, config.perceptual_layer).to(device)
+    discriminator = VGGStyleDiscriminator().to(device).train()
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.learning_rate, betas=(0.9, 0.99))
+    return Adversary(
+        vgg,
+        discriminator,
+        discriminator,
+        optimizer,
+        ESRGANLossConfig(perceptual_layer=config.perceptual_layer),
+    )
 
 
 def _one_thread(worker: int) -> None:
@@ -150,10 +195,24 @@ def _check(config: FinetuneConfig) -> None:
             raise FactoryError(f"{name} must be >= 1")
     if config.learning_rate <= 0:
         raise FactoryError("the learning rate must be positive")
+    if config.loss not in LOSSES:
+        raise FactoryError(f"unknown --loss {config.loss!r}; known: {', '.join(LOSSES)}")
+    if config.loss == "esrgan" and not config.vgg_weights:
+        raise FactoryError(
+            "--loss esrgan needs --vgg-weights (torchvision's vgg19 weights file; nothing is downloaded)"
+        )
 
 
-def _resume(out: Path, network: SRNetwork, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
-    """Load the newest checkpoint (weights_only) into network and optimizer; returns its iteration (0: none)."""
+def _resume(
+    out: Path,
+    network: SRNetwork,
+    optimizer: torch.optim.Optimizer,
+    adversary: Adversary | None,
+    device: torch.device,
+) -> int:
+    """Load the newest checkpoint (weights_only) into network, optimizer and discriminator; returns its iteration
+    (0: none). An L1 checkpoint resumed with --loss esrgan starts a fresh discriminator: ESRGAN's own recipe (a
+    PSNR-oriented pre-training, then the GAN stage)."""
     found = _checkpoints(out)
     if not found:
         return 0
@@ -170,19 +229,21 @@ def _resume(out: Path, network: SRNetwork, optimizer: torch.optim.Optimizer, dev
         )
     network.module.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
+    if adversary is not None and "discriminator" in state:
+        adversary.module.load_state_dict(state["discriminator"])
+        adversary.optimizer.load_state_dict(state["discriminator_optimizer"])
     logger.info("resumed from %s (iteration %d)", found[iteration], iteration)
     return int(state["iteration"])
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune with L1 on streamed patches; on every rank the same number of steps (see PairedPatches)."""
+    """Fine-tune on streamed patches (L1, or ESRGAN's objective); every rank runs the same number of steps."""
     _check(config)
     rank, world_size, device = _distributed_setup()
     out = Path(config.out)
     try:
-        torch.manual_seed(
-            config.seed
-        )  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        # The same initial weights on every rank (DDP also broadcasts rank 0's).
+        torch.manual_seed(config.seed)
         if config.pretrained:
             network = load_network(config.pretrained, config.architecture)
         else:
@@ -190,14 +251,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         network.module.to(device).train()
         parameters = [parameter for parameter in network.module.parameters() if parameter.requires_grad]
         optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.99))
-        start = _resume(out, network, optimizer, device) if config.resume else 0
+        adversary = _adversary(config, device) if config.loss == "esrgan" else None
+        start = _resume(out, network, optimizer, adversary, device) if config.resume else 0
         if start >= config.iterations:
             logger.info("already at iteration %d of %d", start, config.iterations)
         model = network.module
         if world_size > 1:
-            model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
+            device_ids = [device.index] if device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+            if adversary is not None:
+                adversary.discriminator = DistributedDataParallel(adversary.module, device_ids=device_ids)
 
         workers = max(config.workers, 0)
         readers = max(workers, 1)
@@ -229,7 +292,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         iteration = start
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
         run_start, run_patches = time.perf_counter(), 0
         progress = tqdm(total=config.iterations, initial=start, disable=rank != 0, desc="finetune", unit="it")
         while iteration < config.iterations:
@@ -238,23 +302,38 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 lr = batch["lr"].to(device, non_blocking=True)  # (B, 3, p, p)
                 hr = batch["hr"].to(device, non_blocking=True)  # (B, 3, scale*p, scale*p)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    sr = model(lr)
-                loss = F.l1_loss(sr.float(), hr)
+                    sr = model(lr).float()
+                    if adversary is None:
+                        loss = F.l1_loss(sr, hr)
+                        parts = {"l1": loss.item()}
+                    else:
+                        loss, parts = generator_loss(
+                            sr, hr, adversary.vgg, adversary.discriminator, adversary.weights
+                        )
                 if not math.isfinite(loss.item()):
                     raise FactoryError(f"the loss is {loss.item()} at iteration {iteration + 1}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if adversary is not None:
+                    # The generator step also left gradients on the discriminator: cleared before its own step.
+                    adversary.optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        discriminator_loss_value = discriminator_loss(sr, hr, adversary.discriminator)
+                    discriminator_loss_value.backward()
+                    adversary.optimizer.step()
+                    parts["discriminator"] = discriminator_loss_value.item()
                 iteration += 1
                 progress.update(1)
-                window_loss += loss.item()
+                for name, value in {"loss": loss.item(), **parts}.items():
+                    window[name] = window.get(name, 0.0) + value
                 window_steps += 1
                 run_patches += lr.shape[0] * world_size
                 if iteration % config.log_every == 0 or iteration == config.iterations:
                     elapsed = time.perf_counter() - window_start
                     line = {
                         "iteration": iteration,
-                        "loss": window_loss / window_steps,
+                        **{name: total / window_steps for name, total in window.items()},
                         "patches_per_second": window_steps * lr.shape[0] * world_size / max(elapsed, 1e-9),
                     }
                     history.append(line)
@@ -263,16 +342,17 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     )
                     if rank == 0:
                         logger.info(
-                            "iteration %d  L1 %.5f  %.1f patches/s",
+                            "iteration %d  loss %.5f  L1 %.5f  %.1f patches/s",
                             iteration,
                             line["loss"],
+                            line["l1"],
                             line["patches_per_second"],
                         )
                         with open(log_path, "a") as log:
                             log.write(json.dumps(line) + "\n")
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
                 if rank == 0 and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
-                    _save_checkpoint(out, iteration, network, optimizer, config)
+                    _save_checkpoint(out, iteration, network, optimizer, config, adversary)
                 if iteration >= config.iterations:
                     break
         progress.close()

@@ -3,10 +3,13 @@ bicubic pairs, checkpoint resume, and DDP under torchrun (gloo, 2 processes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,17 +197,24 @@ def test_where_and_manifests_reach_the_stream(tmp_path, train_shards):
         )
 
 
+def _console_script(name: str) -> str | None:
+    """The installed script beside this interpreter (a pyenv shim found first on PATH is a shell script, which
+    torchrun would try to run with Python)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
 @pytest.mark.skipif(
-    shutil.which("torchrun") is None or shutil.which("factory") is None,
+    _console_script("torchrun") is None or _console_script("factory") is None,
     reason="needs torchrun and the factory script",
 )
 def test_tiny_edsr_under_torchrun_with_two_processes(tmp_path, train_shards):
     out = tmp_path / "ddp"
     command = [
-        shutil.which("torchrun"),
+        _console_script("torchrun"),
         "--standalone",
         "--nproc-per-node=2",
-        shutil.which("factory"),
+        _console_script("factory"),
         "finetune",
         "--arch",
         "edsr",
@@ -234,3 +244,58 @@ def test_tiny_edsr_under_torchrun_with_two_processes(tmp_path, train_shards):
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [3, 6]
     assert load_network(out / "model.pth", "edsr").scale == 4
+
+
+def test_vgg_features_match_torchvision(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from factory.sr.losses import VGGFeatures, vgg19_conv_indices
+
+    assert vgg19_conv_indices()["conv5_4"] == 34  # ESRGAN's layer: torchvision vgg19().features[34]
+    # Reference: torchvision's own VGG19 feature stack ("E"), saved under its `features.` names.
+    reference = make_layers(cfgs["E"]).eval()
+    keep = {
+        f"features.{key}": value
+        for key, value in reference.state_dict().items()
+        if int(key.split(".")[0]) <= 7
+    }
+    torch.save(keep, tmp_path / "vgg19.pth")
+    ours = VGGFeatures.from_file(tmp_path / "vgg19.pth", "conv2_2")
+    x = torch.rand(2, 3, 32, 32)
+    normalised = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference[:8](normalised), atol=1e-6)
+    with pytest.raises(FactoryError, match="not a VGG19"):
+        VGGFeatures.from_file(tmp_path / "vgg19.pth", "conv3_1")
+
+
+def test_esrgan_loss_trains_generator_and_discriminator_and_resumes(tmp_path, train_shards):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["E"]).state_dict()
+    torch.save(
+        {f"features.{key}": value for key, value in features.items() if int(key.split(".")[0]) <= 7},
+        tmp_path / "vgg.pth",
+    )
+    config = _config(
+        train_shards[0],
+        tmp_path / "gan",
+        architecture="esrgan",
+        loss="esrgan",
+        vgg_weights=str(tmp_path / "vgg.pth"),
+        perceptual_layer="conv2_2",
+        iterations=2,
+        log_every=1,
+        checkpoint_every=2,
+        patch_size=8,
+    )
+    result = finetune(config)
+    assert set(result.history[-1]) >= {"loss", "l1", "perceptual", "gan", "discriminator"}
+    checkpoint = torch.load(tmp_path / "gan" / "checkpoints" / "iter_0000002.pt", weights_only=True)
+    assert "discriminator" in checkpoint and "discriminator_optimizer" in checkpoint
+    resumed = finetune(dataclasses.replace(config, iterations=3))
+    assert resumed.iterations == 3 and [line["iteration"] for line in resumed.history] == [3]
+    with pytest.raises(FactoryError, match="--vgg-weights"):
+        finetune(dataclasses.replace(config, vgg_weights=None))
