@@ -71,7 +71,8 @@ GAUSSIAN_NOISE_SIGMA = (0.04, 0.08, 0.12, 0.15, 0.18)  # std of additive noise o
 SHOT_NOISE_PHOTONS = (250, 100, 50, 30, 15)  # Poisson rate per unit intensity (fewer photons = noisier)
 IMPULSE_NOISE_AMOUNT = (0.01, 0.02, 0.05, 0.08, 0.14)  # fraction of samples set to 0 or 1 (salt and pepper)
 DEFOCUS_BLUR = ((0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1))  # (disk radius px, anti-alias sigma)
-GLASS_BLUR = ((0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2))  # (sigma, max shift px, passes)
+# (sigma, max shift px, passes)
+GLASS_BLUR = ((0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2))
 MOTION_BLUR = ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3))  # ImageMagick (radius, sigma), px
 ZOOM_BLUR_MAX = (1.06, 1.11, 1.16, 1.21, 1.26)  # zoom factors 1, 1.01, ... below this bound are averaged
 SNOW = (  # (mean, std, zoom, threshold, blur radius, blur sigma, image weight)
@@ -183,7 +184,8 @@ def _plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.nda
         centres = height_map[half::step, half::step]
         # Midpoints of horizontal edges (rows 0::step, columns half::step): left/right corners, centres above/below.
         row_sum = corners + np.roll(corners, -1, axis=1) + centres + np.roll(centres, 1, axis=0)
-        height_map[0::step, half::step] = row_sum / 4 + amplitude * rng.uniform(-amplitude, amplitude, row_sum.shape)
+        jitter = amplitude * rng.uniform(-amplitude, amplitude, row_sum.shape)
+        height_map[0::step, half::step] = row_sum / 4 + jitter
         # Midpoints of vertical edges (rows half::step, columns 0::step): upper/lower corners, centres left/right.
         column_sum = corners + np.roll(corners, -1, axis=0) + centres + np.roll(centres, 1, axis=1)
         height_map[half::step, 0::step] = column_sum / 4 + amplitude * rng.uniform(
@@ -200,7 +202,8 @@ def _smooth_noise(height: int, width: int, cell: int, rng: np.random.Generator) 
     grid_height, grid_width = height // cell + 2, width // cell + 2
     grid = torch.from_numpy(rng.random((1, 1, grid_height, grid_width)))
     upsampled = F.interpolate(grid, scale_factor=cell, mode="bicubic", align_corners=False)[0, 0].numpy()
-    top, left = rng.integers(0, cell, size=2)  # a random phase so grid lines do not always sit at the same pixels
+    # A random phase, so that grid lines do not always sit on the same pixels.
+    top, left = rng.integers(0, cell, size=2)
     return np.clip(upsampled[top : top + height, left : left + width], 0, 1)
 
 
@@ -271,7 +274,8 @@ def _glass_blur(x: Image01, severity: int, rng: np.random.Generator) -> Image01:
     positions = (rows[:, None] * width + columns[None, :]).ravel()
     source = list(range(height * width))
     for _ in range(passes):
-        offsets = rng.integers(-max_shift, max_shift, size=(positions.size, 2))  # (dx, dy) as in the reference
+        # (dx, dy), as in the reference.
+        offsets = rng.integers(-max_shift, max_shift, size=(positions.size, 2))
         partners = positions + offsets[:, 1] * width + offsets[:, 0]
         for here, there in zip(positions.tolist(), partners.tolist(), strict=True):
             source[here] = source[there]
@@ -299,7 +303,8 @@ def _snow(x: Image01, severity: int, rng: np.random.Generator) -> Image01:
     flakes = rng.normal(loc=mean, scale=std, size=(height, width, 1))
     flakes = _clipped_zoom(flakes, zoom)
     flakes[flakes < threshold] = 0
-    flakes = np.round(np.clip(flakes, 0, 1) * 255) / 255  # the reference passes the layer through an 8-bit PNG
+    # The reference passes the layer through an 8-bit PNG.
+    flakes = np.round(np.clip(flakes, 0, 1) * 255) / 255
     flakes = _motion_blur(flakes, blur_radius, blur_sigma, rng.uniform(-135, -45))
     whitened = np.maximum(x, _rgb_to_grey(x)[..., None] * 1.5 + 0.5)
     x = image_weight * x + (1 - image_weight) * whitened
@@ -342,7 +347,8 @@ def _elastic_transform(x: Image01, severity: int, rng: np.random.Generator) -> I
     half = min(height, width) // 3
     source_points = np.array([centre + half, [centre[0] + half, centre[1] - half], centre - half])
     target_points = source_points + rng.uniform(-jitter, jitter, size=source_points.shape)
-    forward = np.linalg.solve(np.c_[source_points, np.ones(3)], target_points).T  # (2, 3): target = A @ [x, y, 1]
+    # forward: (2, 3), target = forward @ [x, y, 1].
+    forward = np.linalg.solve(np.c_[source_points, np.ones(3)], target_points).T
     inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))
     grid_y, grid_x = np.mgrid[0:height, 0:width].astype(np.float64)
     source_x = inverse[0, 0] * grid_x + inverse[0, 1] * grid_y + inverse[0, 2]
@@ -350,8 +356,10 @@ def _elastic_transform(x: Image01, severity: int, rng: np.random.Generator) -> I
     x = _sample(x, source_y, source_x, mode="mirror")
     # 2. A smooth random displacement field: U(-1, 1) per pixel, Gaussian-smoothed (sigma `smoothing`, reflect,
     #    truncate 3, as skimage.filters.gaussian in the reference), times `scale` px; bilinear resampling, reflect.
-    displacement_x = ndimage.gaussian_filter(rng.uniform(-1, 1, (height, width)), smoothing, mode="reflect", truncate=3)
-    displacement_y = ndimage.gaussian_filter(rng.uniform(-1, 1, (height, width)), smoothing, mode="reflect", truncate=3)
+    displacement_x, displacement_y = (
+        ndimage.gaussian_filter(rng.uniform(-1, 1, (height, width)), smoothing, mode="reflect", truncate=3)
+        for _ in range(2)
+    )
     return _sample(x, grid_y + scale * displacement_y, grid_x + scale * displacement_x, mode="reflect")
 
 

@@ -54,7 +54,9 @@ def test_entropy_agrees_with_scipy_and_takes_counts_and_a_base():
     counts = {"fog": 5, "snow": 3, "frost": 2, "contrast": 0}
     # scipy.stats.entropy normalises counts to proportions and uses the natural log by default.
     assert degradation_entropy(counts) == pytest.approx(scipy.stats.entropy([5, 3, 2]), rel=1e-12)
-    assert degradation_entropy(counts, base=2) == pytest.approx(scipy.stats.entropy([5, 3, 2], base=2), rel=1e-12)
+    assert degradation_entropy(counts, base=2) == pytest.approx(
+        scipy.stats.entropy([5, 3, 2], base=2), rel=1e-12
+    )
     assert degradation_entropy({"a": 1, "b": 1}, base=2) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         degradation_entropy([None, None])
@@ -65,7 +67,9 @@ def test_entropy_agrees_with_scipy_and_takes_counts_and_a_base():
 # The CPU training test: resnet18 at 16x16 (tiles this small keep training near 30 s on one idle core), 32 images per
 # class, 4 epochs, no JPEG storage step (at this size it hides the subtler classes), 20% held out (96 images).
 # Measured: 23.3% held-out accuracy (seed 0), against 6.7% for chance (1/15); the test asks for 3x chance.
-TRAIN_SETTINGS = dict(arch="resnet18", per_class=32, size=16, epochs=4, batch_size=32, seed=0, storage_jpeg_quality=None)
+TRAIN_SETTINGS = dict(
+    arch="resnet18", per_class=32, size=16, epochs=4, batch_size=32, seed=0, storage_jpeg_quality=None
+)
 CHANCE = 1 / len(CORRUPTIONS)
 
 
@@ -74,7 +78,9 @@ def trained(tmp_path_factory, photos):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("classifier")
-    config = ClassifierTrainConfig(data="unused", out=str(folder / "classifier.safetensors"), **TRAIN_SETTINGS)
+    config = ClassifierTrainConfig(
+        data="unused", out=str(folder / "classifier.safetensors"), **TRAIN_SETTINGS
+    )
     return train_classifier(config, sources=list(photos.values()))
 
 
@@ -159,8 +165,16 @@ def test_tiles_keep_the_noise_that_resizing_erases(photos):
     def as_tensor(image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
 
-    tiles_noisy = [noise_level(as_tensor(noisy)[..., t : t + 64, s : s + 64]) for t in range(0, 256, 64) for s in range(0, 256, 64)]
-    tiles_clean = [noise_level(as_tensor(clean)[..., t : t + 64, s : s + 64]) for t in range(0, 256, 64) for s in range(0, 256, 64)]
+    tiles_noisy = [
+        noise_level(as_tensor(noisy)[..., t : t + 64, s : s + 64])
+        for t in range(0, 256, 64)
+        for s in range(0, 256, 64)
+    ]
+    tiles_clean = [
+        noise_level(as_tensor(clean)[..., t : t + 64, s : s + 64])
+        for t in range(0, 256, 64)
+        for s in range(0, 256, 64)
+    ]
     resized_noisy = noise_level(bicubic_resize(as_tensor(noisy), (64, 64)))
     resized_clean = noise_level(bicubic_resize(as_tensor(clean), (64, 64)))
     tile_excess = float(np.mean(tiles_noisy) - np.mean(tiles_clean))
@@ -171,7 +185,9 @@ def test_tiles_keep_the_noise_that_resizing_erases(photos):
 # --- relabelling a dataset: only the manifests change -------------------------------------------------------------------
 
 
-def make_dataset(root: Path, photos, dataset: str = "toy", shards: int = 2, per_shard: int = 3) -> tuple[Path, Path]:
+def make_dataset(
+    root: Path, photos, dataset: str = "toy", shards: int = 2, per_shard: int = 3
+) -> tuple[Path, Path]:
     """A small dataset in the factory layout: tar shards (key.hr.png, key.lr.png, key.json) and one manifest per
     shard with its commit record, as `factory build` writes them (factory.shards codecs, factory.manifests schema)."""
     shard_root, manifest_root = root / "shards", root / "manifests"
@@ -184,7 +200,11 @@ def make_dataset(root: Path, photos, dataset: str = "toy", shards: int = 2, per_
             for pair in range(per_shard):
                 key = f"{dataset}_{shard_index}_{pair}"
                 hr = np.ascontiguousarray(images[pair % len(images)][:128, :128])
-                lr = hr[::4, ::4] if pair % 2 else corrupt(np.ascontiguousarray(hr[::2, ::2]), "gaussian_noise", 4, pair)
+                lr = (
+                    hr[::4, ::4]
+                    if pair % 2
+                    else corrupt(np.ascontiguousarray(hr[::2, ::2]), "gaussian_noise", 4, pair)
+                )
                 hr_bytes, lr_bytes = encode_image(hr, "png"), encode_image(np.ascontiguousarray(lr), "png")
                 row = dict(
                     key=key, dataset=dataset, model="bicubic", source=f"photo{pair}.png", source_root="test",
@@ -194,7 +214,11 @@ def make_dataset(root: Path, photos, dataset: str = "toy", shards: int = 2, per_
                     hr_sha256=hashlib.sha256(hr_bytes).hexdigest(), lr_sha256=hashlib.sha256(lr_bytes).hexdigest(),
                     seed=0, factory_version="test",
                 )  # fmt: skip
-                for name, data in (("hr.png", hr_bytes), ("lr.png", lr_bytes), ("json", json.dumps(row).encode())):
+                for name, data in (
+                    ("hr.png", hr_bytes),
+                    ("lr.png", lr_bytes),
+                    ("json", json.dumps(row).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{name}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -207,7 +231,9 @@ def make_dataset(root: Path, photos, dataset: str = "toy", shards: int = 2, per_
 
 
 def tree_digests(root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): file_sha256(path) for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): file_sha256(path) for path in sorted(root.rglob("*")) if path.is_file()
+    }
 
 
 def test_label_rewrites_only_the_manifests(tmp_path, photos, trained):
@@ -227,15 +253,21 @@ def test_label_rewrites_only_the_manifests(tmp_path, photos, trained):
 
     assert tree_digests(shard_root) == shards_before  # shards byte-identical
     after = read_manifests(manifest_root, "toy")
-    assert after.column("label").null_count == 0 and set(after.column("label").to_pylist()) <= set(CORRUPTIONS)
+    assert after.column("label").null_count == 0 and set(after.column("label").to_pylist()) <= set(
+        CORRUPTIONS
+    )
     assert set(after.column("classifier_sha256").to_pylist()) == {file_sha256(trained.checkpoint)}
     probabilities = np.stack([after.column(name).to_numpy() for name in LABEL_PROB_COLUMNS], axis=1)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    chosen = probabilities[np.arange(6), [CORRUPTIONS.index(label) for label in after.column("label").to_pylist()]]
+    chosen = probabilities[
+        np.arange(6), [CORRUPTIONS.index(label) for label in after.column("label").to_pylist()]
+    ]
     np.testing.assert_allclose(after.column("label_prob").to_numpy(), chosen, rtol=1e-6)
     np.testing.assert_allclose(chosen, probabilities.max(axis=1), rtol=1e-6)
     # The other columns are untouched, the commit record is kept, and the dataset still verifies.
-    unchanged = [name for name in before.schema.names if name not in ("label", "label_prob", "classifier_sha256")]
+    unchanged = [
+        name for name in before.schema.names if name not in ("label", "label_prob", "classifier_sha256")
+    ]
     unchanged = [name for name in unchanged if name not in LABEL_PROB_COLUMNS]
     assert after.select(unchanged).equals(before.select(unchanged))
     for path in sorted((manifest_root / "toy").glob("toy-*.parquet")):
@@ -260,12 +292,22 @@ def test_labelling_twice_gives_the_same_manifests(tmp_path, photos, trained):
 def test_label_errors_are_one_line(tmp_path, photos, trained):
     shard_root, manifest_root = make_dataset(tmp_path, photos)
     runner = CliRunner()
-    missing = runner.invoke(main, ["label", "--classifier", str(trained.checkpoint), "--manifests", str(tmp_path / "none")])
+    missing = runner.invoke(
+        main, ["label", "--classifier", str(trained.checkpoint), "--manifests", str(tmp_path / "none")]
+    )
     assert missing.exit_code == 2 and "no pair manifests" in missing.output
     (shard_root / "toy" / "toy-000001.tar").unlink()
     broken = runner.invoke(
         main,
-        ["label", "--classifier", str(trained.checkpoint), "--shards", str(shard_root), "--manifests", str(manifest_root)],
+        [
+            "label",
+            "--classifier",
+            str(trained.checkpoint),
+            "--shards",
+            str(shard_root),
+            "--manifests",
+            str(manifest_root),
+        ],
     )
     assert broken.exit_code == 2 and "missing" in broken.output and "Traceback" not in broken.output
 
@@ -292,5 +334,7 @@ def test_build_then_relabel_leaves_bicubic_shards_byte_identical(tmp_path, train
     after = read_manifests(manifests, "bicubic")
     # The same classifier on the same LR images: the same labels as the build wrote.
     assert after.column("label").to_pylist() == labelled_by_build.column("label").to_pylist()
-    np.testing.assert_allclose(after.column("label_prob").to_numpy(), labelled_by_build.column("label_prob").to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(
+        after.column("label_prob").to_numpy(), labelled_by_build.column("label_prob").to_numpy(), rtol=1e-4
+    )
     assert verify(shards, manifests, "bicubic").ok
