@@ -219,6 +219,20 @@ def test_torchrun_on_ray_runs_one_torchrun_per_gpu_node(cluster, tmp_path: Path)
     assert all(record["CUDA_VISIBLE_DEVICES"] is not None for record in records)
 
 
+def test_torchrun_on_ray_gives_up_when_the_nodes_are_not_there(cluster, tmp_path: Path):
+    # Three distinct GPU nodes cannot be reserved on a cluster of two: a clear message and exit status 1 once
+    # --timeout has passed (on a real cluster the autoscaler would add nodes within it).
+    launched = subprocess.run(
+        [
+            sys.executable, str(ROOT / "deploy" / "torchrun_on_ray.py"), "--address", cluster.address,
+            "--nodes", "3", "--gpus-per-node", "1", "--timeout", "3", "--", "true",
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert launched.returncode == 1
+    assert "could not reserve 3 nodes" in launched.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     reason="the build replaces a dead actor with a num_gpus=1 actor that no node can host while the surviving actor "
