@@ -299,3 +299,19 @@ def test_esrgan_loss_trains_generator_and_discriminator_and_resumes(tmp_path, tr
     assert resumed.iterations == 3 and [line["iteration"] for line in resumed.history] == [3]
     with pytest.raises(FactoryError, match="--vgg-weights"):
         finetune(dataclasses.replace(config, vgg_weights=None))
+
+
+@pytest.mark.slow  # builds the four full-size networks: ~20 s on two busy cores
+@pytest.mark.parametrize(
+    ("architecture", "published_millions"),
+    # Parameter counts the papers publish for their x4 models: EDSR 43M (Lim et al. 2017), ESRGAN's RRDBNet 16.7M
+    # (Wang et al. 2018), SwinIR classical SR 11.9M (Liang et al. 2021), HAT 20.8M (Chen et al. 2023).
+    [("edsr", 43.1), ("esrgan", 16.7), ("swinir", 11.9), ("hat", 20.8)],
+)
+def test_paper_presets_have_the_published_sizes(architecture, published_millions):
+    network = build_network(architecture, "paper")
+    millions = (
+        sum(parameter.numel() for parameter in network.module.parameters() if parameter.requires_grad) / 1e6
+    )
+    assert millions == pytest.approx(published_millions, abs=0.15)
+    assert network.scale == 4

@@ -42,8 +42,32 @@ class SRNetwork:
     scale: int  # upscaling factor
 
 
+# Official hyper-parameters ("paper": 001_classicalSR_DF2K_s64w8_SwinIR-M_x4, HAT_SRx4 / its ImageNet-pretrain
+# variant) and a few-thousand-weight test size ("tiny"), as keyword arguments of spandrel's classes.
+_TRANSFORMER_SHARED = dict(
+    mlp_ratio=2.0, upscale=4, img_range=1.0, upsampler="pixelshuffle", resi_connection="1conv"
+)
+_HAT_SHARED = dict(compress_ratio=3, conv_scale=0.01, overlap_ratio=0.5)
+_TRANSFORMER_PRESETS: dict[tuple[str, str], dict] = {
+    ("swinir", "paper"): dict(img_size=64, window_size=8, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6),
+    ("swinir", "tiny"): dict(img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2]),
+    ("hat", "paper"): dict(
+        img_size=64,
+        window_size=16,
+        embed_dim=180,
+        depths=[6] * 6,
+        num_heads=[6] * 6,
+        squeeze_factor=30,
+        **_HAT_SHARED,
+    ),
+    ("hat", "tiny"): dict(
+        img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2], squeeze_factor=4, **_HAT_SHARED
+    ),
+}
+
+
 def _spandrel_presets(architecture: str, preset: str) -> nn.Module:
-    """spandrel's own classes with the official hyper-parameters ("paper") or a few-thousand-weight test size."""
+    """spandrel's own classes with the official hyper-parameters ("paper") or a tiny test size."""
     if architecture == "esrgan":
         from spandrel.architectures.ESRGAN import ESRGAN
 
@@ -56,67 +80,11 @@ def _spandrel_presets(architecture: str, preset: str) -> nn.Module:
     if architecture == "swinir":
         from spandrel.architectures.SwinIR import SwinIR
 
-        if preset == "paper":  # 001_classicalSR_DF2K_s64w8_SwinIR-M_x4
-            return SwinIR(
-                img_size=64,
-                window_size=8,
-                embed_dim=180,
-                depths=[6] * 6,
-                num_heads=[6] * 6,
-                mlp_ratio=2.0,
-                upscale=4,
-                img_range=1.0,
-                upsampler="pixelshuffle",
-                resi_connection="1conv",
-            )
-        return SwinIR(
-            img_size=16,
-            window_size=4,
-            embed_dim=12,
-            depths=[1],
-            num_heads=[2],
-            mlp_ratio=2.0,
-            upscale=4,
-            img_range=1.0,
-            upsampler="pixelshuffle",
-            resi_connection="1conv",
-        )
+        return SwinIR(**_TRANSFORMER_PRESETS[("swinir", preset)], **_TRANSFORMER_SHARED)
     if architecture == "hat":
         from spandrel.architectures.HAT import HAT
 
-        if preset == "paper":  # HAT_SRx4 (and its ImageNet-pretrain variant)
-            return HAT(
-                img_size=64,
-                window_size=16,
-                embed_dim=180,
-                depths=[6] * 6,
-                num_heads=[6] * 6,
-                mlp_ratio=2.0,
-                compress_ratio=3,
-                squeeze_factor=30,
-                conv_scale=0.01,
-                overlap_ratio=0.5,
-                upscale=4,
-                img_range=1.0,
-                upsampler="pixelshuffle",
-                resi_connection="1conv",
-            )
-        return HAT(
-            img_size=16,
-            window_size=4,
-            embed_dim=12,
-            depths=[1],
-            num_heads=[2],
-            mlp_ratio=2.0,
-            compress_ratio=3,
-            squeeze_factor=4,
-            conv_scale=0.01,
-            overlap_ratio=0.5,
-            upscale=4,
-            img_range=1.0,
-            upsampler="pixelshuffle",
-            resi_connection="1conv",
-        )
+        return HAT(**_TRANSFORMER_PRESETS[("hat", preset)], **_TRANSFORMER_SHARED)
     raise FactoryError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
 
 
