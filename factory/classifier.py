@@ -28,7 +28,6 @@ log2 (maximum 3.91) would not make a bound.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -53,6 +52,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm import tqdm
 
+from factory.checkpoints import file_sha256
 from factory.color import bicubic_resize
 from factory.config import FactoryError, config_to_dict
 from factory.corruptions import CORRUPTIONS, SEVERITIES, corrupt
@@ -456,14 +456,6 @@ def save_classifier(network: nn.Module, config: ClassifierTrainConfig, accuracy:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ import scipy.stats
 import torch
 from click.testing import CliRunner
 
+from factory.checkpoints import file_sha256
 from factory.classifier import (
     ClassifierTrainConfig,
     Labeler,
     dataset_entropy,
     degradation_entropy,
-    file_sha256,
     synthesise,
     tile_origins,
     train_classifier,
