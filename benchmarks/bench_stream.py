@@ -64,12 +64,13 @@ def make_pairs(count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def write_folders(pairs, root: Path) -> None:
-    """BasicSR layout: <root>/hr/<key>.png and <root>/lr/<key>.png (PNG at Pillow's default level, as cv2 writes)."""
+    """BasicSR layout: <root>/hr/<key>.png and <root>/lr/<key>.png, PNG compression 3 as BasicSR's
+    extract_subimages.py writes its DIV2K sub-images."""
     for folder in ("hr", "lr"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for key, hr, lr in pairs:
-        Image.fromarray(hr).save(root / "hr" / f"{key}.png")
-        Image.fromarray(lr).save(root / "lr" / f"{key}.png")
+        Image.fromarray(hr).save(root / "hr" / f"{key}.png", compress_level=3)
+        Image.fromarray(lr).save(root / "lr" / f"{key}.png", compress_level=3)
 
 
 def write_shards(pairs, root: Path, codec: str, per_shard: int = 16) -> Path:
