@@ -127,11 +127,15 @@ def _as_pair_types(table: pa.Table) -> pa.Table:
 
 
 def select(
-    manifests_root: str | os.PathLike, where: str | None, columns: Sequence[str] | None = None
+    manifests_root: str | os.PathLike,
+    where: str | None,
+    columns: Sequence[str] | None = None,
+    limit: int | None = None,
 ) -> pa.Table:
     """The manifest rows (all datasets) matching the SQL predicate `where` (None: all rows), in manifest order.
 
     `columns`: manifest columns to return (None: all of PAIR_SCHEMA). Columns keep their PAIR_SCHEMA types.
+    `limit`: at most this many rows (the first in manifest order).
     """
     if where is not None and not where.strip():
         where = None
@@ -147,6 +151,8 @@ def select(
     if where is not None:
         # The newline ends a trailing `--` comment in the predicate so the parenthesis still closes it.
         sql += f" WHERE ({where}\n)"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
     connection = connect(manifests_root)
     try:
         return _as_pair_types(_run(connection, sql))
@@ -263,10 +269,11 @@ def _check_name(name: str) -> None:
         raise FactoryError(f"invalid dataset name {name!r}: no '/', '\\' or '.', and not starting with '_'")
 
 
-def _parent_samples(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
-    """(manifest row, {member extension: bytes}) for each selected row, in parent shard order then member order.
+def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(manifest row, {member extension: bytes}) for each given manifest row, in shard order then member order.
 
-    Payloads are checked against the manifest's sha256 so a damaged parent is never copied silently."""
+    Each shard is read once, sequentially. Payloads are checked against the manifest's sha256, so a damaged
+    shard is never copied or shown silently (FactoryError)."""
     storage = Storage(shards_root)
     by_shard: dict[str, dict[str, dict]] = {}
     for row in rows:
@@ -358,7 +365,7 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
         pending.clear()
 
     progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
-    for row, members in _parent_samples(config.shards_root, rows):
+    for row, members in read_pairs(config.shards_root, rows):
         pending.append((row, members))
         progress.update(1)
         if len(pending) == config.pairs_per_shard:

@@ -1,0 +1,246 @@
+"""`factory preview` (contact sheet) and `factory export --format basicsr` (paired PNG folders + meta_info).
+
+References: exported and previewed pixels are compared with the shard payloads decoded by Pillow / numpy; the
+meta_info formats are those BasicSR's `paired_paths_from_meta_info_file` ("<gt name> (H,W,C)", LQ found under the
+same base name) and Real-ESRGAN's `RealESRGANPairedDataset` ("<gt path>, <lq path>") document.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from manifest_fixtures import PairSpec, make_dataset, sample_payloads
+from PIL import Image
+
+from factory.cli import main
+from factory.color import downsample
+from factory.config import FactoryError
+from factory.export import ExportConfig, export_basicsr
+from factory.preview import PreviewConfig, make_preview
+from factory.shards import decode_image
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("preview_export")
+    shards, manifests = root / "shards", root / "manifests"
+    specs = [PairSpec(index, "gaussian_noise") for index in range(6)]
+    rows = make_dataset(shards, manifests, "vqvae2-ep8", specs, photos)
+    specs = [PairSpec(index + 0.5) for index in range(5)]
+    rows += make_dataset(
+        shards, manifests, "mae-ep4", specs, photos, model="mae", epoch=4, codec="zst", pairs_per_shard=2
+    )
+    payloads = {}
+    for path in sorted(shards.glob("*/*.tar")):
+        payloads.update(sample_payloads(path))
+    return {"shards": shards, "manifests": manifests, "payloads": payloads, "rows": rows}
+
+
+def stored(payloads: dict, key: str, side: str) -> np.ndarray:
+    """The payload of `key` decoded from the shard, whatever its codec."""
+    (extension,) = [name for name in payloads[key] if name.startswith(f"{side}.")]
+    return decode_image(extension, payloads[key][extension])
+
+
+@pytest.mark.parametrize("where", [None, "delta_e >= 2 AND delta_e < 5"])
+def test_export_round_trips_pixels(roots, tmp_path, where):
+    out = tmp_path / "export"
+    summary = export_basicsr(
+        ExportConfig(shards_root=roots["shards"], manifests_root=roots["manifests"], where=where, out=out)
+    )
+    low, high = (-1.0, 99.0) if where is None else (2.0, 5.0)
+    expected_keys = sorted(row["key"] for row in roots["rows"] if low <= row["delta_e"] < high)
+    # vqvae2 delta_e 0..5 and mae 0.5..4.5: [2, 5) holds 2, 3, 4 and 2.5, 3.5, 4.5
+    assert summary.pairs == len(expected_keys) == (11 if where is None else 6)
+    exported_rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(row["key"] for row in exported_rows) == expected_keys
+    assert sorted(path.stem for path in (out / "hr").iterdir()) == expected_keys
+    assert sorted(path.stem for path in (out / "lr").iterdir()) == expected_keys
+    for key in expected_keys:
+        for side in ("hr", "lr"):
+            with Image.open(out / side / f"{key}.png") as image:
+                assert image.format == "PNG" and image.mode == "RGB"
+                np.testing.assert_array_equal(np.asarray(image), stored(roots["payloads"], key, side))
+
+    # BasicSR: the GT name is the text before the first space, the LQ has the same base name; the shape is the GT's.
+    lines = (out / "meta_info.txt").read_text().splitlines()
+    assert len(lines) == len(expected_keys)
+    for line in lines:
+        name, shape = line.split(" ")
+        assert (out / "hr" / name).is_file() and (out / "lr" / name).is_file()
+        height, width, channels = (int(part) for part in shape.strip("()").split(","))
+        assert (height, width, channels) == stored(roots["payloads"], Path(name).stem, "hr").shape
+    # Real-ESRGAN: "gt, lq" relative to dataroot_gt and dataroot_lq.
+    for line in (out / "meta_info_pairs.txt").read_text().splitlines():
+        gt, lq = line.split(", ")
+        assert (out / "hr" / gt).is_file() and (out / "lr" / lq).is_file()
+    options = yaml.safe_load((out / "basicsr_dataset.yml").read_text())
+    assert options["type"] == "PairedImageDataset" and options["scale"] == 4
+    assert Path(options["dataroot_gt"]) == out.absolute() / "hr"
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folder left
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_error(roots, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "something.txt").write_text("keep me")
+    with pytest.raises(FactoryError, match="not an empty folder"):
+        export_basicsr(ExportConfig(roots["shards"], roots["manifests"], None, out))
+    assert [path.name for path in out.iterdir()] == ["something.txt"]
+    with pytest.raises(FactoryError, match="no pairs match"):
+        export_basicsr(ExportConfig(roots["shards"], roots["manifests"], "delta_e > 99", tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
+
+
+def test_export_refuses_a_damaged_payload(roots, tmp_path, photos):
+    # A copy of one dataset with one flipped byte inside an HR payload: export must stop, not write a wrong image.
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    make_dataset(shards, manifests, "broken", [PairSpec(1.0), PairSpec(2.0)], photos)
+    shard = shards / "broken" / "broken-000000.tar"
+    data = bytearray(shard.read_bytes())
+    offset = data.index(b"IDAT") + 10  # inside the first PNG's pixel data
+    data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FactoryError, match="does not match its manifest"):
+        export_basicsr(ExportConfig(shards, manifests, None, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_preview_sheet_shows_the_stored_pixels(roots, tmp_path):
+    out = tmp_path / "sheet.png"
+    summary = make_preview(
+        PreviewConfig(roots["shards"], roots["manifests"], where="model = 'mae'", count=3, out=out)
+    )
+    assert summary.pairs == 3 and len(summary.cells) == 3
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        sheet = np.asarray(image.convert("RGB"))
+    for cell in summary.cells:
+        hr = stored(roots["payloads"], cell.key, "hr")
+        lr = stored(roots["payloads"], cell.key, "lr")
+        # Fixture HR 32 px, scale 4: LR 8 px, enlarged x4 (nearest) to the HR size; the HR is shown as it is.
+        assert (cell.height, cell.width, cell.zoom) == (32, 32, 4)
+
+        def crop(column: int, cell=cell) -> np.ndarray:
+            left = cell.lefts[column]
+            return sheet[cell.top : cell.top + cell.height, left : left + cell.width]
+
+        np.testing.assert_array_equal(crop(0), hr)
+        np.testing.assert_array_equal(crop(2), np.kron(lr, np.ones((4, 4, 1), dtype=np.uint8)))
+        # The bicubic LR column: the project's bicubic (factory.color.downsample) of the HR, rounded to 8 bits.
+        hr_tensor = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+        bicubic = (downsample(hr_tensor, 4) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(crop(1), np.kron(bicubic, np.ones((4, 4, 1), dtype=np.uint8)))
+        # A caption under the row: dark text pixels between this row and the next.
+        caption = sheet[cell.top + cell.height : cell.top + cell.height + 20]
+        assert (caption.min(axis=2) < 100).sum() > 50
+
+
+def test_cli_preview_and_export(roots, tmp_path):
+    runner = CliRunner()
+    common = ["--shards", str(roots["shards"]), "--manifests", str(roots["manifests"])]
+    result = runner.invoke(main, ["preview", *common, "--n", "4", "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "p.png") as image:
+        image.verify()
+    result = runner.invoke(
+        main,
+        [
+            "export",
+            "--format",
+            "basicsr",
+            *common,
+            "--where",
+            "label IS NOT NULL",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "e" / "lr").iterdir())) == 6
+    bad = runner.invoke(main, ["preview", *common, "--where", "delta_e <", "--out", str(tmp_path / "q.png")])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and bad.output.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_on_a_real_bicubic_build(tmp_path):
+    """End to end on `factory build --model bicubic` output (Ray, ~1 min on 2 busy cores): filter passes verify, the
+    preview's bicubic column equals the stored LR (the bicubic model's LR is the bicubic LR), export round-trips."""
+    from factory.manifests import verify
+
+    runner = CliRunner()
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    build = runner.invoke(
+        main,
+        [
+            "build",
+            "--model",
+            "bicubic",
+            "--crop",
+            "128",
+            "--stride",
+            "256",
+            "--limit",
+            "6",
+            "--shard-size",
+            "4",
+            "--num-cpus",
+            "2",
+            "--actors",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(shards),
+            "--manifests",
+            str(manifests),
+        ],
+    )
+    assert build.exit_code == 0, build.output
+    filtered = runner.invoke(
+        main,
+        [
+            "filter",
+            "--where",
+            "delta_e < (SELECT median(delta_e) FROM manifests)",
+            "--shards",
+            str(shards),
+            "--manifests",
+            str(manifests),
+            "--out",
+            str(shards),
+            "--name",
+            "bicubic-low",
+        ],
+    )
+    assert filtered.exit_code == 0, filtered.output
+    report = verify(shards, manifests)
+    assert report.ok, report.problems
+    assert sorted(report.datasets) == ["bicubic", "bicubic-low"]
+
+    summary = make_preview(PreviewConfig(shards, manifests, "dataset = 'bicubic'", 6, tmp_path / "sheet.png"))
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))
+    for cell in summary.cells:
+        bicubic_column = sheet[cell.top : cell.top + cell.height, cell.lefts[1] : cell.lefts[1] + cell.width]
+        degraded_column = sheet[cell.top : cell.top + cell.height, cell.lefts[2] : cell.lefts[2] + cell.width]
+        np.testing.assert_array_equal(bicubic_column, degraded_column)
+
+    out = tmp_path / "export"
+    export_basicsr(ExportConfig(shards, manifests, "dataset = 'bicubic-low'", out))
+    payloads = {}
+    for path in sorted((shards / "bicubic-low").glob("*.tar")):
+        payloads.update(sample_payloads(path))
+    assert sorted(path.stem for path in (out / "lr").iterdir()) == sorted(payloads)
+    for key, members in payloads.items():
+        assert (out / "hr" / f"{key}.png").read_bytes() == members["hr.png"]  # PNG copied byte for byte
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO((out / "lr" / f"{key}.png").read_bytes()))),
+            stored(payloads, key, "lr"),
+        )
