@@ -14,27 +14,43 @@ model to epoch 8 does not fit a CPU benchmark. Peak memory is the largest total 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
+
+def tree_rss(root: int) -> int:
+    """Total resident memory in bytes of process `root` and all its descendants (Linux /proc)."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields["PPid"])
+        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(rss.get(pid, 0) for pid in tree)
 
 
 def run_measured(command: list[str], cwd: Path) -> tuple[float, int, int]:
     """Run `command`; returns (wall seconds, peak RSS of the process tree in bytes, exit status)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd)
-    root = psutil.Process(process.pid)
     peak = 0
     while process.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
+        peak = max(peak, tree_rss(process.pid))
         time.sleep(0.2)
     return time.perf_counter() - started, peak, process.returncode
 
