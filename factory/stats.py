@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from factory.classifier import degradation_entropy
 from factory.config import FactoryError
 from factory.corruptions import CORRUPTIONS
 from factory.manifests import CARD_NAME, REJECTS_NAME
@@ -137,21 +138,11 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _entropy_function():
-    """The classifier's `degradation_entropy` (paper Eq. 2) once it exists; None before that."""
-    try:
-        from factory.classifier import degradation_entropy
-    except ImportError:
-        return None
-    return degradation_entropy
-
-
 def entropy_of(counts: Mapping[str, int]) -> float | None:
-    """H of a label histogram, by the classifier's definition; None without labels or without the classifier."""
-    function = _entropy_function()
-    if function is None or sum(counts.values()) == 0:
+    """H of a label histogram (paper Eq. 2, nats, the classifier's definition); None when nothing is labelled."""
+    if sum(counts.values()) == 0:
         return None
-    return float(function(counts))
+    return float(degradation_entropy(counts))
 
 
 def _dataset_folders(root: Path) -> list[Path]:

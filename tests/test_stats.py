@@ -89,9 +89,6 @@ def test_epoch_curves_pool_per_model_and_skip_derived(roots):
 
 
 def test_entropy_is_the_classifiers_on_the_label_histogram(roots):
-    classifier = pytest.importorskip("factory.classifier")
-    if not hasattr(classifier, "degradation_entropy"):
-        pytest.skip("factory.classifier.degradation_entropy has not landed")
     by_name = {item.dataset: item for item in compute_stats(roots["manifests"]).datasets}
     # vqvae2-ep4's labelled pairs: 3 gaussian_noise, 1 jpeg -> P = (3/4, 1/4); Eq. 2 in nats (the classifier's
     # unit): -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.5623
@@ -119,6 +116,16 @@ def test_epoch_and_label_figures_show_the_numbers(roots):
     assert lines["vqvae2"] == [[4, 4.0], [8, 3.0]] and lines["mae"] == [[8, 6.0]]
     assert lines["bicubic"][0][1] == 1.0
 
+    # Figure 8 analogue: H per (model, epoch) from the pooled labels. vqvae2 ep 4: 3 noise + 1 jpeg (the unlabelled
+    # pair skipped) -> 0.5623 nats; ep 8: 2 defocus + 2 noise -> ln 2; mae ep 8: 2 jpeg -> 0.
+    entropy = {name: [(p.epoch, p.entropy) for p in points] for name, points in report.curves.items()}
+    figure = epoch_figure(entropy, "entropy H", "test")
+    lines = {line.get_label(): line.get_xydata() for line in figure.axes[0].get_lines()}
+    np.testing.assert_allclose(
+        lines["vqvae2"], [[4, -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))], [8, np.log(2)]]
+    )
+    np.testing.assert_allclose(lines["mae"], [[8, 0.0]], atol=1e-12)
+
     labelled = {item.dataset: item.labels for item in report.datasets if sum(item.labels.values())}
     shares = np.asarray(label_distribution_figure(labelled).axes[0].images[0].get_array())
     row = list(labelled).index("vqvae2-ep4")
@@ -134,6 +141,7 @@ def test_plots_are_real_pngs(roots, tmp_path):
     report = dataset_stats(StatsConfig(manifests_root=roots["manifests"], plots=tmp_path / "figures"))
     names = {path.name for path in report.figures}
     assert {
+        FIGURE_NAMES["entropy_vs_epoch"],
         FIGURE_NAMES["delta_e_histogram"],
         FIGURE_NAMES["delta_e_vs_epoch"],
         FIGURE_NAMES["label_distribution"],
