@@ -11,6 +11,7 @@ row: key, ΔE, label (with its probability) and dataset.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,24 +84,29 @@ def _to_image(x: torch.Tensor) -> np.ndarray:
 def pair_views(hr: np.ndarray, lr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The three images of a row at one display size: (HR shown, bicubic LR enlarged, degraded LR enlarged, zoom).
 
-    hr: (H, W, 3) uint8, lr: (H / scale, W / scale, 3) uint8. The zoom is the largest integer <= scale that keeps
-    the LR at most about DISPLAY_SIZE pixels tall; the HR is shown at the same size (downsampled unless zoom = scale).
+    hr: (H, W, 3) uint8, lr: (H / scale, W / scale, 3) uint8. The LR images are enlarged by the integer `zoom` (nearest
+    neighbour) to about DISPLAY_SIZE pixels; when zoom >= scale it is a multiple of scale, so a small HR is enlarged
+    by the integer zoom / scale, and a large HR (zoom < scale) is downsampled with the project's bicubic.
     """
     lr_height, lr_width = lr.shape[:2]
-    zoom = max(1, min(scale, DISPLAY_SIZE // max(lr_height, lr_width)))
+    zoom = max(1, DISPLAY_SIZE // max(lr_height, lr_width))
+    if zoom >= scale:
+        zoom -= zoom % scale
     hr_tensor = _to_tensor(hr)
     bicubic = _to_image(downsample(hr_tensor, scale))
     if bicubic.shape != lr.shape:
         raise FactoryError(
             f"LR is {lr.shape[:2]} but the HR {hr.shape[:2]} at scale {scale} gives {bicubic.shape[:2]}"
         )
-    size = (lr_height * zoom, lr_width * zoom)
-    shown_hr = hr if size == hr.shape[:2] else _to_image(bicubic_resize(hr_tensor, size))
 
-    def enlarge(image: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+    def enlarge(image: np.ndarray, factor: int) -> np.ndarray:
+        return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
-    return shown_hr, enlarge(bicubic), enlarge(lr), zoom
+    if zoom >= scale:
+        shown_hr = enlarge(hr, zoom // scale)
+    else:
+        shown_hr = _to_image(bicubic_resize(hr_tensor, (lr_height * zoom, lr_width * zoom)))
+    return shown_hr, enlarge(bicubic, zoom), enlarge(lr, zoom), zoom
 
 
 def _caption(row: dict) -> str:
@@ -132,7 +138,9 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
     cell_width = max(view[0].shape[1] for _, view in views)
     title_height = TEXT_HEIGHT + MARGIN
     height = title_height + sum(view[0].shape[0] + TEXT_HEIGHT + MARGIN for _, view in views) + MARGIN
-    width = MARGIN + 3 * (cell_width + MARGIN)
+    captions = [_caption(row) for row, _ in views]
+    caption_width = max(int(math.ceil(font.getlength(text))) for text in captions)
+    width = max(MARGIN + 3 * (cell_width + MARGIN), caption_width + 2 * MARGIN)
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     lefts = tuple(MARGIN + column * (cell_width + MARGIN) for column in range(3))

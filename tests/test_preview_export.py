@@ -125,19 +125,19 @@ def test_preview_sheet_shows_the_stored_pixels(roots, tmp_path):
     for cell in summary.cells:
         hr = stored(roots["payloads"], cell.key, "hr")
         lr = stored(roots["payloads"], cell.key, "lr")
-        # Fixture HR 32 px, scale 4: LR 8 px, enlarged x4 (nearest) to the HR size; the HR is shown as it is.
-        assert (cell.height, cell.width, cell.zoom) == (32, 32, 4)
+        # Fixture HR 32 px, scale 4: LR 8 px, enlarged x32 (nearest) to 256 px; the HR x8.
+        assert (cell.height, cell.width, cell.zoom) == (256, 256, 32)
 
         def crop(column: int, cell=cell) -> np.ndarray:
             left = cell.lefts[column]
             return sheet[cell.top : cell.top + cell.height, left : left + cell.width]
 
-        np.testing.assert_array_equal(crop(0), hr)
-        np.testing.assert_array_equal(crop(2), np.kron(lr, np.ones((4, 4, 1), dtype=np.uint8)))
+        np.testing.assert_array_equal(crop(0), np.kron(hr, np.ones((8, 8, 1), dtype=np.uint8)))
+        np.testing.assert_array_equal(crop(2), np.kron(lr, np.ones((32, 32, 1), dtype=np.uint8)))
         # The bicubic LR column: the project's bicubic (factory.color.downsample) of the HR, rounded to 8 bits.
         hr_tensor = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
         bicubic = (downsample(hr_tensor, 4) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(crop(1), np.kron(bicubic, np.ones((4, 4, 1), dtype=np.uint8)))
+        np.testing.assert_array_equal(crop(1), np.kron(bicubic, np.ones((32, 32, 1), dtype=np.uint8)))
         # A caption under the row: dark text pixels between this row and the next.
         caption = sheet[cell.top + cell.height : cell.top + cell.height + 20]
         assert (caption.min(axis=2) < 100).sum() > 50
