@@ -198,3 +198,67 @@ def test_delta_e_gradients_flow():
 def test_delta_e_rejects_mismatched_batches():
     with pytest.raises(ValueError, match="batch"):
         color.delta_e(torch.rand(2, 3, 8, 8), torch.rand(1, 3, 4, 4))
+
+
+# --- colour shift and colour correction ------------------------------------------------------------------------------
+
+
+def test_shift_lab_moves_lab_by_the_requested_offset():
+    rgb = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64)  # mid grey: the shifted colour stays in gamut
+    shifted = color.shift_lab(rgb, 2.0, 5.0, -4.0)
+    difference = color.rgb_to_lab(shifted) - color.rgb_to_lab(rgb)
+    torch.testing.assert_close(difference[0, :, 0, 0], torch.tensor([2.0, 5.0, -4.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target", [2.0, 8.0])
+def test_find_shift_for_target_reaches_the_target_on_a_photo(photos, target):
+    # Reference: skimage's ΔE of the shifted photo against the original, within 2% of the requested mean.
+    image = to_tensor(photos["chelsea"][:96, :96])
+    shift = color.find_shift_for_target(image, target, direction=(1.0, 1.0, -1.0))
+    shifted = color.shift_lab(image, shift.lightness, shift.a, shift.b)
+    measured = skimage.color.deltaE_ciede2000(
+        skimage.color.rgb2lab(to_numpy(shifted)), skimage.color.rgb2lab(to_numpy(image))
+    )
+    assert abs(measured.mean() - target) <= 0.02 * target
+    assert shift.lightness > 0 and shift.b < 0  # along the requested direction
+
+
+def test_find_shift_for_target_rejects_bad_targets():
+    with pytest.raises(ValueError, match="positive"):
+        color.find_shift_for_target(torch.rand(1, 3, 8, 8), 0.0)
+
+
+CORRECTION_NOISE = 0.01  # Gaussian noise sigma added to the shifted LR (the degradation to keep)
+RESIDUAL_SIGMA = 1.0  # the high-frequency residual is image minus its Gaussian blur with this sigma
+
+
+@pytest.mark.parametrize("method", color.CORRECTION_METHODS)
+def test_color_correct_removes_the_shift_and_keeps_the_noise(photos, method):
+    generator = torch.Generator().manual_seed(3)
+    for name in ("astronaut", "coffee"):
+        reference = color.downsample(to_tensor(photos[name][:384, :384], torch.float32), 3)  # bicubic LR
+        degraded = color.shift_lab(reference, 4.0, 10.0, -8.0)
+        degraded = (degraded + CORRECTION_NOISE * torch.randn(degraded.shape, generator=generator)).clamp(
+            0, 1
+        )
+        corrected = color.color_correct(degraded, reference, method=method)
+        before = color.delta_e(reference, degraded).mean.item()
+        after = color.delta_e(reference, corrected).mean.item()
+        kept = (
+            color.high_frequency_energy(corrected, RESIDUAL_SIGMA)
+            / color.high_frequency_energy(degraded, RESIDUAL_SIGMA)
+        ).item()
+        assert after <= 0.3 * before, (name, before, after)
+        assert kept >= 0.9, (name, kept)
+
+
+def test_color_correct_leaves_an_unshifted_image_nearly_unchanged(photos):
+    reference = color.downsample(to_tensor(photos["rocket"][:256, :256], torch.float32), 4)
+    assert color.delta_e(reference, color.color_correct(reference, reference)).mean.item() < 0.05
+
+
+def test_color_correct_rejects_mismatched_sizes_and_methods():
+    with pytest.raises(ValueError, match="shape"):
+        color.color_correct(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+    with pytest.raises(ValueError, match="method"):
+        color.color_correct(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), method="magic")
