@@ -12,6 +12,7 @@ paths) and the configuration is locked, so a query cannot read other files (`rea
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from factory import __version__
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
-from factory.shards import HashingWriter, ShardSample, TarShardWriter, payload_extension, read_samples
+from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples
 from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -272,34 +273,58 @@ def _check_name(name: str) -> None:
 def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
     """(manifest row, {member extension: bytes}) for each given manifest row, in shard order then member order.
 
-    Each shard is read once, sequentially. Payloads are checked against the manifest's sha256, so a damaged
-    shard is never copied or shown silently (FactoryError)."""
+    Streams: each shard is read once, sequentially, and only one sample is held at a time. Payloads are checked
+    against the manifest's sha256, so a damaged shard is never copied or shown silently (FactoryError), nor is a
+    shard that lacks a pair its manifest lists (raised once that shard has been read)."""
     storage = Storage(shards_root)
     by_shard: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], {})[row["key"]] = row
     for shard in sorted(by_shard):
         wanted = by_shard[shard]
-        found: list[ShardSample] = []
+        seen: set[str] = set()
         try:
             with storage.open_input(shard) as handle:
-                found = [sample for sample in read_samples(handle) if sample.key in wanted]
+                for sample in read_samples(handle):
+                    row = wanted.get(sample.key)
+                    if row is None:
+                        continue
+                    for side in ("hr", "lr"):
+                        payload = sample.members.get(f"{side}.{payload_extension(row['codec'])}")
+                        if payload is None or hashlib.sha256(payload).hexdigest() != row[f"{side}_sha256"]:
+                            raise FactoryError(
+                                f"shard {shard}: the {side} payload of {sample.key!r} does not match its manifest"
+                            )
+                    seen.add(sample.key)
+                    yield row, sample.members
         except (OSError, tarfile.TarError, ValueError, EOFError) as error:
             raise FactoryError(f"cannot read shard {storage.uri(shard)}: {_one_line(error)}") from None
-        missing = sorted(set(wanted) - {sample.key for sample in found})
+        missing = sorted(set(wanted) - seen)
         if missing:
             raise FactoryError(
                 f"shard {shard} lacks {len(missing)} pair(s) its manifest lists, e.g. {missing[0]!r}"
             )
-        for sample in found:
-            row = wanted[sample.key]
-            for side in ("hr", "lr"):
-                payload = sample.members.get(f"{side}.{payload_extension(row['codec'])}")
-                if payload is None or hashlib.sha256(payload).hexdigest() != row[f"{side}_sha256"]:
-                    raise FactoryError(
-                        f"shard {shard}: the {side} payload of {sample.key!r} does not match its manifest"
-                    )
-            yield row, sample.members
+
+
+class _ShardOutput:
+    """One new shard, written sample by sample through the build's tar writer to a temporary name; `close` moves
+    it onto its final name, `abandon` deletes the temporary."""
+
+    def __init__(self, storage: Storage, shard: str):
+        self.shard = shard
+        self._target = storage.open_atomic(shard)
+        self.stream = HashingWriter(self._target.__enter__())
+        self.writer = TarShardWriter(self.stream)
+        self.rows: list[dict] = []
+
+    def close(self) -> None:
+        self.writer.close()
+        self._target.__exit__(None, None, None)
+
+    def abandon(self, error: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()  # finish the tar stream before its file goes, or tarfile writes to it when collected
+        self._target.__exit__(type(error), error, error.__traceback__)
 
 
 def filter_dataset(config: FilterConfig) -> FilterSummary:
@@ -332,47 +357,51 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
                 f"dataset {name!r} already exists in {folder}; choose another --name or remove it"
             )
 
-    shards: list[str] = []
-    pending: list[tuple[dict, dict[str, bytes]]] = []
-
     shard_storage, manifest_storage = Storage(config.out), Storage(out_manifests)
-
-    def commit() -> None:
-        stem = shard_stem(name, len(shards))
-        shard = f"{name}/{stem}.tar"
-        new_rows = []
-        with shard_storage.open_atomic(shard) as raw:
-            stream = HashingWriter(raw)
-            writer = TarShardWriter(stream)
-            for row, members in pending:
-                new_row = {**row, "dataset": name, "shard": shard}
-                copied = {extension: data for extension, data in members.items() if extension != "json"}
-                writer.add_sample(row["key"], {**copied, "json": row_json(new_row)})
-                new_rows.append(new_row)
-            writer.close()
+    # Tars are streamed out one by one; their manifests (which commit them) are written only once every shard is
+    # complete, and a failure part-way deletes the tars already written: the new dataset appears whole or not at all.
+    finished: list[_ShardOutput] = []
+    current: _ShardOutput | None = None
+    progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
+    try:
+        for row, members in read_pairs(config.shards_root, rows):
+            if current is None:
+                current = _ShardOutput(shard_storage, f"{name}/{shard_stem(name, len(finished))}.tar")
+            new_row = {**row, "dataset": name, "shard": current.shard}
+            copied = {extension: data for extension, data in members.items() if extension != "json"}
+            current.writer.add_sample(row["key"], {**copied, "json": row_json(new_row)})
+            current.rows.append(new_row)
+            progress.update(1)
+            if len(current.rows) == config.pairs_per_shard:
+                current.close()
+                finished.append(current)
+                current = None
+        if current is not None:
+            current.close()
+            finished.append(current)
+            current = None
+    except BaseException as error:
+        if current is not None:
+            current.abandon(error)
+        for output in finished:
+            shard_storage.delete(output.shard)
+        raise
+    finally:
+        progress.close()
+    for output in finished:
         record = {
-            "shard": shard,
-            "shard_bytes": stream.size,
-            "shard_sha256": stream.hexdigest(),
-            "pairs": len(new_rows),
-            "planned": len(new_rows),
+            "shard": output.shard,
+            "shard_bytes": output.stream.size,
+            "shard_sha256": output.stream.hexdigest(),
+            "pairs": len(output.rows),
+            "planned": len(output.rows),
             "filter_predicate": config.where,
             "parent_datasets": parents,
             "factory_version": __version__,
         }
-        write_manifest(manifest_storage, f"{name}/{stem}.parquet", new_rows, record)
-        shards.append(shard)
-        pending.clear()
-
-    progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
-    for row, members in read_pairs(config.shards_root, rows):
-        pending.append((row, members))
-        progress.update(1)
-        if len(pending) == config.pairs_per_shard:
-            commit()
-    if pending:
-        commit()
-    progress.close()
+        stem = output.shard.rsplit("/", 1)[1][: -len(".tar")]
+        write_manifest(manifest_storage, f"{name}/{stem}.parquet", output.rows, record)
+    shards = [output.shard for output in finished]
 
     card = {
         "dataset": name,

@@ -261,3 +261,33 @@ def test_filter_is_reproducible_and_refuses_bad_requests(built, tmp_path):
         run(tmp_path / "three", where="delta_e > 1000")
     with pytest.raises(FactoryError, match="malformed|query failed"):
         run(tmp_path / "four", where="delta_e <")
+
+
+def test_filter_of_a_damaged_parent_leaves_nothing(tmp_path, photos):
+    from factory.query import FilterConfig, filter_dataset
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    make_dataset(
+        shards, manifests, "broken", [PairSpec(float(index)) for index in range(6)], photos, pairs_per_shard=3
+    )
+    # Flip one byte inside an LR payload of the second parent shard: the first new shard is already written by then.
+    shard = shards / "broken" / "broken-000001.tar"
+    data = bytearray(shard.read_bytes())
+    offset = data.index(b"IDAT", data.index(b"lr.png")) + 8
+    data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    config = FilterConfig(
+        where="true",
+        shards_root=shards,
+        manifests_root=manifests,
+        out=tmp_path / "out",
+        out_manifests=tmp_path / "out-manifests",
+        name="copy",
+        pairs_per_shard=2,
+    )
+    with pytest.raises(FactoryError, match="does not match its manifest"):
+        filter_dataset(config)
+    assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert not (tmp_path / "out-manifests").exists() or not any(
+        (tmp_path / "out-manifests").rglob("*.parquet")
+    )
