@@ -26,9 +26,9 @@ import logging
 import os
 import re
 import socket
-import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,6 +387,10 @@ class ShardWorker:
             from factory.classifier import Labeler
 
             self.labeler = Labeler.load(settings.classifier, device=self.device)
+        encoders = settings.threads or 1
+        if settings.threads is None and self.device.type == "cuda":  # on a cluster node: its CPUs per GPU
+            encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+        self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
         self.ready = True
 
     def ping(self) -> bool:
@@ -522,9 +526,11 @@ class ShardWorker:
             p95s = difference.p95.double().cpu().tolist()
             psnrs, ssims = psnr.cpu().tolist(), ssim.cpu().tolist()
         extension = payload_extension(settings.codec)
-        for index, (crop, source, source_sha256, y) in enumerate(batch):
-            hr = encode_image(np.ascontiguousarray(y), settings.codec)
-            lr = encode_image(np.ascontiguousarray(lr_images[index]), settings.codec)
+        images = [np.ascontiguousarray(item[3]) for item in batch] + [np.ascontiguousarray(lr) for lr in lr_images]
+        # PNG/zstd encoding releases the GIL: on a GPU node it runs on the node's spare cores, in parallel.
+        encoded = list(self.encoders.map(lambda image: encode_image(image, settings.codec), images))
+        for index, (crop, source, source_sha256, _) in enumerate(batch):
+            hr, lr = encoded[index], encoded[len(batch) + index]
             row = {
                 "key": crop.key,
                 "dataset": settings.dataset,
@@ -885,9 +891,6 @@ def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | 
     if not config.train_missing:
         raise FactoryError(f"checkpoint {path} not found (train it with `factory train`, or drop --no-train)")
     log.warning("checkpoint %s not found: training %s to epoch %d first", path, config.model, config.epoch)
-    print(
-        f"checkpoint {path} not found: training {config.model} to epoch {config.epoch} first", file=sys.stderr
-    )
     from factory.train import train_for_build
 
     train_for_build(
