@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -261,13 +262,9 @@ def _default_name(parents: list[str], where: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    if (
-        not name
-        or name.startswith(("_", "."))
-        or any(char in name for char in "/\\.")
-        or name.strip() != name
-    ):
-        raise FactoryError(f"invalid dataset name {name!r}: no '/', '\\' or '.', and not starting with '_'")
+    # The build's rule for dataset names (letters, digits, '-' and '_', not starting with '_' or '-').
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise FactoryError(f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)")
 
 
 def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
