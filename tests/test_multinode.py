@@ -233,19 +233,15 @@ def test_torchrun_on_ray_gives_up_when_the_nodes_are_not_there(cluster, tmp_path
     assert "could not reserve 3 nodes" in launched.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the build replaces a dead actor with a num_gpus=1 actor that no node can host while the surviving actor "
-    "holds the only GPU left, and hands it a shard anyway: the build waits forever (run_shards should give shards only "
-    "to actors that are up, and carry on with the ones it has)",
-    strict=False,
-)
 def test_losing_a_node_for_good_finishes_on_the_nodes_left(cluster, photo_folder: Path, tmp_path: Path):
+    # No replacement this time: the build's replacement actor (num_gpus=1) fits nowhere while the surviving actor
+    # holds the last GPU, so the build must carry on with the actor it has (it once waited forever here).
     process = start_build(cluster, photo_folder, tmp_path, limit=24)
     wait_for_first_commit(process, tmp_path)
     cluster.remove_node(gpu_nodes(cluster)[0])
     try:
-        finish(process, timeout=45)
+        output = finish(process, timeout=120)
+        assert "actor died" in output, "the node loss did not reach the build"
         check_exactly_once(tmp_path, planned_keys(photo_folder, limit=24))
     finally:
         if process.poll() is None:
