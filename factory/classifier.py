@@ -417,10 +417,17 @@ def save_confusion_figure(confusion: np.ndarray, path: Path, title: str) -> None
     os.close(handle)
     try:
         figure.savefig(temporary, dpi=120)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     finally:
         plt.close(figure)
         Path(temporary).unlink(missing_ok=True)
+
+
+def _publish(temporary: str, path: Path) -> None:
+    """Move a finished temporary file into place. mkstemp creates files readable by the owner only; outputs are
+    meant to be shared, so they get the usual rw-r--r-- first."""
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -428,7 +435,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)
-    os.replace(temporary, path)
+    _publish(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -452,7 +459,7 @@ def save_classifier(network: nn.Module, config: ClassifierTrainConfig, accuracy:
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -97,6 +97,8 @@ def test_classifier_trains_clearly_above_chance(trained):
     assert trained.accuracy >= 3 * CHANCE, trained.accuracy  # >= 20%; measured 23.3%
     assert trained.confusion.shape == (15, 15) and trained.confusion.sum() == 15 * round(32 * 0.2)
     assert trained.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for output in (trained.checkpoint, trained.figure, trained.metrics):
+        assert output.stat().st_mode & 0o044 == 0o044  # shared outputs: readable by group and others
     metrics = json.loads(trained.metrics.read_text())
     assert metrics["accuracy"] == pytest.approx(trained.accuracy) and metrics["classes"] == list(CORRUPTIONS)
 
