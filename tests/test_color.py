@@ -42,23 +42,33 @@ def sharma_pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # --- CIEDE2000 -------------------------------------------------------------------------------------------------------
 
 
+def run_ciede2000(lab1: torch.Tensor, lab2: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """Through the differentiable path (inputs need a gradient) or the fast no-gradient path."""
+    if differentiable:
+        return color.ciede2000(lab1.clone().requires_grad_(), lab2.clone().requires_grad_()).detach()
+    return color.ciede2000(lab1, lab2)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
 @pytest.mark.parametrize("swap", [False, True])
-def test_ciede2000_matches_sharma_2005_pairs(swap):
+def test_ciede2000_matches_sharma_2005_pairs(swap, differentiable):
     # Reference: Sharma, Wu & Dalal (2005), Table 1; pairs 7-16 are the hue discontinuities. CIEDE2000 is symmetric.
     lab1, lab2, expected = sharma_pairs()
     if swap:
         lab1, lab2 = lab2, lab1
-    got = color.ciede2000(lab1[:, :, None], lab2[:, :, None])[:, 0]
+    got = run_ciede2000(lab1[:, :, None], lab2[:, :, None], differentiable)[:, 0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
-def test_ciede2000_sharma_pairs_in_float32():
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_ciede2000_sharma_pairs_in_float32(differentiable):
     lab1, lab2, expected = sharma_pairs()
-    got = color.ciede2000(lab1.float()[:, :, None], lab2.float()[:, :, None])[:, 0]
+    got = run_ciede2000(lab1.float()[:, :, None], lab2.float()[:, :, None], differentiable)[:, 0]
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)
 
 
-def test_ciede2000_matches_skimage_on_random_lab():
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_ciede2000_matches_skimage_on_random_lab(differentiable):
     # Reference: skimage.color.deltaE_ciede2000, with gray colours and exactly opposite hues mixed in.
     generator = torch.Generator().manual_seed(1)
     lab1 = torch.rand(2, 3, 64, 64, generator=generator, dtype=torch.float64) * torch.tensor(
@@ -75,7 +85,7 @@ def test_ciede2000_matches_skimage_on_random_lab():
     lab1[:, 1, 9, :] = 0.0
     lab1[:, 2, 9, :] = 2.5 + lab1[:, 2, 9, :].abs()
     lab2[:, 1:, 9, :] = -lab1[:, 1:, 9, :]
-    got = color.ciede2000(lab1, lab2)
+    got = run_ciede2000(lab1, lab2, differentiable)
     expected = skimage.color.deltaE_ciede2000(
         lab1.permute(0, 2, 3, 1).numpy(), lab2.permute(0, 2, 3, 1).numpy(), channel_axis=-1
     )
@@ -102,14 +112,17 @@ def test_ciede2000_gradients_are_finite_at_zero_chroma_and_identical_colours():
 # --- sRGB -> LAB -----------------------------------------------------------------------------------------------------
 
 
-def test_rgb_to_lab_matches_skimage_on_random_images():
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_rgb_to_lab_matches_skimage_on_random_images(differentiable):
     generator = torch.Generator().manual_seed(2)
     rgb = torch.rand(1, 3, 48, 40, generator=generator, dtype=torch.float64)
     rgb[..., :3] = 0.0  # black, and values below the sRGB linear threshold
     rgb[..., 3:6] = 0.02
+    rgb[..., 6:9] = 0.04045  # at the sRGB threshold
     expected = skimage.color.rgb2lab(to_numpy(rgb))
+    rgb.requires_grad_(differentiable)
     np.testing.assert_allclose(to_numpy(color.rgb_to_lab(rgb)), expected, rtol=0, atol=1e-4)
-    got32 = color.rgb_to_lab(rgb.float())
+    got32 = color.rgb_to_lab(rgb.detach().float().requires_grad_(differentiable))
     assert got32.dtype == torch.float32
     np.testing.assert_allclose(to_numpy(got32), expected, rtol=0, atol=2e-3)
 
@@ -131,8 +144,13 @@ def test_rgb_to_lab_and_ciede2000_match_skimage_on_photos(photos):
 
 
 def test_rgb_to_lab_accepts_uint8_like_skimage(photos):
-    image = photos["rocket"][:64, :64]
-    got = color.rgb_to_lab(torch.from_numpy(image).permute(2, 0, 1)[None])
+    # The uint8 path linearises through a 256-entry table; every 8-bit level appears in the test image.
+    levels = np.arange(256, dtype=np.uint8)
+    image = np.concatenate(
+        [photos["rocket"][:64, :64], np.stack([levels, levels[::-1], levels], -1)[:64][None].repeat(4, 0)]
+    )
+    got = color.rgb_to_lab(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None])
+    assert got.dtype == torch.float32
     np.testing.assert_allclose(to_numpy(got), skimage.color.rgb2lab(image), rtol=0, atol=2e-3)
 
 
@@ -184,6 +202,22 @@ def test_delta_e_matches_skimage_on_the_bicubic_downsampled_hr(photos):
     assert abs(result.mean[0].item() - per_pixel.mean()) < 1e-3
     assert abs(result.p95[0].item() - np.percentile(per_pixel, 95)) < 1e-3
     assert result.mean[1].item() < 1e-9  # the bicubic LR itself has no colour difference
+
+
+def test_delta_e_uint8_matches_skimage_on_the_stored_pair(photos):
+    # Reference: skimage on (8-bit bicubic HR, 8-bit LR), i.e. what a reader of the stored pair recomputes.
+    hr_image = photos["astronaut"][:256, :256]
+    hr = torch.from_numpy(hr_image).permute(2, 0, 1)[None].contiguous()
+    lr = color.quantize(color.shift_lab(color.downsample(hr.float() / 255, 4), 1.0, 3.0, -2.0))
+    result = color.delta_e_uint8(hr, lr)
+    reference = color.quantize(color.bicubic_resize(hr.float() / 255, (64, 64)))[0].permute(1, 2, 0).numpy()
+    per_pixel = skimage.color.deltaE_ciede2000(
+        skimage.color.rgb2lab(reference), skimage.color.rgb2lab(lr[0].permute(1, 2, 0).numpy())
+    )
+    assert abs(result.mean.item() - per_pixel.mean()) < 1e-3
+    assert abs(result.p95.item() - np.percentile(per_pixel, 95)) < 1e-3
+    with pytest.raises(ValueError, match="uint8"):
+        color.delta_e_uint8(hr.float(), lr)
 
 
 def test_delta_e_gradients_flow():
