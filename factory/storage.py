@@ -69,29 +69,21 @@ class Storage:
         info = self.info(relative)
         return info.size if info.type == pafs.FileType.File else None
 
-    def list_files(self, relative: str = "") -> list[str]:
-        """Names (not paths) of the files directly in folder `relative`, sorted; [] when the folder is missing."""
-        info = self.info(relative)
-        if info.type != pafs.FileType.Directory:
+    def _list(self, relative: str, kind: pafs.FileType) -> list[str]:
+        if self.info(relative).type != pafs.FileType.Directory:
             return []
         selector = pafs.FileSelector(self.path(relative), recursive=False)
         return sorted(
-            entry.base_name
-            for entry in self.filesystem.get_file_info(selector)
-            if entry.type == pafs.FileType.File
+            entry.base_name for entry in self.filesystem.get_file_info(selector) if entry.type == kind
         )
+
+    def list_files(self, relative: str = "") -> list[str]:
+        """Names (not paths) of the files directly in folder `relative`, sorted; [] when the folder is missing."""
+        return self._list(relative, pafs.FileType.File)
 
     def list_dirs(self, relative: str = "") -> list[str]:
         """Names of the sub-folders of `relative`, sorted; [] when the folder is missing."""
-        info = self.info(relative)
-        if info.type != pafs.FileType.Directory:
-            return []
-        selector = pafs.FileSelector(self.path(relative), recursive=False)
-        return sorted(
-            entry.base_name
-            for entry in self.filesystem.get_file_info(selector)
-            if entry.type == pafs.FileType.Directory
-        )
+        return self._list(relative, pafs.FileType.Directory)
 
     def read_bytes(self, relative: str) -> bytes:
         with self.filesystem.open_input_stream(self.path(relative)) as stream:
