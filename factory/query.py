@@ -4,7 +4,8 @@ writes the matching pairs out as a new dataset.
     factory query "delta_e < 5 AND label = 'gaussian_noise'"
     factory query "SELECT dataset, avg(delta_e) FROM manifests GROUP BY dataset" --format csv
 
-DuckDB sees one view, `manifests`, over exactly the files of `manifest_files(root)`. Those files are the only
+DuckDB sees one view, `manifests`, over exactly the files of `manifest_files(root)` (for an object-store root such as
+`s3://bucket/manifests`: the same files read through pyarrow into memory first). Those files are the only
 paths it may open: once the view exists, external access is switched off (with the manifest files as the allowed
 paths) and the configuration is locked, so a query cannot read other files (`read_csv('/etc/passwd')`), write
 (`COPY ... TO`), attach databases or install/load extensions. Only a single SELECT statement is accepted.
@@ -67,14 +68,35 @@ def _one_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _object_store_manifests(manifests_root: str) -> pa.Table:
+    """Every pair manifest under an object-store root (`s3://bucket/manifests`), read through pyarrow's filesystem
+    (the build's I/O layer) into one table: the sandboxed DuckDB below reads local files only."""
+    from factory.manifests import read_manifest
+
+    storage = Storage(manifests_root)
+    try:
+        tables = [
+            read_manifest(storage, f"{dataset}/{name}")
+            for dataset in storage.list_dirs()
+            for name in storage.list_files(dataset)
+            if name.endswith(".parquet") and not name.startswith(("_", "."))
+        ]
+    except (OSError, pa.ArrowException) as error:
+        raise FactoryError(f"cannot read the manifests under {manifests_root}: {_one_line(error)}") from None
+    return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
+
+
 def connect(manifests_root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the view `manifests` and no other access to the file system."""
-    files = [str(path.resolve()) for path in manifest_files(manifests_root)]
+    remote = "://" in os.fspath(manifests_root)
+    files = [] if remote else [str(path.resolve()) for path in manifest_files(manifests_root)]
     connection = duckdb.connect(
         ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
     try:
-        if files:
+        if remote:
+            connection.register(VIEW_NAME, _object_store_manifests(os.fspath(manifests_root)))
+        elif files:
             file_list = "[" + ", ".join(_quote_string(path) for path in files) + "]"
             # union_by_name: manifests written before an additive schema change still line up by column name.
             connection.execute(

@@ -208,3 +208,31 @@ def test_dry_run_writes_nothing_to_s3(s3_bucket: S3Bucket, photo_folder: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run" in result.stdout
     assert s3_bucket.keys() == []
+
+
+def test_query_and_stream_where_over_s3_manifests(s3_bucket: S3Bucket, photo_folder: Path):
+    # Every manifest reader goes through factory.query: the CLI's query and the consumer's where= on s3:// roots.
+    out, manifests = s3_bucket.uri("shards"), s3_bucket.uri("manifests")
+    build_into(photo_folder, out, manifests, "--actors", "0")  # in-process: the Ray path is tested above
+    pair_manifests = [
+        key for key in s3_bucket.keys("manifests/") if key.endswith(".parquet") and "/_" not in key
+    ]
+    rows = pa.concat_tables([read_s3_table(s3_bucket.uri(key)) for key in pair_manifests]).to_pylist()
+    threshold = sorted(row["delta_e"] for row in rows)[len(rows) // 2]
+    expected = sorted(row["key"] for row in rows if row["delta_e"] < threshold)
+    assert 0 < len(expected) < len(rows)
+
+    queried = run_factory("query", f"delta_e < {threshold!r}", "--manifests", manifests, "--format", "keys")
+    assert queried.returncode == 0, queried.stderr[-3000:]
+    assert sorted(queried.stdout.split()) == expected
+    # The sandbox holds for object-store roots too: no file access from a query.
+    escaped = run_factory("query", "SELECT * FROM read_csv('/etc/passwd')", "--manifests", manifests)
+    assert escaped.returncode == 2 and "disabled" in escaped.stderr
+
+    from factory.stream import PairedPatches
+
+    dataset = PairedPatches(
+        f"{out}/{DATASET}", manifests=manifests, where=f"delta_e < {threshold!r}", patch_size=8, scale=4,
+        patches_per_pair=1, augment=False, shuffle=0,
+    )  # fmt: skip
+    assert sorted(patch["key"] for patch in dataset) == expected
