@@ -154,6 +154,24 @@ def test_rgb_to_lab_accepts_uint8_like_skimage(photos):
     np.testing.assert_allclose(to_numpy(got), skimage.color.rgb2lab(image), rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8])
+def test_pixel_delta_e_matches_skimage_across_pieces(photos, dtype):
+    # 150 x 130 pixels span two of the fast path's pieces; reference: skimage rgb2lab + deltaE_ciede2000.
+    first, second = photos["coffee"][:150, :130], photos["chelsea"][:150, :130]
+    if dtype == torch.uint8:
+        inputs = [
+            torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None] for image in (first, second)
+        ]
+        tolerance = 2e-3  # float32 arithmetic
+    else:
+        inputs = [to_tensor(image) for image in (first, second)]
+        tolerance = 1e-4
+    got = color.pixel_delta_e(*inputs)
+    expected = skimage.color.deltaE_ciede2000(skimage.color.rgb2lab(first), skimage.color.rgb2lab(second))
+    assert got.shape == (1, 150, 130)
+    np.testing.assert_allclose(got[0].double().numpy(), expected, rtol=0, atol=tolerance)
+
+
 def test_lab_to_rgb_inverts_rgb_to_lab():
     rgb = torch.rand(1, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(color.lab_to_rgb(color.rgb_to_lab(rgb)), rgb, rtol=0, atol=1e-6)
