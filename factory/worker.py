@@ -1,0 +1,346 @@
+"""The build's worker: turns whole shards into a tar and its manifest (a Ray actor; a plain class, so tests and a
+debugger can run it in-process with `--actors 0`).
+
+Per crop y (the paper, Sections 3.1 and 4.1): x = the colour module's bicubic of y by `scale`, stored as 8 bits;
+x_deg = G(x) (x itself for `bicubic`), stored as 8 bits; then, on the device, ΔE (CIEDE2000 of bicubic(y) vs x_deg)
+and PSNR / SSIM of x_deg against x, all on the stored 8-bit pixels so that a row equals skimage on the pair read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from factory import __version__
+from factory.manifests import write_manifest
+from factory.plan import BICUBIC, PlannedCrop, ShardTask, reject_row
+from factory.sources import RejectedImage, SourceFile, decode_rgb
+from factory.storage import Storage
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quality metrics on the device
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def image_quality(degraded, reference):
+    """PSNR and SSIM of `degraded` against `reference`, both (N, 3, h, w) uint8 tensors, computed in float64 on
+    their device (float32 on MPS, which has no float64) -> (psnr (N,), ssim (N,)).
+
+    The definitions of skimage's `peak_signal_noise_ratio(reference, degraded, data_range=255)` (an infinite PSNR,
+    identical images, is stored as 100 dB) and `structural_similarity(..., channel_axis=2, data_range=255)` with its
+    defaults: 7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance, mean over the windows that fit inside the
+    image (skimage filters the whole image and crops 3 pixels off each border, which leaves exactly these windows),
+    then over the channels."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.float32 if degraded.device.type == "mps" else torch.float64  # MPS has no float64
+    a = degraded.to(dtype)
+    b = reference.to(dtype)
+    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    psnr = torch.where(
+        mse > 0, 10.0 * torch.log10(255.0**2 / mse.clamp_min(1e-12)), torch.full_like(mse, 100.0)
+    )
+    window = 7
+    if min(a.shape[-2:]) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {tuple(a.shape[-2:])}")
+    count = window * window
+    covariance_norm = count / (count - 1)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def mean_filter(t):
+        return F.avg_pool2d(t, window, stride=1)
+
+    mean_a, mean_b = mean_filter(a), mean_filter(b)
+    var_a = covariance_norm * (mean_filter(a * a) - mean_a * mean_a)
+    var_b = covariance_norm * (mean_filter(b * b) - mean_b * mean_b)
+    cov = covariance_norm * (mean_filter(a * b) - mean_a * mean_b)
+    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / (
+        (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+    )
+    ssim = ssim_map.flatten(2).mean(dim=2).mean(dim=1)
+    return psnr, ssim
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    dataset: str
+    model: str  # registry name or "bicubic"
+    checkpoint: str | None  # checkpoint file (None for bicubic)
+    epoch: int | None
+    scale: int
+    crop: int
+    codec: str
+    batch_size: int
+    device: str  # "auto", "cpu", "cuda", ...
+    seed: int
+    color_correct: bool
+    classifier: str | None
+    out: str  # shard root location
+    manifests: str  # manifest root location
+    max_pixels: int | None
+    build_fingerprint: str
+    threads: int | None  # torch intra-op threads (None: leave torch's default)
+    crash_marker: str | None  # tests only: see CRASH_ONCE_ENVIRONMENT
+
+
+@dataclass
+class ShardSummary:
+    index: int
+    stem: str
+    pairs: int
+    rejects: list[dict[str, str]]
+    shard_bytes: int
+    seconds: float
+    delta_e_sum: float
+    skipped: bool = False  # already committed (resume)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pair_seed(seed: int, keys: list[str]) -> int:
+    """The generator seed of a batch: from the build seed and the batch's keys, so a pair's draw depends only on
+    the command (not on which actor ran it, or when)."""
+    digest = hashlib.sha256(f"{seed}\0".encode() + "\0".join(keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ShardWorker:
+    """Loads the reconstructor (and classifier) once, then turns whole shards into a tar and a manifest."""
+
+    def __init__(self, settings: WorkerSettings):
+        import torch
+
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.device = torch.device(resolve_device(settings.device))
+        self.shards = Storage(settings.out)
+        self.manifests = Storage(settings.manifests)
+        self.model = None
+        self.preset: str | None = None
+        self.checkpoint_sha256: str | None = None
+        if settings.model != BICUBIC:
+            from factory.checkpoints import load_reconstructor
+
+            loaded = load_reconstructor(settings.checkpoint, model_name=settings.model, device=self.device)
+            self.model, self.preset, self.checkpoint_sha256 = loaded.model, loaded.preset, loaded.sha256
+        self.labeler = None
+        if settings.classifier:
+            from factory.classifier import Labeler
+
+            self.labeler = Labeler.load(settings.classifier, device=self.device)
+        encoders = settings.threads or 1
+        if settings.threads is None and self.device.type == "cuda":  # on a cluster node: its CPUs per GPU
+            encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+        self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
+        self.ready = True
+
+    def ping(self) -> bool:
+        return self.ready
+
+    # -- one shard -----------------------------------------------------------------------------------------------
+
+    def build_shard(self, task: ShardTask) -> ShardSummary:
+        from factory.shards import HashingWriter, TarShardWriter
+
+        started = time.perf_counter()
+        settings = self.settings
+        shard_path = f"{settings.dataset}/{task.stem}.tar"
+        rows: list[dict[str, Any]] = []
+        rejects: list[dict[str, str]] = []
+        with self.shards.open_atomic(shard_path) as raw:
+            stream = HashingWriter(raw)
+            writer = TarShardWriter(stream)
+            for batch in self._batches(task, rejects):
+                for row, members in self._make_pairs(batch, shard_path):
+                    writer.add_sample(row["key"], members)
+                    rows.append(row)
+                self._maybe_crash()
+            writer.close()
+        commit = {
+            "shard": shard_path,
+            "shard_bytes": stream.size,
+            "shard_sha256": stream.hexdigest(),
+            "pairs": len(rows),
+            "planned": len(task.crops),
+            "plan_sha256": task.plan_sha256,
+            "build_fingerprint": settings.build_fingerprint,
+            "rejects": rejects,
+            "factory_version": __version__,
+        }
+        write_manifest(self.manifests, f"{settings.dataset}/{task.stem}.parquet", rows, commit)
+        return ShardSummary(
+            index=task.index,
+            stem=task.stem,
+            pairs=len(rows),
+            rejects=rejects,
+            shard_bytes=stream.size,
+            seconds=time.perf_counter() - started,
+            delta_e_sum=float(sum(row["delta_e"] for row in rows)),
+        )
+
+    def _maybe_crash(self) -> None:
+        """Tests only: die like a killed process, mid-shard, the first time any worker gets here."""
+        marker = self.settings.crash_marker
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)
+
+    def _batches(self, task: ShardTask, rejects: list[dict[str, str]]):
+        """Yield lists of (PlannedCrop, source, source_sha256, y (crop, crop, 3) uint8) of at most batch_size,
+        decoding each source once; a source that fails to decode is recorded in `rejects` and its crops skipped."""
+        settings = self.settings
+        batch: list[tuple[PlannedCrop, SourceFile, str, np.ndarray]] = []
+        current: tuple[int, np.ndarray | None, str] = (-1, None, "")
+        for crop in task.crops:
+            if crop.source != current[0]:
+                source = task.sources[crop.source]
+                current = (crop.source, *self._decode(source, rejects))
+            image, source_sha256 = current[1], current[2]
+            if image is None:
+                continue
+            source = task.sources[crop.source]
+            y = image[crop.top : crop.top + settings.crop, crop.left : crop.left + settings.crop]
+            if y.shape[:2] != (settings.crop, settings.crop):
+                rejects.append(
+                    reject_row(
+                        settings.dataset,
+                        source,
+                        RejectedImage("changed", f"{source.relative} no longer fits the planned crops"),
+                    )
+                )
+                current = (crop.source, None, "")
+                continue
+            batch.append((crop, source, source_sha256, y))
+            if len(batch) == settings.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _decode(self, source: SourceFile, rejects: list[dict[str, str]]) -> tuple[np.ndarray | None, str]:
+        try:
+            try:
+                data = Path(source.path).read_bytes()
+            except OSError as error:
+                raise RejectedImage(
+                    "unreadable", f"cannot read {source.relative}: {error.strerror or error}"
+                ) from None
+            image = decode_rgb(data, name=source.relative, max_pixels=self.settings.max_pixels)
+        except RejectedImage as error:
+            rejects.append(reject_row(self.settings.dataset, source, error))
+            return None, ""
+        return image, hashlib.sha256(data).hexdigest()
+
+    def _make_pairs(self, batch, shard_path: str):
+        """One device batch: downsample, degrade, measure; yield (manifest row, tar members) per pair."""
+        import torch
+
+        from factory.color import delta_e, downsample
+        from factory.shards import encode_image, payload_extension
+
+        settings = self.settings
+        keys = [crop.key for crop, _, _, _ in batch]
+        with torch.inference_mode():
+            # y: (B, 3, crop, crop) uint8 -> x: (B, 3, crop / s, crop / s), the bicubic LR, stored as 8 bits.
+            y8 = torch.from_numpy(np.stack([item[3] for item in batch])).to(self.device).permute(0, 3, 1, 2)
+            x8 = quantize(downsample(y8.float() / 255.0, settings.scale))
+            corrected = False
+            if self.model is None:
+                degraded8 = x8
+            else:
+                x = x8.float() / 255.0
+                generator = torch.Generator(device=self.device).manual_seed(pair_seed(settings.seed, keys))
+                degraded = self.model.reconstruct(x, generator=generator).float().clamp(0, 1)
+                if settings.color_correct:
+                    from factory.color import color_correct
+
+                    degraded = color_correct(degraded, x).clamp(0, 1)
+                    corrected = True
+                degraded8 = quantize(degraded)
+            difference = delta_e(y8, degraded8)  # the paper's ΔE: bicubic(HR) vs the stored degraded LR
+            psnr, ssim = image_quality(degraded8, x8)
+            labels = None
+            if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
+                labels = self.labeler.manifest_columns(*self.labeler.predict(degraded8.float() / 255.0))
+            lr_images = degraded8.permute(0, 2, 3, 1).cpu().numpy()
+            means = difference.mean.double().cpu().tolist()
+            p95s = difference.p95.double().cpu().tolist()
+            psnrs, ssims = psnr.cpu().tolist(), ssim.cpu().tolist()
+        extension = payload_extension(settings.codec)
+        images = [np.ascontiguousarray(item[3]) for item in batch] + [
+            np.ascontiguousarray(lr) for lr in lr_images
+        ]
+        # PNG/zstd encoding releases the GIL: on a GPU node it runs on the node's spare cores, in parallel.
+        encoded = list(self.encoders.map(lambda image: encode_image(image, settings.codec), images))
+        for index, (crop, source, source_sha256, _) in enumerate(batch):
+            hr, lr = encoded[index], encoded[len(batch) + index]
+            row = {
+                "key": crop.key,
+                "dataset": settings.dataset,
+                "model": settings.model,
+                "epoch": settings.epoch,
+                "preset": self.preset,
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "source": source.relative,
+                "source_root": source.root,
+                "source_sha256": source_sha256,
+                "crop_top": crop.top,
+                "crop_left": crop.left,
+                "crop_height": settings.crop,
+                "crop_width": settings.crop,
+                "scale": settings.scale,
+                "delta_e": means[index],
+                "delta_e_p95": p95s[index],
+                "psnr": psnrs[index],
+                "ssim": ssims[index],
+                "color_corrected": corrected,
+                "shard": shard_path,
+                "codec": settings.codec,
+                "hr_bytes": len(hr),
+                "lr_bytes": len(lr),
+                "hr_sha256": hashlib.sha256(hr).hexdigest(),
+                "lr_sha256": hashlib.sha256(lr).hexdigest(),
+                "seed": settings.seed,
+                "factory_version": __version__,
+            }
+            if labels is not None:
+                row.update({name: values[index] for name, values in labels.items()})
+            members = {f"hr.{extension}": hr, f"lr.{extension}": lr, "json": row_json(row)}
+            yield row, members
+
+
+def quantize(image):
+    """(N, 3, H, W) float in [0, 1] -> uint8, rounded to nearest (as an 8-bit image file stores it)."""
+    import torch
+
+    return (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def row_json(row: dict[str, Any]) -> bytes:
+    """The `json` member of a sample: its manifest row, UTF-8, keys sorted (so the bytes are reproducible)."""
+    return json.dumps(row, sort_keys=True, allow_nan=False).encode("utf-8")
