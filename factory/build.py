@@ -442,7 +442,7 @@ class BuildResult:
                 f"  sources {plan['sources']}, usable images {plan['images']}, rejected {len(self.rejects)}",
                 f"  crops {plan['crops']} of {plan['crop']}x{plan['crop']} (grid, stride {plan['stride']}), "
                 f"shards {plan['shards']}, actors {self.actors}",
-                f"  estimated output {self.estimated_bytes / 1e9:.2f} GB",
+                f"  estimated output {self.estimated_bytes / 1e6:,.1f} MB",
             ]
         reasons = Counter(row["reason"] for row in self.rejects)
         rejected = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
