@@ -77,36 +77,41 @@ def image_quality(degraded, reference):
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    dataset: str
-    model: str  # registry name or "bicubic"
-    checkpoint: str | None  # checkpoint file (None for bicubic)
-    epoch: int | None
-    scale: int
-    crop: int
-    codec: str
-    batch_size: int
-    device: str  # "auto", "cpu", "cuda", ...
-    seed: int
-    color_correct: bool
-    classifier: str | None
-    out: str  # shard root location
-    manifests: str  # manifest root location
-    max_pixels: int | None
-    build_fingerprint: str
-    threads: int | None  # torch intra-op threads (None: leave torch's default)
-    crash_marker: str | None  # tests only: see CRASH_ONCE_ENVIRONMENT
+    """What a worker needs to build shards (plain values: Ray sends it to every actor)."""
+
+    dataset: str  # dataset name: folder and key prefix
+    model: str  # registry name, or "bicubic" (x_deg = x)
+    checkpoint: str | None  # reconstructor checkpoint file (None for bicubic)
+    epoch: int | None  # the checkpoint's epoch, recorded per row (None for bicubic)
+    scale: int  # HR size / LR size
+    crop: int  # HR crop side
+    codec: str  # payload codec: "png" or "zst"
+    batch_size: int  # crops per device batch
+    device: str  # torch device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
+    seed: int  # the build seed (see pair_seed)
+    color_correct: bool  # apply factory.color.color_correct to x_deg
+    classifier: str | None  # degradation classifier checkpoint that fills the label columns
+    out: str  # shard root (folder or URI)
+    manifests: str  # manifest root (folder or URI)
+    max_pixels: int | None  # decompression-bomb limit (None: Pillow's)
+    build_fingerprint: str  # recorded in each commit record, checked on resume
+    threads: int | None  # torch intra-op threads and payload encoders (None: torch's default, one encoder)
+    crash_marker: (
+        str | None
+    )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
 
 
 @dataclass
 class ShardSummary:
-    index: int
-    stem: str
-    pairs: int
-    rejects: list[dict[str, str]]
-    shard_bytes: int
-    seconds: float
-    delta_e_sum: float
-    skipped: bool = False  # already committed (resume)
+    """What a worker returns for a shard: small, never pixels."""
+
+    index: int  # shard number
+    stem: str  # "<dataset>-NNNNNN"
+    pairs: int  # pairs written
+    rejects: list[dict[str, str]]  # sources that failed to decode (REJECT_SCHEMA rows)
+    shard_bytes: int  # size of the tar
+    seconds: float  # wall time of the shard
+    delta_e_sum: float  # sum of the pairs' ΔE (for running means)
 
 
 def resolve_device(name: str) -> str:
