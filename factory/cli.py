@@ -341,13 +341,11 @@ def query_command(expression: str, manifests_root: str, output_format: str) -> N
 @user_errors
 def filter_command(where, shards_root, manifests_root, out, out_manifests, name, pairs_per_shard) -> None:
     """Write a new dataset with exactly the pairs matching --where (payloads copied byte for byte)."""
-    from pathlib import Path
-
     from factory.query import FilterConfig, filter_dataset
 
     summary = filter_dataset(
         FilterConfig(
-            where=where, shards_root=shards_root, manifests_root=Path(manifests_root), out=out,
+            where=where, shards_root=shards_root, manifests_root=manifests_root, out=out,
             out_manifests=out_manifests, name=name, pairs_per_shard=pairs_per_shard,
         )
     )
@@ -383,7 +381,7 @@ def preview_command(shards_root, manifests_root, where, count, out) -> None:
     from factory.preview import PreviewConfig, make_preview
 
     summary = make_preview(
-        PreviewConfig(shards_root=Path(shards_root), manifests_root=Path(manifests_root), where=where, count=count, out=Path(out))
+        PreviewConfig(shards_root=shards_root, manifests_root=manifests_root, where=where, count=count, out=Path(out))
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs")
 
@@ -403,7 +401,7 @@ def export_command(export_format, shards_root, manifests_root, where, out) -> No
     from factory.export import ExportConfig, export_basicsr
 
     summary = export_basicsr(
-        ExportConfig(shards_root=Path(shards_root), manifests_root=Path(manifests_root), where=where, out=Path(out))
+        ExportConfig(shards_root=shards_root, manifests_root=manifests_root, where=where, out=Path(out))
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs (hr/, lr/, {', '.join(summary.meta_info_files)})")
 

@@ -42,7 +42,7 @@ BASICSR_OPTIONS = "basicsr_dataset.yml"
 @dataclass(frozen=True)
 class ExportConfig:
     shards_root: str | Path  # shard root (folder or storage URI)
-    manifests_root: Path  # manifest root: every dataset under it is searched
+    manifests_root: str | Path  # manifest root (folder or storage URI): every dataset under it is searched
     where: str | None  # SQL predicate over the manifest columns; None: all pairs
     out: Path  # folder to create (must not exist, or be empty)
     export_format: str = "basicsr"  # the only layout so far

@@ -38,7 +38,7 @@ COLUMN_TITLES = ("HR", "bicubic LR", "degraded LR")
 @dataclass(frozen=True)
 class PreviewConfig:
     shards_root: str | Path  # shard root (folder or storage URI)
-    manifests_root: Path  # manifest root: every dataset under it is searched
+    manifests_root: str | Path  # manifest root (folder or storage URI): every dataset under it is searched
     where: str | None  # SQL predicate over the manifest columns; None: all pairs
     count: int  # pairs to show (the first matching, in manifest order)
     out: Path  # the PNG to write

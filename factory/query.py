@@ -256,7 +256,7 @@ class FilterConfig:
     shards_root: str | Path
     manifests_root: (
         str | Path
-    )  # local folder of the parent datasets' manifests (all datasets there are searched)
+    )  # the parent datasets' manifest root, a folder or storage URI (all datasets there are searched)
     out: (
         str | Path
     )  # shard root of the new dataset: it goes to <out>/<name>/<name>-NNNNNN.tar (folder or URI)

@@ -225,6 +225,20 @@ def test_query_and_stream_where_over_s3_manifests(s3_bucket: S3Bucket, photo_fol
     queried = run_factory("query", f"delta_e < {threshold!r}", "--manifests", manifests, "--format", "keys")
     assert queried.returncode == 0, queried.stderr[-3000:]
     assert sorted(queried.stdout.split()) == expected
+    # filter writes the selection as a new dataset beside the first, in the bucket; verify reads both back.
+    filtered = run_factory(
+        "filter", "--where", f"delta_e < {threshold!r}", "--shards", out, "--manifests", manifests,
+        "--out", out, "--name", "low-delta-e",
+    )  # fmt: skip
+    assert filtered.returncode == 0, filtered.stderr[-3000:]
+    new_manifests = [
+        key
+        for key in s3_bucket.keys("manifests/low-delta-e/")
+        if key.endswith(".parquet") and "/_" not in key
+    ]
+    assert sum(read_s3_table(s3_bucket.uri(key)).num_rows for key in new_manifests) == len(expected)
+    verified = run_factory("verify", out, "--manifests", manifests)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     # The sandbox holds for object-store roots too: no file access from a query.
     escaped = run_factory("query", "SELECT * FROM read_csv('/etc/passwd')", "--manifests", manifests)
     assert escaped.returncode == 2 and "disabled" in escaped.stderr
