@@ -6,7 +6,7 @@
 Pipeline per crop y (the paper, Section 3.1 and 4.1): x = bicubic downsample of y by `scale` (colour module),
 quantised to 8 bits as the stored bicubic LR would be; x_deg = G(x) with the undertrained reconstructor G (or x itself
 for `--model bicubic`), quantised to 8 bits as stored; then, on the device, the paper's ΔE (CIEDE2000 between
-bicubic(y) and x_deg), and PSNR / SSIM of x_deg against x (torch ports of skimage's definitions, see
+bicubic(y) as stored, i.e. x, and x_deg), and PSNR / SSIM of x_deg against x (torch ports of skimage's definitions, see
 `factory.worker.image_quality`). Everything is measured on the stored 8-bit pixels, so a manifest row equals what skimage
 computes on the pair read back from the shard.
 
@@ -509,7 +509,8 @@ def _write_card(
             "hr": "8-bit RGB crop of the EXIF-oriented source",
             "lr": "bicubic (factory.color.downsample) of the HR by `scale`, quantised to 8 bits, then degraded by the "
             "model (bicubic: unchanged), quantised to 8 bits",
-            "delta_e": "factory.color.delta_e(hr, lr): CIEDE2000 of bicubic(HR) vs LR, per-image mean (paper 4.3.2)",
+            "delta_e": "factory.color.delta_e_uint8(hr, lr): CIEDE2000 of bicubic(HR) stored as 8 bits vs LR, per-image mean "
+            "(paper 4.3.2; 0 for the bicubic dataset)",
             "psnr_ssim": "degraded LR vs bicubic LR, torch ports of skimage's definitions (data_range 255)",
         },
         "checkpoint": None

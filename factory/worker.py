@@ -2,7 +2,7 @@
 debugger can run it in-process with `--actors 0`).
 
 Per crop y (the paper, Sections 3.1 and 4.1): x = the colour module's bicubic of y by `scale`, stored as 8 bits;
-x_deg = G(x) (x itself for `bicubic`), stored as 8 bits; then, on the device, ΔE (CIEDE2000 of bicubic(y) vs x_deg)
+x_deg = G(x) (x itself for `bicubic`), stored as 8 bits; then, on the device, ΔE (CIEDE2000 of x = bicubic(y) vs x_deg)
 and PSNR / SSIM of x_deg against x, all on the stored 8-bit pixels so that a row equals skimage on the pair read back.
 """
 
@@ -143,6 +143,10 @@ class ShardWorker:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = torch.device(resolve_device(settings.device))
+        if self.device.type == "cpu":
+            from factory.color import tune_cpu_allocator
+
+            tune_cpu_allocator()  # the colour module's advice for processes that compute many ΔE on the CPU
         self.shards = Storage(settings.out)
         self.manifests = Storage(settings.manifests)
         self.model = None
@@ -265,7 +269,7 @@ class ShardWorker:
         """One device batch: downsample, degrade, measure; yield (manifest row, tar members) per pair."""
         import torch
 
-        from factory.color import delta_e, downsample
+        from factory.color import delta_e_uint8, downsample, quantize
         from factory.shards import encode_image, payload_extension
 
         settings = self.settings
@@ -287,7 +291,8 @@ class ShardWorker:
                     degraded = color_correct(degraded, x).clamp(0, 1)
                     corrected = True
                 degraded8 = quantize(degraded)
-            difference = delta_e(y8, degraded8)  # the paper's ΔE: bicubic(HR) vs the stored degraded LR
+            # The paper's ΔE on what is stored: quantize(bicubic(y)) = x8 against x_deg8 (0 for the bicubic dataset).
+            difference = delta_e_uint8(y8, degraded8)
             psnr, ssim = image_quality(degraded8, x8)
             labels = None
             if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
@@ -337,13 +342,6 @@ class ShardWorker:
                 row.update({name: values[index] for name, values in labels.items()})
             members = {f"hr.{extension}": hr, f"lr.{extension}": lr, "json": row_json(row)}
             yield row, members
-
-
-def quantize(image):
-    """(N, 3, H, W) float in [0, 1] -> uint8, rounded to nearest (as an 8-bit image file stores it)."""
-    import torch
-
-    return (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def row_json(row: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from test_sources import write_awkward_inputs
 
 from factory.build import CRASH_ONCE_ENVIRONMENT, BuildConfig, build, image_quality, plan_build
 from factory.cli import main
-from factory.color import downsample
+from factory.color import downsample, quantize
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_manifests, verify
 
@@ -69,18 +69,17 @@ def shard_urls(config: BuildConfig, dataset: str) -> list[str]:
     return sorted(str(path) for path in (Path(config.out) / dataset).glob("*.tar"))
 
 
-def skimage_delta_e(hr: np.ndarray, lr: np.ndarray, scale: int) -> float:
-    """Reference: the paper's protocol with skimage's rgb2lab + deltaE_ciede2000 (float64), on bicubic(HR) made
-    with the project's bicubic (factory.color.downsample) and the stored 8-bit LR."""
-    hr_tensor = torch.from_numpy(hr.copy()).permute(2, 0, 1)[None].double() / 255.0
-    reference = downsample(hr_tensor, scale)[0].permute(1, 2, 0).numpy()
-    return float(deltaE_ciede2000(rgb2lab(reference), rgb2lab(lr.astype(np.float64) / 255.0)).mean())
-
-
 def bicubic_lr8(hr: np.ndarray, scale: int) -> np.ndarray:
-    """The stored bicubic LR x: the project's bicubic of the HR crop, rounded to 8 bits."""
+    """The stored bicubic LR x: the project's bicubic of the HR crop, stored as 8 bits (factory.color.quantize)."""
     hr_tensor = torch.from_numpy(hr.copy()).permute(2, 0, 1)[None].float() / 255.0
-    return (downsample(hr_tensor, scale)[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    return quantize(downsample(hr_tensor, scale))[0].permute(1, 2, 0).numpy()
+
+
+def skimage_delta_e(hr: np.ndarray, lr: np.ndarray, scale: int) -> float:
+    """Reference: the paper's protocol with skimage's rgb2lab + deltaE_ciede2000 (float64) on the stored pair:
+    bicubic(HR) as stored (8 bits, the project's bicubic) against the stored 8-bit LR."""
+    reference = bicubic_lr8(hr, scale).astype(np.float64) / 255.0
+    return float(deltaE_ciede2000(rgb2lab(reference), rgb2lab(lr.astype(np.float64) / 255.0)).mean())
 
 
 def test_bicubic_build_reads_back_and_matches_skimage(tmp_path: Path, hr_folder: Path):
@@ -102,7 +101,9 @@ def test_bicubic_build_reads_back_and_matches_skimage(tmp_path: Path, hr_folder:
         assert hr.shape == (128, 128, 3) and lr.shape == (32, 32, 3)
         assert sample["json"] == {name: row[name] for name in sample["json"]}  # the json member is the row
         assert np.array_equal(lr, bicubic_lr8(hr, 4))  # bicubic model: x_deg = x
-        assert row["delta_e"] == pytest.approx(skimage_delta_e(hr, lr, 4), abs=1e-3)
+        assert (
+            row["delta_e"] == skimage_delta_e(hr, lr, 4) == 0.0
+        )  # x_deg = x as stored: no colour difference
         assert (row["psnr"], row["ssim"]) == (100.0, pytest.approx(1.0))
     source = Image.open(hr_folder / "astronaut.png")
     first = rows[samples[0]["__key__"]]
