@@ -33,13 +33,7 @@ from torch import nn
 @dataclass(frozen=True)
 class VAEConfig:
     image_size: int = 64  # native input side; must be divisible by 2 ** len(hidden_dims)
-    hidden_dims: tuple[int, ...] = (
-        32,
-        64,
-        128,
-        256,
-        512,
-    )  # encoder channels per stride-2 block (decoder mirrors)
+    hidden_dims: tuple[int, ...] = (32, 64, 128, 256, 512)  # stride-2 encoder widths; decoder mirrors
     latent_dim: int = 128  # dimension of z
     kld_weight: float = 0.00025  # weight of the KL term (AntixK configs/vae.yaml)
     tile_overlap: int = 16  # pixels two neighbouring 64x64 tiles share when reconstructing larger inputs
