@@ -48,7 +48,10 @@ def run(quick: bool = False) -> dict:
         finally:
             shards.PNG_COMPRESS_LEVEL = saved
         extension = shards.payload_extension(codec)
-        decode_ms = _median_ms(lambda: [shards.decode_image(f"x.{extension}", data) for data in encoded], repeats)
+        decode_ms = _median_ms(
+            lambda extension=extension, encoded=encoded: [shards.decode_image(f"x.{extension}", data) for data in encoded],
+            repeats,
+        )
         raw = hr.nbytes + lr.nbytes
         results[label] = {
             "encode_ms_per_pair": round(encode_ms, 2),
