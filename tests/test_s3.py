@@ -218,16 +218,17 @@ def test_query_and_stream_where_over_s3_manifests(s3_bucket: S3Bucket, photo_fol
         key for key in s3_bucket.keys("manifests/") if key.endswith(".parquet") and "/_" not in key
     ]
     rows = pa.concat_tables([read_s3_table(s3_bucket.uri(key)) for key in pair_manifests]).to_pylist()
-    threshold = sorted(row["delta_e"] for row in rows)[len(rows) // 2]
-    expected = sorted(row["key"] for row in rows if row["delta_e"] < threshold)
+    # A bicubic build has ΔE 0 everywhere (x_deg is x), so the predicate selects on the crop grid.
+    threshold = max(row["crop_left"] for row in rows)
+    expected = sorted(row["key"] for row in rows if row["crop_left"] < threshold)
     assert 0 < len(expected) < len(rows)
 
-    queried = run_factory("query", f"delta_e < {threshold!r}", "--manifests", manifests, "--format", "keys")
+    queried = run_factory("query", f"crop_left < {threshold!r}", "--manifests", manifests, "--format", "keys")
     assert queried.returncode == 0, queried.stderr[-3000:]
     assert sorted(queried.stdout.split()) == expected
     # filter writes the selection as a new dataset beside the first, in the bucket; verify reads both back.
     filtered = run_factory(
-        "filter", "--where", f"delta_e < {threshold!r}", "--shards", out, "--manifests", manifests,
+        "filter", "--where", f"crop_left < {threshold!r}", "--shards", out, "--manifests", manifests,
         "--out", out, "--name", "low-delta-e",
     )  # fmt: skip
     assert filtered.returncode == 0, filtered.stderr[-3000:]
@@ -246,7 +247,7 @@ def test_query_and_stream_where_over_s3_manifests(s3_bucket: S3Bucket, photo_fol
     from factory.stream import PairedPatches
 
     dataset = PairedPatches(
-        f"{out}/{DATASET}", manifests=manifests, where=f"delta_e < {threshold!r}", patch_size=8, scale=4,
+        f"{out}/{DATASET}", manifests=manifests, where=f"crop_left < {threshold!r}", patch_size=8, scale=4,
         patches_per_pair=1, augment=False, shuffle=0,
     )  # fmt: skip
     assert sorted(patch["key"] for patch in dataset) == expected
