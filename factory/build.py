@@ -34,7 +34,7 @@ from typing import Any
 from factory import __version__
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
-from factory.plan import BICUBIC, BuildPlan, ShardTask, plan_build
+from factory.plan import BICUBIC, BuildPlan, ShardTask, effective_crop, plan_build
 from factory.sources import SourceFile, list_sources
 from factory.storage import Storage
 from factory.worker import ShardSummary, ShardWorker, WorkerSettings, image_quality, row_json
@@ -80,6 +80,10 @@ class BuildConfig:
     )
     address: str | None = None  # Ray cluster ("auto", "ray://host:10001"); None: an embedded local Ray
     num_cpus: int | None = None  # CPUs of the embedded Ray (None: all)
+    bf16: bool = False  # the reconstructor's forward pass under bf16 autocast on CUDA (no effect elsewhere)
+    threads: int | None = (
+        None  # torch threads per worker (None: the cluster's CPUs / actors; a cluster: torch's)
+    )
     seed: int = 0  # the build seed; sampling models draw from a generator seeded from (seed, keys)
     max_pixels: int | None = None  # larger images are rejected as decompression bombs (None: Pillow's 89.5 M)
     color_correct: bool = False  # correct the degraded LR's colour towards the bicubic LR (colour module)
@@ -367,6 +371,8 @@ def build_fingerprint(config: BuildConfig, dataset: str, crop: int, checkpoint_s
         "color_correct": config.color_correct,
         "classifier_sha256": classifier,
     }
+    if config.bf16:  # only when set, so the fingerprints of existing float32 builds stay as they were
+        settings["bf16"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -406,6 +412,7 @@ def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | 
     log.warning("checkpoint %s not found: training %s to epoch %d first", path, config.model, config.epoch)
     from factory.train import train_for_build
 
+    embedded_default = not (config.hr or config.hr_list or config.train_data)
     train_for_build(
         model=config.model,
         epoch=config.epoch,
@@ -413,6 +420,7 @@ def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | 
         data=config.train_data or tuple(source.path for source in sources),
         preset=config.preset,
         seed=config.seed,
+        embedded_default_lr_size=effective_crop(config) // config.scale if embedded_default else None,
     )
     if not path.is_file():
         raise FactoryError(f"training finished but {path} was not written")
@@ -429,7 +437,10 @@ class BuildResult:
     rejects: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     output_bytes: int = 0  # shard bytes of the dataset
-    pairs_per_second: float = 0.0  # this run's pairs / wall time
+    pairs_per_second: float = 0.0  # this run's pairs / wall time of the worker pool (Ray start-up included)
+    # From the first shard started to the last one finished, on the workers' clocks: the pool's wall time without Ray
+    # start-up and model loading (benchmarks divide by it; one host's clock, or synchronised nodes).
+    busy_seconds: float = 0.0
     delta_e_mean: float | None = None
     estimated_bytes: int | None = None  # dry run only
     actors: int | None = None  # dry run only
@@ -631,15 +642,18 @@ def build(config: BuildConfig) -> BuildResult:
             manifests=config.manifests,
             max_pixels=config.max_pixels,
             build_fingerprint=fingerprint,
-            threads=None,
+            threads=config.threads,
+            bf16=config.bf16,
             crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
         )
         built_pairs = 0
         run_started = time.perf_counter()
+        shard_spans: list[tuple[float, float]] = []  # (started, finished) of each shard, epoch seconds
 
         def on_done(summary: ShardSummary) -> None:
             nonlocal built_pairs
             built_pairs += summary.pairs
+            shard_spans.append((summary.started, summary.started + summary.seconds))
             result.built_shards += 1
             shard_rejects.extend(summary.rejects)
 
@@ -648,6 +662,8 @@ def build(config: BuildConfig) -> BuildResult:
         elif todo:
             run_shards(config, settings, todo, sum(len(task.crops) for task in todo), on_done)
         run_seconds = time.perf_counter() - run_started
+        if shard_spans:
+            result.busy_seconds = max(end for _, end in shard_spans) - min(start for start, _ in shard_spans)
         # Totals from what is committed now (this run's shards and earlier ones).
         for task in plan.shards:
             commit = read_commit(manifests, f"{plan.dataset}/{task.stem}.parquet") or {}

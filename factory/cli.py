@@ -212,6 +212,8 @@ def train_command(
 @click.option("--actors", default=None, type=int, help="Worker actors [default: one per GPU; one per CPU without GPUs]; 0 runs in this process without Ray.")
 @click.option("--address", default=None, help="Ray cluster to use: 'auto' or ray://host:10001 [default: an embedded local Ray].")
 @click.option("--num-cpus", "num_cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all].")
+@click.option("--threads", default=None, type=int, help="Torch threads per worker [default: the embedded Ray's CPUs / actors; torch's choice on a cluster].")
+@click.option("--bf16", is_flag=True, help="Run the reconstructor under bf16 autocast on CUDA (faster; no effect on CPU).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Build seed (sampling models draw from it per batch of keys).")
 @click.option("--max-pixels", "max_pixels", default=None, type=int, help="Reject larger images as decompression bombs [default: Pillow's 89,478,485].")
 @click.option("--color-correct", "color_correct", is_flag=True, help="Correct the degraded LR's colours towards the bicubic LR.")

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,7 @@ class WorkerSettings:
     crash_marker: (
         str | None
     )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
+    bf16: bool = False  # the reconstructor under bf16 autocast on CUDA (faster; other bytes than float32)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class ShardSummary:
     rejects: list[dict[str, str]]  # sources that failed to decode (REJECT_SCHEMA rows)
     shard_bytes: int  # size of the tar
     seconds: float  # wall time of the shard
+    started: float  # when the worker started it, epoch seconds (time.time)
     delta_e_sum: float  # sum of the pairs' ΔE (for running means)
 
 
@@ -166,6 +171,7 @@ class ShardWorker:
         if settings.threads is None and self.device.type == "cuda":  # on a cluster node: its CPUs per GPU
             encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
+        self.finisher = ThreadPoolExecutor(max_workers=1)  # stage 2 of build_shard's pipeline
         self.ready = True
 
     def ping(self) -> bool:
@@ -176,7 +182,7 @@ class ShardWorker:
     def build_shard(self, task: ShardTask) -> ShardSummary:
         from factory.shards import HashingWriter, TarShardWriter
 
-        started = time.perf_counter()
+        started, started_epoch = time.perf_counter(), time.time()
         settings = self.settings
         shard_path = f"{settings.dataset}/{task.stem}.tar"
         rows: list[dict[str, Any]] = []
@@ -184,11 +190,18 @@ class ShardWorker:
         with self.shards.open_atomic(shard_path) as raw:
             stream = HashingWriter(raw)
             writer = TarShardWriter(stream)
-            for batch in self._batches(task, rejects):
-                for row, members in self._make_pairs(batch, shard_path):
-                    writer.add_sample(row["key"], members)
-                    rows.append(row)
-                self._maybe_crash()
+            # A two-stage pipeline: while the model degrades batch k (this thread), batch k - 1 is measured, encoded
+            # and hashed on the `finisher` thread, and the next source is decoded on a prefetch thread. Samples are
+            # still written here, in plan order, so the shard's bytes do not depend on the overlap.
+            pending = None
+            for batch in _prefetched(self._batches(task, rejects)):
+                degraded = self._degrade(batch)
+                finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
+                if pending is not None:
+                    self._write(writer, pending.result(), rows)
+                pending = finishing
+            if pending is not None:
+                self._write(writer, pending.result(), rows)
             writer.close()
         commit = {
             "shard": shard_path,
@@ -209,8 +222,15 @@ class ShardWorker:
             rejects=rejects,
             shard_bytes=stream.size,
             seconds=time.perf_counter() - started,
+            started=started_epoch,
             delta_e_sum=float(sum(row["delta_e"] for row in rows)),
         )
+
+    def _write(self, writer, pairs: list[tuple[dict[str, Any], dict[str, bytes]]], rows: list) -> None:
+        for row, members in pairs:
+            writer.add_sample(row["key"], members)
+            rows.append(row)
+        self._maybe_crash()
 
     def _maybe_crash(self) -> None:
         """Tests only: die like a killed process, mid-shard, the first time any worker gets here."""
@@ -265,34 +285,47 @@ class ShardWorker:
             return None, ""
         return image, hashlib.sha256(data).hexdigest()
 
-    def _make_pairs(self, batch, shard_path: str):
-        """One device batch: downsample, degrade, measure; yield (manifest row, tar members) per pair."""
+    def _degrade(self, batch):
+        """One device batch, stage 1: y: (B, 3, crop, crop) uint8 -> (x8, degraded8, corrected): x8 the bicubic
+        LR and degraded8 = G(x) (x8 for bicubic), (B, 3, crop / s, crop / s) uint8, as stored."""
         import torch
 
-        from factory.color import delta_e_uint8, downsample, quantize
-        from factory.shards import encode_image, payload_extension
+        from factory.color import downsample, quantize
 
         settings = self.settings
         keys = [crop.key for crop, _, _, _ in batch]
         with torch.inference_mode():
-            # y: (B, 3, crop, crop) uint8 -> x: (B, 3, crop / s, crop / s), the bicubic LR, stored as 8 bits.
             y8 = torch.from_numpy(np.stack([item[3] for item in batch])).to(self.device).permute(0, 3, 1, 2)
             x8 = quantize(downsample(y8.float() / 255.0, settings.scale))
             corrected = False
             if self.model is None:
-                degraded8 = x8
-            else:
-                x = x8.float() / 255.0
-                generator = torch.Generator(device=self.device).manual_seed(pair_seed(settings.seed, keys))
-                degraded = self.model.reconstruct(x, generator=generator).float().clamp(0, 1)
-                if settings.color_correct:
-                    from factory.color import color_correct
+                return x8, x8, corrected
+            x = x8.float() / 255.0
+            generator = torch.Generator(device=self.device).manual_seed(pair_seed(settings.seed, keys))
+            # bf16 on CUDA only: CPU autocast would be slower here, and the CPU build stays float32 and exact.
+            autocast = settings.bf16 and self.device.type == "cuda"
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                degraded = self.model.reconstruct(x, generator=generator)
+            degraded = degraded.float().clamp(0, 1)
+            if settings.color_correct:
+                from factory.color import color_correct
 
-                    degraded = color_correct(degraded, x).clamp(0, 1)
-                    corrected = True
-                degraded8 = quantize(degraded)
+                degraded = color_correct(degraded, x).clamp(0, 1)
+                corrected = True
+            return x8, quantize(degraded), corrected
+
+    def _finish(self, batch, shard_path: str, x8, degraded8, corrected: bool):
+        """One device batch, stage 2 (on the finisher thread): measure, encode, hash -> [(manifest row, tar members)]."""
+        import torch
+
+        from factory.color import delta_e_uint8
+        from factory.shards import encode_image, payload_extension
+
+        settings = self.settings
+        with torch.inference_mode():  # thread-local: stage 1's does not cover this thread
             # The paper's ΔE on what is stored: quantize(bicubic(y)) = x8 against x_deg8 (0 for the bicubic dataset).
-            difference = delta_e_uint8(y8, degraded8)
+            # Given x8 (already at the LR size), delta_e_uint8 skips its own bicubic of y: the same x8, computed once.
+            difference = delta_e_uint8(x8, degraded8)
             psnr, ssim = image_quality(degraded8, x8)
             labels = None
             if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
@@ -307,6 +340,7 @@ class ShardWorker:
         ]
         # PNG/zstd encoding releases the GIL: on a GPU node it runs on the node's spare cores, in parallel.
         encoded = list(self.encoders.map(lambda image: encode_image(image, settings.codec), images))
+        pairs = []
         for index, (crop, source, source_sha256, _) in enumerate(batch):
             hr, lr = encoded[index], encoded[len(batch) + index]
             row = {
@@ -341,7 +375,45 @@ class ShardWorker:
             if labels is not None:
                 row.update({name: values[index] for name, values in labels.items()})
             members = {f"hr.{extension}": hr, f"lr.{extension}": lr, "json": row_json(row)}
-            yield row, members
+            pairs.append((row, members))
+        return pairs
+
+
+def _prefetched(iterator: Iterator, depth: int = 1) -> Iterator:
+    """Iterate `iterator` on a background thread, `depth` items ahead (decoding sources releases the GIL); its
+    exceptions are raised here, in order."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            items.put((done, error))
+
+    thread = threading.Thread(target=produce, name="shard-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (an error downstream): let the producer end
+        thread.join(timeout=5)
 
 
 def row_json(row: dict[str, Any]) -> bytes:
