@@ -340,3 +340,33 @@ def test_classifier_fills_the_label_columns(tmp_path: Path, hr_folder: Path):
         )
         assert row["label_prob"] == pytest.approx(max(probabilities[0].tolist()), abs=1e-6)
         assert row["classifier_sha256"] == file_sha256(path)
+
+
+def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_path: Path, monkeypatch):
+    """Without --hr and --train-data, a missing VQ-VAE-2 checkpoint is trained on LR-sized crops (256 / 4 = 64), 40
+    steps an epoch at 1e-3 (factory.train's EMBEDDED_DEFAULT_* constants); with --hr, on train's defaults."""
+    import factory.train
+    from factory.build import ensure_checkpoint
+    from factory.sources import list_sources
+
+    seen = []
+    monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
+    embedded = BuildConfig(checkpoints=str(tmp_path / "checkpoints"))
+    with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
+        ensure_checkpoint(embedded, list_sources())
+    assert (seen[0].image_size, seen[0].epoch_size, seen[0].lr, seen[0].epochs) == (64, 640, 1e-3, 8)
+    with pytest.raises(FactoryError, match="not written"):
+        ensure_checkpoint(config_for(tmp_path, tmp_path, model="vqvae2"), list_sources())
+    assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr) == (None, None, None)
+
+
+def test_build_starts_its_own_ray_even_when_ray_address_points_elsewhere(tmp_path: Path, hr_folder: Path):
+    """No --address means an embedded local Ray (ray.init(address="local")): a RAY_ADDRESS left in the environment
+    (here a port nothing listens on) must neither be joined nor break the build."""
+    command = [sys.executable, "-m", "factory.cli", "build", "--hr", str(hr_folder), "--model", "bicubic"]
+    command += ["--crop", "128", "--stride", "256", "--shard-size", "50", "--actors", "1", "--num-cpus", "1"]
+    command += ["--out", str(tmp_path / "shards"), "--manifests", str(tmp_path / "manifests")]
+    environment = dict(os.environ, RAY_ADDRESS="127.0.0.1:9")
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert verify(str(tmp_path / "shards"), str(tmp_path / "manifests"), "bicubic").ok
