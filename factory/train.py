@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,18 +187,49 @@ def epoch_order(count: int, epoch_size: int, seed: int, epoch: int) -> np.ndarra
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
     """image: (H, W, 3) uint8 -> (3, size, size) float in [0, 1]: a random crop at the image's own scale, after a
     bicubic upscale when its shorter side is below `size`; flipped left-right with probability 1/2."""
-    x = torch.tensor(image).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
-    height, width = x.shape[-2:]
+    height, width = image.shape[:2]
+    upscaled = None
     if min(height, width) < size:
+        upscaled = torch.tensor(image).permute(2, 0, 1).float().div_(255)
         scale = size / min(height, width)
         height, width = max(size, round(height * scale)), max(size, round(width * scale))
-        x = bicubic_resize(x[None], (height, width))[0]
+        upscaled = bicubic_resize(upscaled[None], (height, width))[0]
     top = int(rng.integers(0, height - size + 1))
     left = int(rng.integers(0, width - size + 1))
-    x = x[:, top : top + size, left : left + size]
+    if upscaled is None:  # crop the 8-bit pixels first: a whole photo as floats is 4x its size, per sample
+        crop = image[top : top + size, left : left + size]
+        x = torch.tensor(crop).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
+    else:
+        x = upscaled[:, top : top + size, left : left + size]
     if rng.random() < 0.5:
         x = x.flip(-1)
     return x.contiguous()
+
+
+class DecodedImages:
+    """The most recently decoded training images of this process, up to `max_bytes` of pixels (least recently used
+    out first). A small folder (the build's embedded default: 7 photos, ~16 MB) is then decoded once per epoch and
+    worker instead of once per sample; a large one (Tiny-ImageNet) simply misses."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.images: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def load(self, path: Path) -> np.ndarray:
+        key = str(path)
+        if key in self.images:
+            self.images.move_to_end(key)
+            return self.images[key]
+        image = load_rgb(path)
+        if image.nbytes <= self.max_bytes:
+            self.images[key] = image
+            self.bytes += image.nbytes
+            while self.bytes > self.max_bytes:
+                self.bytes -= self.images.popitem(last=False)[1].nbytes
+        return image
+
+
+_DECODED = DecodedImages()  # one per process: each DataLoader worker fills its own
 
 
 class EpochSamples(Dataset):
@@ -215,7 +247,7 @@ class EpochSamples(Dataset):
         for skipped in range(len(self.files)):
             path = self.files[(index + skipped) % len(self.files)]
             try:
-                image = load_rgb(path)
+                image = _DECODED.load(path)
             except RejectedImage as error:
                 log.debug("skipping unreadable training image: %s", error)
                 continue

@@ -250,3 +250,24 @@ def test_help_describes_every_option():
         "--workers",
     ):
         assert option in result.output
+
+
+def test_decoded_images_cache_is_bounded_by_bytes_and_least_recently_used(tmp_path):
+    """Plain LRU semantics, checked by hand: three 3 KB images into a 7 KB cache keep the two most recent ones."""
+    from PIL import Image
+
+    from factory.train import DecodedImages
+
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(np.full((32, 32, 3), index, np.uint8)).save(path)
+        paths.append(path)
+    cache = DecodedImages(max_bytes=7 * 1024)
+    first = cache.load(paths[0])
+    assert cache.load(paths[0]) is first  # a hit returns the decoded array itself
+    cache.load(paths[1])
+    cache.load(paths[0])  # 0 becomes the most recent
+    cache.load(paths[2])  # 3 x 3,072 bytes > 7 KiB: the least recent (1) goes
+    assert list(cache.images) == [str(paths[0]), str(paths[2])] and cache.bytes == 2 * 32 * 32 * 3
+    assert int(cache.load(paths[1])[0, 0, 0]) == 1
