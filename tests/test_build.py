@@ -194,6 +194,36 @@ def test_image_quality_matches_skimage_on_random_images():
         )
 
 
+@pytest.mark.parametrize("layouts", [("nhwc", "nhwc"), ("nchw", "nhwc"), ("nchw", "nchw")])
+def test_image_quality_window_sums_equal_avg_pool_bit_for_bit(layouts):
+    """image_quality's window means by cumulative sums must equal the avg_pool2d form exactly (whatever the memory
+    layout of its inputs), so a manifest row, and the shard's json member, keep their bytes."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 40, 37, 3), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    degraded, reference = (
+        image.permute(0, 3, 1, 2) if layout == "nhwc" else image.permute(0, 3, 1, 2).contiguous()
+        for image, layout in zip(images, layouts, strict=True)
+    )
+    a, b = degraded.double(), reference.double()
+
+    def mean_filter(t):
+        return F.avg_pool2d(t, 7, stride=1)
+
+    norm = 49 / 48
+    mean_a, mean_b = mean_filter(a), mean_filter(b)
+    var_a = norm * (mean_filter(a * a) - mean_a * mean_a)
+    var_b = norm * (mean_filter(b * b) - mean_b * mean_b)
+    cov = norm * (mean_filter(a * b) - mean_a * mean_b)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / (
+        (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+    )
+    expected = ssim_map.flatten(2).mean(dim=2).mean(dim=1)
+    assert torch.equal(image_quality(degraded, reference)[1], expected)
+
+
 def test_bad_and_awkward_inputs(tmp_path: Path, photos):
     folder = tmp_path / "inputs"
     expected = write_awkward_inputs(folder, photos["astronaut"][:256, :320])
