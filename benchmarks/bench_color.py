@@ -5,8 +5,9 @@
 
 Both sides compute, for one pair of 8-bit images, sRGB -> CIELAB of each image and the per-pixel CIEDE2000 and its
 mean: skimage with `rgb2lab` + `deltaE_ciede2000` (float64, its only precision), ours with `pixel_delta_e` (the same
-`rgb_to_lab` + `ciede2000`, run over cache-sized pieces) on uint8 input (table linearisation) in float32, and in
-float64 from float input. The machine may be shared: medians, and both sides measured in the same run. One thread each
+`rgb_to_lab` + `ciede2000`) on uint8 input in float32 -- by the fused C kernel (`factory.native`, compiled on first
+use) and by the torch path it falls back to without a C compiler (cache-sized pieces, table linearisation) -- and in
+float64 from float input (torch path). The machine may be shared: medians, and both sides measured in the same run. One thread each
 (`torch.set_num_threads(1)`; numpy here is single-threaded for these element-wise ops); the figure is the median over
 repeats of the time per pair, in CPU time of the calling thread (`time.thread_time`: on a machine shared with other
 jobs, time spent waiting for a core does not count; cache contention still does), skimage and ours interleaved.
@@ -89,17 +90,33 @@ def run(quick: bool = False) -> dict:
         def ours(firsts, seconds) -> list[float]:
             return [color.pixel_delta_e(a, b).mean().item() for a, b in zip(firsts, seconds, strict=True)]
 
+        def ours_torch_path(firsts, seconds) -> list[float]:  # the fallback without a C compiler
+            return [
+                color._chunked(color._fast_rgb_pair_ciede2000, a, b).mean().item()
+                for a, b in zip(firsts, seconds, strict=True)
+            ]
+
         reference = np.array(skimage_all())
-        variants = {"float32_uint8": (first_u8, second_u8), "float64": (first_f64, second_f64)}
-        for firsts, seconds_ in variants.values():
-            ours(firsts, seconds_)  # warm-up (tables, allocator)
+        variants = {
+            "float32_uint8": (
+                ours,
+                first_u8,
+                second_u8,
+            ),  # the fused C kernel (factory.native) when it builds
+            "float32_uint8_torch": (ours_torch_path, first_u8, second_u8),
+            "float64": (ours, first_f64, second_f64),
+        }
+        for function, firsts, seconds_ in variants.values():
+            function(firsts, seconds_)  # warm-up (tables, allocator, the kernel's first-use compile)
         # Interleaved rounds: on a shared machine both sides see the same load; the ratio is the median per round.
         times: dict[str, list[float]] = {"skimage": [], **{name: [] for name in variants}}
         for _ in range(repeats):
             times["skimage"].append(elapsed_seconds(skimage_all))
-            for name, (firsts, seconds_) in variants.items():
+            for name, (function, firsts, seconds_) in variants.items():
                 times[name].append(
-                    elapsed_seconds(lambda firsts=firsts, seconds_=seconds_: ours(firsts, seconds_))
+                    elapsed_seconds(
+                        lambda function=function, firsts=firsts, seconds_=seconds_: function(firsts, seconds_)
+                    )
                 )
         result: dict = {
             "pairs": pair_count,
@@ -109,13 +126,16 @@ def run(quick: bool = False) -> dict:
             "allocator_tuned": allocator_tuned,
         }
         result["skimage_pairs_per_s"] = pair_count / statistics.median(times["skimage"])
-        for name, (firsts, seconds_) in variants.items():
+        from factory.native import ciede2000_u8_kernel
+
+        result["fused_kernel"] = ciede2000_u8_kernel() is not None
+        for name, (function, firsts, seconds_) in variants.items():
             result[f"ours_{name}_pairs_per_s"] = pair_count / statistics.median(times[name])
             result[f"ours_{name}_ratio"] = statistics.median(
                 reference_time / our_time
                 for reference_time, our_time in zip(times["skimage"], times[name], strict=True)
             )
-            difference = np.abs(np.array(ours(firsts, seconds_)) - reference).max()
+            difference = np.abs(np.array(function(firsts, seconds_)) - reference).max()
             result[f"ours_{name}_max_abs_diff_of_means"] = float(difference)
     finally:
         torch.set_num_threads(threads)

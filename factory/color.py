@@ -422,7 +422,44 @@ def pixel_delta_e(rgb1: torch.Tensor, rgb2: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pixel_delta_e: shapes differ, {tuple(rgb1.shape)} and {tuple(rgb2.shape)}")
     if _needs_grad(rgb1, rgb2):
         return ciede2000(rgb_to_lab(rgb1), rgb_to_lab(rgb2))
+    if rgb1.dtype == rgb2.dtype == torch.uint8 and rgb1.device.type == rgb2.device.type == "cpu":
+        fused = _native_pixel_delta_e(rgb1, rgb2)
+        if fused is not None:
+            return fused
     return _chunked(_fast_rgb_pair_ciede2000, rgb1, rgb2)
+
+
+_XYZ_TABLES: list[torch.Tensor] = []
+
+
+def _xyz_tables() -> torch.Tensor:
+    """(3 channels, 3 XYZ rows, 256 levels) float32: linear value of each 8-bit level (float64, as skimage) times
+    the sRGB -> XYZ matrix entry over the white point: X/Xn = sum over the channels of table[c, 0, level_c]."""
+    if not _XYZ_TABLES:
+        linear = srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0)
+        matrix = (
+            torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)
+            / torch.tensor(D65_WHITE, dtype=torch.float64)[:, None]
+        )
+        _XYZ_TABLES.append((matrix.T[:, :, None] * linear).to(torch.float32).contiguous())
+    return _XYZ_TABLES[0]
+
+
+def _native_pixel_delta_e(rgb1: torch.Tensor, rgb2: torch.Tensor) -> torch.Tensor | None:
+    """pixel_delta_e of 8-bit CPU images by the fused C kernel (factory.native), or None when it is unavailable."""
+    from factory.native import ciede2000_u8_kernel
+
+    kernel = ciede2000_u8_kernel()
+    if kernel is None:
+        return None
+    first, second, table = rgb1.contiguous(), rgb2.contiguous(), _xyz_tables()
+    pixels = first.shape[2] * first.shape[3]
+    out = torch.empty((first.shape[0], *first.shape[2:]), dtype=torch.float32)
+    for index in range(first.shape[0]):  # the kernel releases the GIL (ctypes) for each image
+        kernel(
+            first[index].data_ptr(), second[index].data_ptr(), pixels, table.data_ptr(), out[index].data_ptr()
+        )
+    return out
 
 
 @torch.no_grad()

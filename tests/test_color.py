@@ -4,6 +4,7 @@ CIEDE2000 test pairs of Sharma, Wu & Dalal (2005), and torch's/Pillow's bicubic.
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,45 @@ def test_color_correct_rejects_mismatched_sizes_and_methods():
         color.color_correct(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
     with pytest.raises(ValueError, match="method"):
         color.color_correct(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), method="magic")
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_8bit_pixel_delta_e_fused_kernel_and_torch_path_match_skimage(photos, native, monkeypatch):
+    """Both CPU paths for 8-bit input (the fused C kernel of factory.native, and the torch path it falls back to)
+    against skimage rgb2lab + deltaE_ciede2000: photos, random colours, and all 256 grays (zero chroma) against
+    random colours and against themselves (ΔE 0)."""
+    from factory import native as native_module
+
+    monkeypatch.setenv("FACTORY_NATIVE", native)
+    native_module.ciede2000_u8_kernel.cache_clear()
+    try:
+        kernel = native_module.ciede2000_u8_kernel()
+        if native == "1" and shutil.which("cc"):
+            assert kernel is not None, "a C compiler is present but the fused kernel did not build"
+        if native == "0":
+            assert kernel is None
+        rng = np.random.default_rng(7)
+        grays = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2).repeat(4, axis=0)
+        cases = [
+            (photos["coffee"][:96, :128], photos["astronaut"][:96, :128]),
+            (
+                rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            ),
+            (grays, rng.integers(0, 256, grays.shape, dtype=np.uint8)),
+            (grays, grays),
+        ]
+        for first, second in cases:
+            inputs = [
+                torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None] for x in (first, second)
+            ]
+            got = color.pixel_delta_e(*inputs)[0].double().numpy()
+            expected = skimage.color.deltaE_ciede2000(
+                skimage.color.rgb2lab(first), skimage.color.rgb2lab(second)
+            )
+            # float32 arithmetic; random colours include near-opposite hues, where ΔE00 itself jumps (Sharma's note).
+            assert np.percentile(np.abs(got - expected), 99.9) < 2e-3
+            assert np.abs(got - expected).max() < 0.1
+            assert abs(got.mean() - expected.mean()) < 1e-4
+    finally:
+        native_module.ciede2000_u8_kernel.cache_clear()
