@@ -212,12 +212,12 @@ class ShardWorker:
         with self.shards.open_atomic(shard_path) as raw:
             stream = HashingWriter(raw)
             writer = TarShardWriter(stream)
-            # A two-stage pipeline: while the model degrades batch k (this thread), batch k - 1 is measured, encoded
-            # and hashed on the `finisher` thread, and the next source is decoded on a prefetch thread. Samples are
-            # still written here, in plan order, so the shard's bytes do not depend on the overlap.
+            # A three-stage pipeline: while the model degrades batch k (this thread), batch k + 1 is decoded, cropped
+            # and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the `finisher`
+            # thread. Samples are still written here, in plan order, so the shard's bytes do not depend on the overlap.
             pending = None
-            for batch in _prefetched(self._batches(task, rejects)):
-                degraded = self._degrade(batch)
+            for batch, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
+                degraded = self._degrade(batch, x8)
                 finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
                 if pending is not None:
                     self._write(writer, pending.result(), rows)
@@ -307,18 +307,33 @@ class ShardWorker:
             return None, ""
         return image, hashlib.sha256(data).hexdigest()
 
-    def _degrade(self, batch):
-        """One device batch, stage 1: y: (B, 3, crop, crop) uint8 -> (x8, degraded8, corrected): x8 the bicubic
-        LR and degraded8 = G(x) (x8 for bicubic), (B, 3, crop / s, crop / s) uint8, as stored."""
+    def _downsampled(self, batches):
+        """Stage 0 (on the prefetch thread, with decoding): yield (batch, x8), x8 = the bicubic LR of the batch's
+        crops y: (B, 3, crop, crop) uint8 -> (B, 3, crop / s, crop / s) uint8, as stored."""
         import torch
 
         from factory.color import downsample, quantize
 
+        for batch in batches:
+            with torch.inference_mode():  # thread-local: this runs on the prefetch thread
+                y8 = (
+                    torch.from_numpy(np.stack([item[3] for item in batch]))
+                    .to(self.device)
+                    .permute(0, 3, 1, 2)
+                )
+                x8 = quantize(downsample(y8.float() / 255.0, self.settings.scale))
+            yield batch, x8
+
+    def _degrade(self, batch, x8):
+        """One device batch, stage 1: x8 (B, 3, h, w) uint8 -> (x8, degraded8, corrected), degraded8 = G(x) (x8 for
+        bicubic), (B, 3, h, w) uint8, as stored."""
+        import torch
+
+        from factory.color import quantize
+
         settings = self.settings
         keys = [crop.key for crop, _, _, _ in batch]
         with torch.inference_mode():
-            y8 = torch.from_numpy(np.stack([item[3] for item in batch])).to(self.device).permute(0, 3, 1, 2)
-            x8 = quantize(downsample(y8.float() / 255.0, settings.scale))
             corrected = False
             if self.model is None:
                 return x8, x8, corrected
