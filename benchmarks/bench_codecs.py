@@ -1,6 +1,6 @@
 """Shard payload codecs: encode ms, decode ms and bytes per pair, on a real photo at the build's sizes.
 
-    python -m benchmarks.bench_codecs
+python -m benchmarks.bench_codecs
 """
 
 from __future__ import annotations
@@ -44,12 +44,16 @@ def run(quick: bool = False) -> dict:
             shards.PNG_COMPRESS_LEVEL = level
         try:
             encoded = [shards.encode_image(image, codec) for image in (hr, lr)]
-            encode_ms = _median_ms(lambda codec=codec: [shards.encode_image(image, codec) for image in (hr, lr)], repeats)
+            encode_ms = _median_ms(
+                lambda codec=codec: [shards.encode_image(image, codec) for image in (hr, lr)], repeats
+            )
         finally:
             shards.PNG_COMPRESS_LEVEL = saved
         extension = shards.payload_extension(codec)
         decode_ms = _median_ms(
-            lambda extension=extension, encoded=encoded: [shards.decode_image(f"x.{extension}", data) for data in encoded],
+            lambda extension=extension, encoded=encoded: [
+                shards.decode_image(f"x.{extension}", data) for data in encoded
+            ],
             repeats,
         )
         raw = hr.nbytes + lr.nbytes

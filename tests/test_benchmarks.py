@@ -1,0 +1,43 @@
+"""The benchmark harness (`python -m benchmarks`) imports and turns a real measurement into table rows.
+
+Only the cheapest section runs here (the colour module against skimage on 4 pairs, a second or two); the whole
+command is not part of CI (issue 9).
+"""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks import suite
+
+
+def test_colour_section_gives_a_positive_figure_with_its_target():
+    rows, raw = suite.colour(quick=True)
+    by_name = {row.name: row for row in rows if not row.variant}
+    row = by_name["ciede2000_speedup_vs_skimage"]
+    assert row.measured > 0 and math.isfinite(row.measured)
+    assert row.target == ">= 5" and row.holds == (row.measured >= 5)
+    assert raw["skimage_pairs_per_s"] > 0 and raw["ours_float32_uint8_pairs_per_s"] > 0
+    # The ratio is ours over skimage, measured in the same run; the mean ΔE agrees with skimage's.
+    assert raw["ours_float32_uint8_max_abs_diff_of_means"] < 1e-3
+    table = suite.format_table(rows)
+    assert "| ciede2000_speedup_vs_skimage |" in table and ("| yes |" in table or "| no |" in table)
+
+
+def test_machine_header_names_cores_device_and_versions():
+    described = suite.machine()
+    assert described["cores"] >= 1 and described["cpu_model"]
+    for name in ("python", "torch", "numpy", "skimage", "ray", "pyarrow"):
+        assert described[name]
+    assert "device:" in suite.format_header(described)
+
+
+def test_every_section_is_registered_once():
+    assert list(suite.SECTIONS) == [
+        "colour",
+        "codecs",
+        "stream",
+        "build_efficiency",
+        "ray_scaling",
+        "peak_memory",
+    ]
