@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CRASH_ONCE_ENVIRONMENT = (
     "FACTORY_TEST_CRASH_ONCE"  # tests: path of a marker; the first worker to see it absent dies
 )
+# tests: seconds every shard waits before it starts (so that a short build outlasts the start-up of every actor)
+SHARD_DELAY_ENVIRONMENT = "FACTORY_TEST_SHARD_DELAY"
 # Compressed size / raw pixel bytes, for --dry-run's estimate (measured on a real photo, FACTS.md).
 _CODEC_RATIO = {"png": 0.32, "zst": 0.45}
 
@@ -645,6 +647,7 @@ def build(config: BuildConfig) -> BuildResult:
             threads=config.threads,
             bf16=config.bf16,
             crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
+            shard_delay=float(os.environ.get(SHARD_DELAY_ENVIRONMENT) or 0.0),
         )
         built_pairs = 0
         run_started = time.perf_counter()

@@ -125,6 +125,9 @@ class WorkerSettings:
         str | None
     )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
     bf16: bool = False  # the reconstructor under bf16 autocast on CUDA (faster; other bytes than float32)
+    shard_delay: float = (
+        0.0  # tests only (factory.build.SHARD_DELAY_ENVIRONMENT): seconds each shard waits first
+    )
 
 
 @dataclass
@@ -206,6 +209,8 @@ class ShardWorker:
 
         started, started_epoch = time.perf_counter(), time.time()
         settings = self.settings
+        if settings.shard_delay:
+            time.sleep(settings.shard_delay)
         shard_path = f"{settings.dataset}/{task.stem}.tar"
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, str]] = []

@@ -15,6 +15,7 @@ One cluster serves the whole module (starting a node takes seconds); tests leave
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from factory.build import SHARD_DELAY_ENVIRONMENT  # noqa: E402  (after the importorskip)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "bicubic"
@@ -66,14 +69,25 @@ def planned_keys(photo_folder: Path, limit: int, crop: int = 128, shard_size: in
 
 
 def start_build(
-    cluster, photo_folder: Path, out: Path, limit: int, options: list[str] = ()
+    cluster,
+    photo_folder: Path,
+    out: Path,
+    limit: int,
+    options: list[str] = (),
+    environment: dict | None = None,
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "factory.cli", "build", *BUILD_OPTIONS, *options, "--limit", str(limit),
         "--hr", str(photo_folder), "--out", str(out / "shards"), "--manifests", str(out / "manifests"),
         "--address", cluster.address,
     ]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(environment or {})},
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> str:
@@ -145,10 +159,11 @@ def test_shards_spread_over_the_gpu_nodes(cluster, photo_folder: Path, tmp_path:
     workers = {node.node_id for node in gpu_nodes(cluster)}
     assert len(workers) == 2
     before = job_ids()
-    # Shards of 4 pairs of 256 x 256 (about a second each here), so that the queue outlasts the start-up of the
-    # second actor: the build gives shards only to actors that are up.
+    # Shards of 4 pairs that each take at least a second (SHARD_DELAY_ENVIRONMENT), so that the queue outlasts the
+    # start-up of the second actor however fast the machine: the build gives shards only to actors that are up.
     options = ["--crop", "256", "--shard-size", "4"]
-    output = finish(start_build(cluster, photo_folder, tmp_path, limit=32, options=options))
+    slow = {SHARD_DELAY_ENVIRONMENT: "1.0"}
+    output = finish(start_build(cluster, photo_folder, tmp_path, limit=32, options=options, environment=slow))
     assert "8 shards (8 built" in output
     check_exactly_once(tmp_path, planned_keys(photo_folder, limit=32, crop=256, shard_size=4))
 
