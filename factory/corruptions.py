@@ -41,23 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+from factory.corruption_names import CORRUPTIONS  # re-exported: the API names them here
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MINIMUM_SIDE = 8  # smaller images leave glass_blur nothing to shuffle and pixelate nothing to average

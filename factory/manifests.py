@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory.corruptions import CORRUPTIONS
+from factory.corruption_names import CORRUPTIONS
 
 LABEL_PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CORRUPTIONS)
 
@@ -53,9 +53,13 @@ PAIR_SCHEMA = pa.schema(
         pa.field("crop_height", pa.int32(), nullable=False),
         pa.field("crop_width", pa.int32(), nullable=False),
         pa.field("scale", pa.int32(), nullable=False),  # HR size / LR size
-        pa.field("delta_e", pa.float64(), nullable=False),  # mean CIEDE2000, bicubic(HR) vs degraded LR (paper 4.3.2)
+        pa.field(
+            "delta_e", pa.float64(), nullable=False
+        ),  # mean CIEDE2000, bicubic(HR) vs degraded LR (paper 4.3.2)
         pa.field("delta_e_p95", pa.float64(), nullable=False),  # 95th percentile of the per-pixel CIEDE2000
-        pa.field("psnr", pa.float64(), nullable=False),  # degraded LR against bicubic LR, dB (inf -> 100 for bicubic)
+        pa.field(
+            "psnr", pa.float64(), nullable=False
+        ),  # degraded LR against bicubic LR, dB (inf -> 100 for bicubic)
         pa.field("ssim", pa.float64(), nullable=False),  # degraded LR against bicubic LR
         pa.field("color_corrected", pa.bool_(), nullable=False),  # --color-correct applied to the degraded LR
         pa.field("shard", pa.string(), nullable=False),  # shard path relative to the shard root
@@ -64,7 +68,9 @@ PAIR_SCHEMA = pa.schema(
         pa.field("lr_bytes", pa.int64(), nullable=False),
         pa.field("hr_sha256", pa.string(), nullable=False),
         pa.field("lr_sha256", pa.string(), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),  # the build seed (sampling models draw from it per pair)
+        pa.field(
+            "seed", pa.int64(), nullable=False
+        ),  # the build seed (sampling models draw from it per pair)
         pa.field("factory_version", pa.string(), nullable=False),
         pa.field("label", pa.string()),  # degradation class (one of CORRUPTIONS); null until labelled
         pa.field("label_prob", pa.float32()),  # probability of `label`
@@ -86,7 +92,9 @@ REJECT_SCHEMA = pa.schema(
 REJECTS_NAME = "_rejects.parquet"
 CARD_NAME = "_card.json"
 LOCK_NAME = "_build.lock"
-COMMIT_METADATA_KEY = b"factory.commit"  # Parquet key-value metadata of a pair manifest: its shard's commit record
+COMMIT_METADATA_KEY = (
+    b"factory.commit"  # Parquet key-value metadata of a pair manifest: its shard's commit record
+)
 
 
 def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:
@@ -131,6 +139,7 @@ def read_manifests(root: str | os.PathLike, dataset: str | None = None) -> pa.Ta
     if not files:
         return PAIR_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(path, schema=PAIR_SCHEMA) for path in files])
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Commit records and verification (any pyarrow filesystem, through factory.storage)
