@@ -35,9 +35,10 @@ from factory import __version__
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
 from factory.plan import BICUBIC, BuildPlan, ShardTask, effective_crop, plan_build
+from factory.shards import row_json
 from factory.sources import SourceFile, list_sources
 from factory.storage import Storage
-from factory.worker import ShardSummary, ShardWorker, WorkerSettings, image_quality, row_json
+from factory.worker import ShardSummary, ShardWorker, WorkerSettings, image_quality
 
 __all__ = ["BuildConfig", "BuildResult", "build", "plan_build", "image_quality", "row_json", "ShardWorker"]
 

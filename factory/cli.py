@@ -1,7 +1,7 @@
 """The `factory` command line. Subcommands only parse options, build a config and call one function.
 
-    factory build --model vqvae2 --epoch 8 --out shards/      the main job (see `factory build --help`)
-    factory train --model vqvae2 --data tiny-imagenet-200/     undertrained reconstructor checkpoints
+factory build --model vqvae2 --epoch 8 --out shards/      the main job (see `factory build --help`)
+factory train --model vqvae2 --data tiny-imagenet-200/     undertrained reconstructor checkpoints
 """
 
 from __future__ import annotations
@@ -190,35 +190,151 @@ def train_command(
 
 
 @main.command("build")
-@click.option("--hr", "hr", multiple=True, type=click.Path(file_okay=False), help="HR image folder (recursive); repeatable. DF2K: --hr DIV2K_train_HR/ --hr Flickr2K_HR/. Without --hr/--hr-list: scikit-image's bundled colour photos, cut into 256 crops.")
-@click.option("--hr-list", "hr_list", multiple=True, type=click.Path(dir_okay=False), help="File listing HR image paths, one a line (relative to the file's folder); repeatable.")
-@click.option("--model", default="vqvae2", show_default=True, help="Reconstructor (vqvae, vqvae2, mae, vae, ddim), or 'bicubic' for the undegraded baseline dataset.")
-@click.option("--epoch", default=8, show_default=True, type=int, help="Training epoch of the checkpoint to use.")
-@click.option("--checkpoints", default="checkpoints", show_default=True, help="Checkpoint root: <checkpoints>/<model>/epoch-<E>.pt.")
-@click.option("--preset", default=None, help="Model preset for training a missing checkpoint (default: train's default).")
-@click.option("--train-data", "train_data", multiple=True, type=click.Path(), help="Images to train a missing checkpoint on (default: the HR images); repeatable.")
-@click.option("--train/--no-train", "train_missing", default=True, show_default=True, help="Train a missing checkpoint first, or stop with an error.")
-@click.option("--scale", default=4, show_default=True, type=int, help="Downsampling factor: HR size / LR size.")
-@click.option("--crop", default=None, type=int, help="HR crop side in pixels [default: 1024; 256 with the embedded default photos].")
-@click.option("--stride", default=None, type=int, help="Step of the crop grid [default: crop / 2, which gives DF2K ~20,700 crops of 1024].")
+@click.option(
+    "--hr",
+    "hr",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="HR image folder (recursive); repeatable. DF2K: --hr DIV2K_train_HR/ --hr Flickr2K_HR/. Without --hr/--hr-list: scikit-image's bundled colour photos, cut into 256 crops.",
+)
+@click.option(
+    "--hr-list",
+    "hr_list",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="File listing HR image paths, one a line (relative to the file's folder); repeatable.",
+)
+@click.option(
+    "--model",
+    default="vqvae2",
+    show_default=True,
+    help="Reconstructor (vqvae, vqvae2, mae, vae, ddim), or 'bicubic' for the undegraded baseline dataset.",
+)
+@click.option(
+    "--epoch", default=8, show_default=True, type=int, help="Training epoch of the checkpoint to use."
+)
+@click.option(
+    "--checkpoints",
+    default="checkpoints",
+    show_default=True,
+    help="Checkpoint root: <checkpoints>/<model>/epoch-<E>.pt.",
+)
+@click.option(
+    "--preset",
+    default=None,
+    help="Model preset for training a missing checkpoint (default: train's default).",
+)
+@click.option(
+    "--train-data",
+    "train_data",
+    multiple=True,
+    type=click.Path(),
+    help="Images to train a missing checkpoint on (default: the HR images); repeatable.",
+)
+@click.option(
+    "--train/--no-train",
+    "train_missing",
+    default=True,
+    show_default=True,
+    help="Train a missing checkpoint first, or stop with an error.",
+)
+@click.option(
+    "--scale", default=4, show_default=True, type=int, help="Downsampling factor: HR size / LR size."
+)
+@click.option(
+    "--crop",
+    default=None,
+    type=int,
+    help="HR crop side in pixels [default: 1024; 256 with the embedded default photos].",
+)
+@click.option(
+    "--stride",
+    default=None,
+    type=int,
+    help="Step of the crop grid [default: crop / 2, which gives DF2K ~20,700 crops of 1024].",
+)
 @click.option("--limit", default=None, type=int, help="Build only the first N crops of the plan.")
-@click.option("--out", default="shards", show_default=True, help="Shard root (folder or URI such as s3://bucket/prefix).")
+@click.option(
+    "--out",
+    default="shards",
+    show_default=True,
+    help="Shard root (folder or URI such as s3://bucket/prefix).",
+)
 @click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
 @click.option("--name", default=None, help="Dataset name [default: <model>-ep<E>, or 'bicubic'].")
-@click.option("--shard-size", "shard_size", default=1000, show_default=True, type=int, help="Pairs per shard.")
-@click.option("--codec", default="png", show_default=True, type=click.Choice(["png", "zst"]), help="Payload codec: png (any WebDataset reader) or zst (zstd-compressed .npy, faster to decode).")
-@click.option("--batch-size", "batch_size", default=8, show_default=True, type=int, help="Crops per device batch.")
-@click.option("--device", default="auto", show_default=True, help="Torch device of the workers: auto, cpu, cuda, mps.")
-@click.option("--actors", default=None, type=int, help="Worker actors [default: one per GPU; one per CPU without GPUs]; 0 runs in this process without Ray.")
-@click.option("--address", default=None, help="Ray cluster to use: 'auto' or ray://host:10001 [default: an embedded local Ray].")
-@click.option("--num-cpus", "num_cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all].")
-@click.option("--threads", default=None, type=int, help="Torch threads per worker [default: the embedded Ray's CPUs / actors; torch's choice on a cluster].")
-@click.option("--bf16", is_flag=True, help="Run the reconstructor under bf16 autocast on CUDA (faster; no effect on CPU).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Build seed (sampling models draw from it per batch of keys).")
-@click.option("--max-pixels", "max_pixels", default=None, type=int, help="Reject larger images as decompression bombs [default: Pillow's 89,478,485].")
-@click.option("--color-correct", "color_correct", is_flag=True, help="Correct the degraded LR's colours towards the bicubic LR.")
-@click.option("--classifier", default=None, type=click.Path(dir_okay=False), help="Degradation classifier checkpoint: fills the label columns.")
-@click.option("--dry-run", "dry_run", is_flag=True, help="Print the plan (images, crops, shards, actors, estimated bytes) and write nothing.")
+@click.option(
+    "--shard-size", "shard_size", default=1000, show_default=True, type=int, help="Pairs per shard."
+)
+@click.option(
+    "--codec",
+    default="png",
+    show_default=True,
+    type=click.Choice(["png", "zst"]),
+    help="Payload codec: png (any WebDataset reader) or zst (zstd-compressed .npy, faster to decode).",
+)
+@click.option(
+    "--batch-size", "batch_size", default=8, show_default=True, type=int, help="Crops per device batch."
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="Torch device of the workers: auto, cpu, cuda, mps."
+)
+@click.option(
+    "--actors",
+    default=None,
+    type=int,
+    help="Worker actors [default: one per GPU; one per CPU without GPUs]; 0 runs in this process without Ray.",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to use: 'auto' or ray://host:10001 [default: an embedded local Ray].",
+)
+@click.option(
+    "--num-cpus", "num_cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all]."
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=int,
+    help="Torch threads per worker [default: the embedded Ray's CPUs / actors; torch's choice on a cluster].",
+)
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="Run the reconstructor under bf16 autocast on CUDA (faster; no effect on CPU).",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Build seed (sampling models draw from it per batch of keys).",
+)
+@click.option(
+    "--max-pixels",
+    "max_pixels",
+    default=None,
+    type=int,
+    help="Reject larger images as decompression bombs [default: Pillow's 89,478,485].",
+)
+@click.option(
+    "--color-correct",
+    "color_correct",
+    is_flag=True,
+    help="Correct the degraded LR's colours towards the bicubic LR.",
+)
+@click.option(
+    "--classifier",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Degradation classifier checkpoint: fills the label columns.",
+)
+@click.option(
+    "--dry-run",
+    "dry_run",
+    is_flag=True,
+    help="Print the plan (images, crops, shards, actors, estimated bytes) and write nothing.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @user_errors
 def build_command(**options) -> None:
@@ -254,6 +370,7 @@ def verify_command(shards_dir: str, manifests: str, dataset: str | None) -> None
     if not report.ok:
         sys.exit(1)
 
+
 # --- classifier commands ---
 
 
@@ -263,18 +380,62 @@ def classifier_group() -> None:
 
 
 @classifier_group.command("train")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of source images (any photos; random crops get corrupted).")
-@click.option("--arch", default="resnet152", show_default=True, type=click.Choice(["resnet152", "resnet50", "resnet18"]), help="torchvision ResNet, trained from scratch (resnet152 as in the paper).")
-@click.option("--per-class", "per_class", default=2000, show_default=True, type=int, help="Synthetic images per class (Tiny-ImageNet-C: 2,000).")
-@click.option("--size", default=64, show_default=True, type=int, help="Input size in pixels (Tiny-ImageNet-C: 64).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder of source images (any photos; random crops get corrupted).",
+)
+@click.option(
+    "--arch",
+    default="resnet152",
+    show_default=True,
+    type=click.Choice(["resnet152", "resnet50", "resnet18"]),
+    help="torchvision ResNet, trained from scratch (resnet152 as in the paper).",
+)
+@click.option(
+    "--per-class",
+    "per_class",
+    default=2000,
+    show_default=True,
+    type=int,
+    help="Synthetic images per class (Tiny-ImageNet-C: 2,000).",
+)
+@click.option(
+    "--size", default=64, show_default=True, type=int, help="Input size in pixels (Tiny-ImageNet-C: 64)."
+)
 @click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training split.")
-@click.option("--batch-size", "batch_size", default=64, show_default=True, type=int, help="Images per optimiser step.")
-@click.option("--learning-rate", "learning_rate", default=2e-3, show_default=True, type=float, help="AdamW peak learning rate (one-cycle schedule).")
-@click.option("--holdout", "holdout_fraction", default=0.2, show_default=True, type=float, help="Fraction of each class held out for accuracy and the confusion matrix.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthesis, split and training.")
+@click.option(
+    "--batch-size", "batch_size", default=64, show_default=True, type=int, help="Images per optimiser step."
+)
+@click.option(
+    "--learning-rate",
+    "learning_rate",
+    default=2e-3,
+    show_default=True,
+    type=float,
+    help="AdamW peak learning rate (one-cycle schedule).",
+)
+@click.option(
+    "--holdout",
+    "holdout_fraction",
+    default=0.2,
+    show_default=True,
+    type=float,
+    help="Fraction of each class held out for accuracy and the confusion matrix.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the synthesis, split and training."
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
 @click.option("--threads", default=None, type=int, help="Torch CPU threads [default: torch's choice].")
-@click.option("--out", default="classifier.safetensors", show_default=True, type=click.Path(dir_okay=False), help="Checkpoint path; .confusion.png and .metrics.json are written beside it.")
+@click.option(
+    "--out",
+    default="classifier.safetensors",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Checkpoint path; .confusion.png and .metrics.json are written beside it.",
+)
 @user_errors
 def classifier_train_command(**options) -> None:
     """Synthesise a Tiny-ImageNet-C-like set from DATA, train the classifier, report held-out accuracy."""
@@ -288,11 +449,27 @@ def classifier_train_command(**options) -> None:
 
 
 @main.command("label")
-@click.option("--classifier", required=True, type=click.Path(dir_okay=False), help="Classifier checkpoint from `factory classifier train`.")
+@click.option(
+    "--classifier",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Classifier checkpoint from `factory classifier train`.",
+)
 @click.option("--shards", default="shards", show_default=True, help="Shard root (folder or URI).")
 @click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
-@click.option("--dataset", default=None, help="Label this dataset only [default: every dataset under the manifest root].")
-@click.option("--batch-size", "batch_size", default=64, show_default=True, type=int, help="LR images per classifier call.")
+@click.option(
+    "--dataset",
+    default=None,
+    help="Label this dataset only [default: every dataset under the manifest root].",
+)
+@click.option(
+    "--batch-size",
+    "batch_size",
+    default=64,
+    show_default=True,
+    type=int,
+    help="LR images per classifier call.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
 @user_errors
 def label_command(**options) -> None:
@@ -302,7 +479,10 @@ def label_command(**options) -> None:
     result = label_dataset(LabelConfig(**options))
     click.echo(f"labelled {result.pairs} pair(s) in {result.manifests} manifest(s)")
     for dataset, entropy in result.entropy.items():
-        click.echo(f"  {dataset}: entropy H = {entropy:.3f} nats over {sum(result.counts[dataset].values())} pair(s)")
+        click.echo(
+            f"  {dataset}: entropy H = {entropy:.3f} nats over {sum(result.counts[dataset].values())} pair(s)"
+        )
+
 
 # --- manifest commands ---
 
@@ -315,8 +495,12 @@ WHERE_HELP = "SQL predicate over the manifest columns, e.g. \"delta_e < 5 AND la
 @click.argument("expression")
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
 @click.option(
-    "--format", "output_format", type=click.Choice(["table", "csv", "json", "keys"]), default="table",
-    show_default=True, help="table: aligned text; csv; json: one JSON object a line; keys: one pair key a line.",
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "csv", "json", "keys"]),
+    default="table",
+    show_default=True,
+    help="table: aligned text; csv; json: one JSON object a line; keys: one pair key a line.",
 )
 @user_errors
 def query_command(expression: str, manifests_root: str, output_format: str) -> None:
@@ -336,10 +520,24 @@ def query_command(expression: str, manifests_root: str, output_format: str) -> N
 @click.option("--where", required=True, help=WHERE_HELP)
 @click.option("--shards", "shards_root", default="shards", show_default=True, help=SHARDS_HELP)
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
-@click.option("--out", required=True, help="Shard root for the new dataset (written to OUT/NAME/); a folder or URI.")
-@click.option("--out-manifests", default=None, help="Manifest root for the new dataset [default: --manifests]; a folder or URI.")
-@click.option("--name", default=None, help="Name of the new dataset [default: <parent>-where-<hash of --where>].")
-@click.option("--pairs-per-shard", default=1000, show_default=True, type=click.IntRange(min=1), help="Pairs per new shard.")
+@click.option(
+    "--out", required=True, help="Shard root for the new dataset (written to OUT/NAME/); a folder or URI."
+)
+@click.option(
+    "--out-manifests",
+    default=None,
+    help="Manifest root for the new dataset [default: --manifests]; a folder or URI.",
+)
+@click.option(
+    "--name", default=None, help="Name of the new dataset [default: <parent>-where-<hash of --where>]."
+)
+@click.option(
+    "--pairs-per-shard",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Pairs per new shard.",
+)
 @user_errors
 def filter_command(where, shards_root, manifests_root, out, out_manifests, name, pairs_per_shard) -> None:
     """Write a new dataset with exactly the pairs matching --where (payloads copied byte for byte)."""
@@ -347,11 +545,18 @@ def filter_command(where, shards_root, manifests_root, out, out_manifests, name,
 
     summary = filter_dataset(
         FilterConfig(
-            where=where, shards_root=shards_root, manifests_root=manifests_root, out=out,
-            out_manifests=out_manifests, name=name, pairs_per_shard=pairs_per_shard,
+            where=where,
+            shards_root=shards_root,
+            manifests_root=manifests_root,
+            out=out,
+            out_manifests=out_manifests,
+            name=name,
+            pairs_per_shard=pairs_per_shard,
         )
     )
-    click.echo(f"{summary.dataset}: {summary.pairs} pairs in {len(summary.shards)} shards from {', '.join(summary.parent_datasets)}")
+    click.echo(
+        f"{summary.dataset}: {summary.pairs} pairs in {len(summary.shards)} shards from {', '.join(summary.parent_datasets)}"
+    )
 
 
 @main.command("stats")
@@ -365,7 +570,9 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
 
     from factory.stats import StatsConfig, dataset_stats
 
-    report = dataset_stats(StatsConfig(manifests_root=Path(manifests_root), plots=Path(plots) if plots else None))
+    report = dataset_stats(
+        StatsConfig(manifests_root=Path(manifests_root), plots=Path(plots) if plots else None)
+    )
     click.echo(report.to_json() if as_json else report.to_text(), nl=False)
 
 
@@ -373,7 +580,9 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
 @click.option("--shards", "shards_root", default="shards", show_default=True, help=SHARDS_HELP)
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
 @click.option("--where", default=None, help=WHERE_HELP + " Default: all pairs.")
-@click.option("--n", "count", default=16, show_default=True, type=click.IntRange(min=1, max=1024), help="Pairs to show.")
+@click.option(
+    "--n", "count", default=16, show_default=True, type=click.IntRange(min=1, max=1024), help="Pairs to show."
+)
 @click.option("--out", required=True, help="Contact sheet to write (PNG).")
 @user_errors
 def preview_command(shards_root, manifests_root, where, count, out) -> None:
@@ -383,14 +592,22 @@ def preview_command(shards_root, manifests_root, where, count, out) -> None:
     from factory.preview import PreviewConfig, make_preview
 
     summary = make_preview(
-        PreviewConfig(shards_root=shards_root, manifests_root=manifests_root, where=where, count=count, out=Path(out))
+        PreviewConfig(
+            shards_root=shards_root, manifests_root=manifests_root, where=where, count=count, out=Path(out)
+        )
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs")
 
 
 @main.command("export")
-@click.option("--format", "export_format", type=click.Choice(["basicsr"]), default="basicsr", show_default=True,
-              help="basicsr: hr/ and lr/ PNG folders with meta_info files for BasicSR / Real-ESRGAN paired datasets.")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["basicsr"]),
+    default="basicsr",
+    show_default=True,
+    help="basicsr: hr/ and lr/ PNG folders with meta_info files for BasicSR / Real-ESRGAN paired datasets.",
+)
 @click.option("--shards", "shards_root", default="shards", show_default=True, help=SHARDS_HELP)
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
 @click.option("--where", default=None, help=WHERE_HELP + " Default: all pairs.")
@@ -422,66 +639,233 @@ def _float_list(text: str | None) -> tuple[float, ...] | None:
 
 
 @main.command("eval")
-@click.option("--model", required=True, help="SR weights: an official checkpoint or `factory finetune`'s model.pth.")
-@click.option("--lr", "lr_folder", required=True, help="Folder of LR inputs (NTIRE 2018 x4m names, NTIRE 2020 or same names).")
+@click.option(
+    "--model", required=True, help="SR weights: an official checkpoint or `factory finetune`'s model.pth."
+)
+@click.option(
+    "--lr",
+    "lr_folder",
+    required=True,
+    help="Folder of LR inputs (NTIRE 2018 x4m names, NTIRE 2020 or same names).",
+)
 @click.option("--hr", "hr_folder", required=True, help="Folder of ground-truth HR images.")
-@click.option("--out", default="runs/eval", show_default=True, help="Output folder: sr/*.png, metrics.csv, summary.json.")
-@click.option("--y-channel", is_flag=True, help="PSNR / SSIM on the BT.601 Y channel (BasicSR's test_y_channel).")
-@click.option("--crop-border", default=0, show_default=True, type=click.IntRange(min=0), help="Pixels dropped on each side before the metrics (BasicSR: the scale).")
-@click.option("--lpips-weights", default=None, help="LPIPS-alex weights file (the lpips package's LPIPS state dict); without it no LPIPS.")
-@click.option("--arch", "architecture", type=click.Choice(["edsr", "esrgan", "swinir", "hat"]), default=None, help="Expected architecture (checked against the weights).")
+@click.option(
+    "--out",
+    default="runs/eval",
+    show_default=True,
+    help="Output folder: sr/*.png, metrics.csv, summary.json.",
+)
+@click.option(
+    "--y-channel", is_flag=True, help="PSNR / SSIM on the BT.601 Y channel (BasicSR's test_y_channel)."
+)
+@click.option(
+    "--crop-border",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Pixels dropped on each side before the metrics (BasicSR: the scale).",
+)
+@click.option(
+    "--lpips-weights",
+    default=None,
+    help="LPIPS-alex weights file (the lpips package's LPIPS state dict); without it no LPIPS.",
+)
+@click.option(
+    "--arch",
+    "architecture",
+    type=click.Choice(["edsr", "esrgan", "swinir", "hat"]),
+    default=None,
+    help="Expected architecture (checked against the weights).",
+)
 @click.option("--device", default=None, help="cuda or cpu [default: cuda if present].")
 @user_errors
-def eval_command(model, lr_folder, hr_folder, out, y_channel, crop_border, lpips_weights, architecture, device) -> None:
+def eval_command(
+    model, lr_folder, hr_folder, out, y_channel, crop_border, lpips_weights, architecture, device
+) -> None:
     """Super-resolve LR images, save the outputs and report PSNR / SSIM (/ LPIPS) against HR."""
     from factory.evaluate import EvalConfig, evaluate
 
     summary = evaluate(
         EvalConfig(
-            model=model, lr=lr_folder, hr=hr_folder, out=out, y_channel=y_channel, crop_border=crop_border,
-            lpips_weights=lpips_weights, architecture=architecture, device=device,
+            model=model,
+            lr=lr_folder,
+            hr=hr_folder,
+            out=out,
+            y_channel=y_channel,
+            crop_border=crop_border,
+            lpips_weights=lpips_weights,
+            architecture=architecture,
+            device=device,
         )
     )
     lpips = "n/a" if summary.lpips is None else f"{summary.lpips:.4f}"
-    click.echo(f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} ({summary.csv})")
+    click.echo(
+        f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} ({summary.csv})"
+    )
 
 
 @main.command("finetune")
-@click.option("--arch", "architecture", type=click.Choice(["edsr", "esrgan", "swinir", "hat"]), required=True, help="SR network to fine-tune.")
-@click.option("--pretrained", default=None, help="Official (or fine-tuned) weights (.pth/.pt/.safetensors); without it a random --preset network.")
-@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True, help="Network shape without --pretrained: the official models' or a tiny test one.")
-@click.option("--shards", multiple=True, required=True, help="A shard folder, brace pattern or URL list; repeat for several datasets (see --weights).")
-@click.option("--weights", "dataset_weights", default=None, help="Mixing weights, one per --shards, e.g. '3,1'.")
-@click.option("--manifests", default=None, help="Manifest root: read only committed shards, and apply --where.")
-@click.option("--where", default=None, help="SQL predicate over the manifest columns, e.g. \"delta_e < 5\" (needs --manifests).")
-@click.option("--iters", "iterations", default=10_000, show_default=True, type=click.IntRange(min=1), help="Optimiser steps (on every rank).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Patches per rank and step.")
-@click.option("--patch-size", default=64, show_default=True, type=click.IntRange(min=1), help="LR patch side (HR: scale x).")
-@click.option("--lr", "learning_rate", default=1e-4, show_default=True, type=float, help="Adam learning rate (constant).")
-@click.option("--patches-per-pair", default=8, show_default=True, type=click.IntRange(min=1), help="Random crops per decoded pair.")
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers per rank.")
-@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1), help="Iterations between checkpoints.")
-@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1), help="Iterations between loss / throughput log lines.")
+@click.option(
+    "--arch",
+    "architecture",
+    type=click.Choice(["edsr", "esrgan", "swinir", "hat"]),
+    required=True,
+    help="SR network to fine-tune.",
+)
+@click.option(
+    "--pretrained",
+    default=None,
+    help="Official (or fine-tuned) weights (.pth/.pt/.safetensors); without it a random --preset network.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["paper", "tiny"]),
+    default="paper",
+    show_default=True,
+    help="Network shape without --pretrained: the official models' or a tiny test one.",
+)
+@click.option(
+    "--shards",
+    multiple=True,
+    required=True,
+    help="A shard folder, brace pattern or URL list; repeat for several datasets (see --weights).",
+)
+@click.option(
+    "--weights", "dataset_weights", default=None, help="Mixing weights, one per --shards, e.g. '3,1'."
+)
+@click.option(
+    "--manifests", default=None, help="Manifest root: read only committed shards, and apply --where."
+)
+@click.option(
+    "--where",
+    default=None,
+    help='SQL predicate over the manifest columns, e.g. "delta_e < 5" (needs --manifests).',
+)
+@click.option(
+    "--iters",
+    "iterations",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Optimiser steps (on every rank).",
+)
+@click.option(
+    "--batch-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Patches per rank and step.",
+)
+@click.option(
+    "--patch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="LR patch side (HR: scale x).",
+)
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=1e-4,
+    show_default=True,
+    type=float,
+    help="Adam learning rate (constant).",
+)
+@click.option(
+    "--patches-per-pair",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Random crops per decoded pair.",
+)
+@click.option(
+    "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers per rank."
+)
+@click.option(
+    "--checkpoint-every",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Iterations between checkpoints.",
+)
+@click.option(
+    "--log-every",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Iterations between loss / throughput log lines.",
+)
 @click.option("--no-amp", is_flag=True, help="Train in float32 on GPU (default: bfloat16 autocast).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/checkpoints holds a checkpoint.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Initialisation and data-order seed.")
-@click.option("--out", default="runs/finetune", show_default=True, help="Output folder (checkpoints, log.jsonl, model.pth).")
-@click.option("--loss", type=click.Choice(["l1", "esrgan"]), default="l1", show_default=True, help="l1: the pre-trained models' objective; esrgan: L1 + VGG19 perceptual + relativistic GAN.")
-@click.option("--vgg-weights", default=None, help="VGG19 weights file for --loss esrgan (torchvision's vgg19 state dict).")
+@click.option(
+    "--out",
+    default="runs/finetune",
+    show_default=True,
+    help="Output folder (checkpoints, log.jsonl, model.pth).",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["l1", "esrgan"]),
+    default="l1",
+    show_default=True,
+    help="l1: the pre-trained models' objective; esrgan: L1 + VGG19 perceptual + relativistic GAN.",
+)
+@click.option(
+    "--vgg-weights",
+    default=None,
+    help="VGG19 weights file for --loss esrgan (torchvision's vgg19 state dict).",
+)
 @user_errors
-def finetune_command(architecture, pretrained, preset, shards, dataset_weights, manifests, where, iterations, batch_size,
-                     patch_size, learning_rate, patches_per_pair, workers, checkpoint_every, log_every, no_amp, no_resume,
-                     seed, out, loss, vgg_weights) -> None:
+def finetune_command(
+    architecture,
+    pretrained,
+    preset,
+    shards,
+    dataset_weights,
+    manifests,
+    where,
+    iterations,
+    batch_size,
+    patch_size,
+    learning_rate,
+    patches_per_pair,
+    workers,
+    checkpoint_every,
+    log_every,
+    no_amp,
+    no_resume,
+    seed,
+    out,
+    loss,
+    vgg_weights,
+) -> None:
     """Fine-tune EDSR / ESRGAN / SwinIR / HAT on streamed pairs; runs as is or under torchrun (DDP)."""
     from factory.finetune import FinetuneConfig, finetune
 
     result = finetune(
         FinetuneConfig(
-            architecture=architecture, pretrained=pretrained, preset=preset, shards=tuple(shards),
-            dataset_weights=_float_list(dataset_weights), manifests=manifests, where=where, iterations=iterations,
-            batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, patches_per_pair=patches_per_pair,
-            workers=workers, checkpoint_every=checkpoint_every, log_every=log_every, amp=not no_amp,
-            resume=not no_resume, seed=seed, out=out, loss=loss, vgg_weights=vgg_weights,
+            architecture=architecture,
+            pretrained=pretrained,
+            preset=preset,
+            shards=tuple(shards),
+            dataset_weights=_float_list(dataset_weights),
+            manifests=manifests,
+            where=where,
+            iterations=iterations,
+            batch_size=batch_size,
+            patch_size=patch_size,
+            learning_rate=learning_rate,
+            patches_per_pair=patches_per_pair,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            amp=not no_amp,
+            resume=not no_resume,
+            seed=seed,
+            out=out,
+            loss=loss,
+            vgg_weights=vgg_weights,
         )
     )
     if result.rank == 0:  # one result line, not one per process

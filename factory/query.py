@@ -34,7 +34,7 @@ from tqdm import tqdm
 from factory import __version__
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
-from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples
+from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
 from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,9 @@ def _default_name(parents: list[str], where: str) -> str:
 def _check_name(name: str) -> None:
     # The build's rule for dataset names (letters, digits, '-' and '_', not starting with '_' or '-').
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise FactoryError(f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)")
+        raise FactoryError(
+            f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)"
+        )
 
 
 def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
@@ -356,7 +358,6 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     sha256) written after it; the dataset card (parents, predicate) comes last. `out` and `out_manifests` may be
     any factory.storage location (a local folder or e.g. s3://bucket/prefix).
     """
-    from factory.build import row_json  # the json member exactly as the build writes it
 
     out_manifests = config.out_manifests if config.out_manifests is not None else config.manifests_root
     if config.pairs_per_shard < 1:

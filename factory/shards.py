@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
@@ -155,3 +156,8 @@ def read_samples(stream: BinaryIO) -> Iterator[ShardSample]:
             current.members[extension] = data
     if current is not None:
         yield current
+
+
+def row_json(row: dict[str, Any]) -> bytes:
+    """The `json` member of a sample: its manifest row, UTF-8, keys sorted (so the bytes are reproducible)."""
+    return json.dumps(row, sort_keys=True, allow_nan=False).encode("utf-8")

@@ -9,7 +9,6 @@ and PSNR / SSIM of x_deg against x, all on the stored 8-bit pixels so that a row
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -25,6 +24,7 @@ import numpy as np
 from factory import __version__
 from factory.manifests import write_manifest
 from factory.plan import BICUBIC, PlannedCrop, ShardTask, reject_row
+from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
 from factory.storage import Storage
 
@@ -456,8 +456,3 @@ def _prefetched(iterator: Iterator, depth: int = 1) -> Iterator:
     finally:
         stop.set()  # the consumer stopped early (an error downstream): let the producer end
         thread.join(timeout=5)
-
-
-def row_json(row: dict[str, Any]) -> bytes:
-    """The `json` member of a sample: its manifest row, UTF-8, keys sorted (so the bytes are reproducible)."""
-    return json.dumps(row, sort_keys=True, allow_nan=False).encode("utf-8")

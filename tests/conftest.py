@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 # The colour photographs bundled with scikit-image (astronaut, coffee, chelsea, rocket, IHC, Hubble, retina).
-SKIMAGE_COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+SKIMAGE_COLOR_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+)
 
 
 def skimage_photo(name: str) -> np.ndarray:
@@ -52,5 +59,7 @@ def photo_folder(tmp_path: Path, photos) -> Path:
     (root / "nested").mkdir(parents=True)
     for index, (name, image) in enumerate(photos.items()):
         target = root / ("nested" if index % 2 else "") / (f"{name}.png" if index % 3 else f"{name}.jpg")
-        Image.fromarray(image).save(target, quality=95) if target.suffix == ".jpg" else Image.fromarray(image).save(target)
+        Image.fromarray(image).save(target, quality=95) if target.suffix == ".jpg" else Image.fromarray(
+            image
+        ).save(target)
     return root

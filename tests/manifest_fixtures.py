@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from factory.build import row_json
 from factory.corruptions import CORRUPTIONS
 from factory.manifests import (
     LABEL_PROB_COLUMNS,
@@ -22,7 +21,7 @@ from factory.manifests import (
     write_manifest,
     write_table_atomic,
 )
-from factory.shards import HashingWriter, TarShardWriter, encode_image, payload_extension
+from factory.shards import HashingWriter, TarShardWriter, encode_image, payload_extension, row_json
 from factory.storage import Storage
 
 HR_SIZE = 32
