@@ -386,7 +386,8 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
         ensure_checkpoint(embedded, list_sources())
     assert (seen[0].image_size, seen[0].epoch_size, seen[0].lr, seen[0].epochs) == (64, 640, 1e-3, 8)
     with pytest.raises(FactoryError, match="not written"):
-        ensure_checkpoint(config_for(tmp_path, tmp_path, model="vqvae2"), list_sources())
+        with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
+        ensure_checkpoint(with_hr, list_sources())
     assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr) == (None, None, None)
 
 
