@@ -550,12 +550,14 @@ class ColorDifference:
 
 def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row percentile with numpy's default linear interpolation. values: (N, M) -> (N,)."""
-    ordered = values.sort(dim=1).values
     position = q / 100.0 * (values.shape[1] - 1)
     lower = int(math.floor(position))
     upper = min(lower + 1, values.shape[1] - 1)
     fraction = position - lower
-    return ordered[:, lower] + (ordered[:, upper] - ordered[:, lower]) * fraction
+    # Two order statistics by selection, not a full sort (a third of the finisher's time in a build): same values.
+    low = values.kthvalue(lower + 1, dim=1).values
+    high = values.kthvalue(upper + 1, dim=1).values if upper != lower else low
+    return low + (high - low) * fraction
 
 
 def delta_e(hr: torch.Tensor, lr: torch.Tensor) -> ColorDifference:
