@@ -150,9 +150,14 @@ def codecs(quick: bool) -> tuple[list[Figure], dict]:
     # takes a few seconds.
     result = bench_codecs.run(quick=False)
     rows = []
-    for variant in ("png1", "png6", "zst"):
+    labels = {
+        "png1": "png, ours, level 1",
+        "pillow_png1": "png, Pillow, level 1",
+        "pillow_png6": "png, Pillow, level 6",
+        "zst": "zst",
+    }
+    for variant, label in labels.items():
         values = result[variant]
-        label = {"png1": "png level 1", "png6": "png level 6", "zst": "zst"}[variant]
         rows.append(figure("codecs_encode_ms", values["encode_ms_per_pair"], "ms", variant=label))
         rows.append(figure("codecs_decode_ms", values["decode_ms_per_pair"], "ms", variant=label))
         rows.append(
