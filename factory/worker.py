@@ -317,15 +317,23 @@ class ShardWorker:
         crops y: (B, 3, crop, crop) uint8 -> (B, 3, crop / s, crop / s) uint8, as stored."""
         import torch
 
-        from factory.color import downsample, quantize
-
         for batch in batches:
             with torch.inference_mode():  # thread-local: this runs on the prefetch thread
-                # (B, 3, H, W) contiguous while still 8-bit: converting the channels-last view to float directly
-                # costs a strided pass over 4x the bytes (measured: 187 -> 120 ms per batch of 8 crops of 1024).
-                y8 = torch.from_numpy(np.stack([item[3] for item in batch])).permute(0, 3, 1, 2).contiguous()
-                x8 = quantize(downsample(y8.to(self.device).float().div_(255.0), self.settings.scale))
+                # One crop at a time: a whole batch as floats (100 MB for 8 crops of 1024) streams through the
+                # caches the model shares. Measured per 8 crops of 1024: 187 ms batched, 86 ms this way; same bits.
+                x8 = torch.cat([self._bicubic_lr8(item[3]) for item in batch])
             yield batch, x8
+
+    def _bicubic_lr8(self, crop: np.ndarray):
+        """(H, W, 3) uint8 crop y -> (1, 3, H / scale, W / scale) uint8 bicubic LR x on the device, as stored. The
+        crop is made (3, H, W) contiguous while still 8-bit: a float copy of the channels-last view is a strided
+        pass over 4x the bytes."""
+        import torch
+
+        from factory.color import downsample, quantize
+
+        y8 = torch.from_numpy(crop).permute(2, 0, 1).contiguous()[None].to(self.device)
+        return quantize(downsample(y8.float().div_(255.0), self.settings.scale))
 
     def _degrade(self, batch, x8):
         """One device batch, stage 1: x8 (B, 3, h, w) uint8 -> (x8, degraded8, corrected), degraded8 = G(x) (x8 for
