@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from factory import __version__
-from factory.manifests import write_manifest
+from factory.manifests import rows_to_table, write_manifest
 from factory.plan import BICUBIC, PlannedCrop, ShardTask, reject_row
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
@@ -197,6 +197,7 @@ class ShardWorker:
             encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
         self.finisher = ThreadPoolExecutor(max_workers=1)  # stage 2 of build_shard's pipeline
+        rows_to_table([])  # pyarrow imports pandas on its first table (~0.5 s): at start-up, not in the first shard
         self.ready = True
 
     def ping(self) -> bool:
