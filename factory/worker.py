@@ -62,32 +62,35 @@ def image_quality(degraded, reference):
     def pooled_mean(t):
         return F.avg_pool2d(t, window, stride=1)
 
-    mean_filter = pooled_mean
+    mean_filter, sa, sb = pooled_mean, a, b  # the filter, and the tensors the window sums are taken over
     if dtype == torch.float64:
-        # 8-bit pixels: every window sum of pixels or of their products is an integer (< 2^22), exact in float64 in
-        # any order (cumulative sums stay < 2^33), so sums by cumulative sums divided by the count are avg_pool2d's
-        # means bit for bit, in avg_pool2d's memory layout (which decides the order of the SSIM mean below); about
-        # a fifth of its cost on the CPU. tests/test_build.py checks the equality.
+        # 8-bit pixels: every window sum of pixels or of their products is an integer below 2^22, and so is every
+        # partial sum of a 7-wide row or column: exact in float32, in any order. So the window sums are taken in
+        # float32 by seven shifted slices per axis and only then divided by the count in float64, which gives
+        # avg_pool2d's float64 means bit for bit, in avg_pool2d's memory layout (which decides the order of the
+        # SSIM mean below). Measured: PSNR + SSIM of 8 pairs of 256 in 89 ms, against 226 ms with float64 cumulative
+        # sums and more with avg_pool2d. tests/test_build.py checks the equality.
         def window_sum(t):
             for dim in (-1, -2):
-                t = t.cumsum(dim)
-                size = t.shape[dim] - window
-                t = torch.cat(
-                    [t.narrow(dim, window - 1, 1), t.narrow(dim, window, size) - t.narrow(dim, 0, size)], dim
-                )
+                size = t.shape[dim] - window + 1
+                total = t.narrow(dim, 0, size).clone()
+                for offset in range(1, window):
+                    total += t.narrow(dim, offset, size)
+                t = total
             return t
 
         def summed_mean(t):
             channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
             layout = torch.channels_last if channels_last else torch.contiguous_format
-            return (window_sum(t) / count).contiguous(memory_format=layout)
+            return (window_sum(t).double() / count).contiguous(memory_format=layout)
 
         mean_filter = summed_mean
+        sa, sb = degraded.float(), reference.float()  # 8-bit values and their products (<= 65,025): exact
 
-    mean_a, mean_b = mean_filter(a), mean_filter(b)
-    var_a = covariance_norm * (mean_filter(a * a) - mean_a * mean_a)
-    var_b = covariance_norm * (mean_filter(b * b) - mean_b * mean_b)
-    cov = covariance_norm * (mean_filter(a * b) - mean_a * mean_b)
+    mean_a, mean_b = mean_filter(sa), mean_filter(sb)
+    var_a = covariance_norm * (mean_filter(sa * sa) - mean_a * mean_a)
+    var_b = covariance_norm * (mean_filter(sb * sb) - mean_b * mean_b)
+    cov = covariance_norm * (mean_filter(sa * sb) - mean_a * mean_b)
     ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / (
         (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
     )
@@ -197,7 +200,9 @@ class ShardWorker:
             encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
         self.finisher = ThreadPoolExecutor(max_workers=1)  # stage 2 of build_shard's pipeline
-        rows_to_table([])  # pyarrow imports pandas on its first table (~0.5 s): at start-up, not in the first shard
+        rows_to_table(
+            []
+        )  # pyarrow imports pandas on its first table (~0.5 s): at start-up, not in the first shard
         self.ready = True
 
     def ping(self) -> bool:
