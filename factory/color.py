@@ -436,7 +436,7 @@ def _xyz_tables() -> torch.Tensor:
     """(3 channels, 3 XYZ rows, 256 levels) float32: linear value of each 8-bit level (float64, as skimage) times
     the sRGB -> XYZ matrix entry over the white point: X/Xn = sum over the channels of table[c, 0, level_c]."""
     if not _XYZ_TABLES:
-        linear = srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0)
+        linear = _srgb_table(torch.float64, torch.device("cpu"))
         matrix = (
             torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)
             / torch.tensor(D65_WHITE, dtype=torch.float64)[:, None]

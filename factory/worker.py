@@ -200,9 +200,8 @@ class ShardWorker:
             encoders = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         self.encoders = ThreadPoolExecutor(max_workers=max(1, encoders))
         self.finisher = ThreadPoolExecutor(max_workers=1)  # stage 2 of build_shard's pipeline
-        rows_to_table(
-            []
-        )  # pyarrow imports pandas on its first table (~0.5 s): at start-up, not in the first shard
+        # pyarrow imports pandas on its first table (~0.5 s): pay it at start-up, not in the first shard.
+        rows_to_table([])
         self.ready = True
 
     def ping(self) -> bool:
