@@ -337,7 +337,8 @@ class ShardWorker:
 
         from factory.color import downsample, quantize
 
-        y8 = torch.from_numpy(crop).permute(2, 0, 1).contiguous()[None].to(self.device)
+        # The (3, H, W) copy is made by numpy: decoded crops may be read-only, which torch.from_numpy warns about.
+        y8 = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None].to(self.device)
         return quantize(downsample(y8.float().div_(255.0), self.settings.scale))
 
     def _degrade(self, batch, x8):
