@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from factory.config import FactoryError, config_to_dict
+from factory.storage import atomic_path
 
 CHECKPOINT_FORMAT = "factory-checkpoint/1"
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
@@ -149,16 +149,10 @@ def save_checkpoint(
         payload["optimizer"] = optimizer.state_dict()
     if rng is not None:
         payload["rng"] = dict(rng)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        torch.save(payload, file)
+        file.flush()
+        os.fsync(file.fileno())  # the rename must not reach the disk before the bytes do
     return path
 
 

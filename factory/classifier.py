@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from factory.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from factory.manifests import LABEL_PROB_COLUMNS, PAIR_SCHEMA, read_manifest, read_manifests
 from factory.shards import decode_image, read_samples
 from factory.sources import RejectedImage, find_images, load_rgb
-from factory.storage import Storage
+from factory.storage import Storage, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -412,30 +411,16 @@ def save_confusion_figure(confusion: np.ndarray, path: Path, title: str) -> None
                 )
     figure.colorbar(shown, ax=axes, fraction=0.046)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=120)
-        _publish(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=120, format="png")
     finally:
         plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-
-
-def _publish(temporary: str, path: Path) -> None:
-    """Move a finished temporary file into place. mkstemp creates files readable by the owner only; outputs are
-    meant to be shared, so they get the usual rw-r--r-- first."""
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    _publish(temporary, path)
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -454,15 +439,8 @@ def save_classifier(network: nn.Module, config: ClassifierTrainConfig, accuracy:
         "config": json.dumps(config_to_dict(config)),
     }
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        _publish(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.corruption_names import CORRUPTIONS
+from factory.storage import atomic_path
 
 LABEL_PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CORRUPTIONS)
 
@@ -110,16 +110,8 @@ def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[
 
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     """Write `table` to `path` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def rows_to_table(rows: list[dict], schema: pa.Schema = PAIR_SCHEMA) -> pa.Table:

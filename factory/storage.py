@@ -15,11 +15,32 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
 from factory.config import FactoryError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary local file name beside `path`, for writers that want a name rather than a stream (pyarrow,
+    safetensors, matplotlib, a compiler); it becomes `path` when the block ends without an exception and is deleted
+    otherwise. The temporary is created like any new file (0666 less the umask), not owner-only as
+    `tempfile.mkstemp` would make it: manifests, checkpoints and figures are meant to be shared."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = (
+        path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    )  # the pattern remove_temporaries sweeps
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield str(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _is_uri(location: str) -> bool:

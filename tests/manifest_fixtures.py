@@ -16,10 +16,11 @@ import numpy as np
 from factory.corruptions import CORRUPTIONS
 from factory.manifests import (
     LABEL_PROB_COLUMNS,
+    REJECTS_NAME,
     rows_to_table,
     shard_stem,
     write_manifest,
-    write_table_atomic,
+    write_rejects,
 )
 from factory.shards import HashingWriter, TarShardWriter, encode_image, payload_extension, row_json
 from factory.storage import Storage
@@ -37,17 +38,7 @@ class PairSpec:
     label_prob: float | None = None
 
 
-def _row(
-    dataset: str,
-    model: str,
-    epoch: int | None,
-    index: int,
-    spec: PairSpec,
-    shard: str,
-    codec: str,
-    hr_payload: bytes,
-    lr_payload: bytes,
-) -> dict:
+def _row(dataset: str, model: str, epoch: int | None, index: int, spec: PairSpec) -> dict:
     row = {
         "key": f"{dataset}-{index:06d}",
         "dataset": dataset,
@@ -70,12 +61,6 @@ def _row(
         "psnr": 30.0 - spec.delta_e,
         "ssim": 0.9,
         "color_corrected": False,
-        "shard": shard,
-        "codec": codec,
-        "hr_bytes": len(hr_payload),
-        "lr_bytes": len(lr_payload),
-        "hr_sha256": hashlib.sha256(hr_payload).hexdigest(),
-        "lr_sha256": hashlib.sha256(lr_payload).hexdigest(),
         "seed": 0,
         "factory_version": "0.1.0",
     }
@@ -90,6 +75,53 @@ def _row(
     return row
 
 
+def write_shard(
+    shards_root: Path,
+    manifests_root: Path,
+    dataset: str,
+    shard_index: int,
+    samples: list[tuple[dict, np.ndarray, np.ndarray]],
+    codec: str = "png",
+) -> list[dict]:
+    """One shard of (row, hr, lr) samples, written with the build's tar writer and committed by a manifest with the
+    build's commit record (so `factory verify` accepts it). The payload columns (shard, codec, sizes, sha256s) are
+    filled in here; returns the rows as the manifest reads back (float32 columns rounded)."""
+    shard = f"{dataset}/{shard_stem(dataset, shard_index)}.tar"
+    extension = payload_extension(codec)
+    rows = []
+    with Storage(shards_root).open_atomic(shard) as raw:
+        stream = HashingWriter(raw)
+        writer = TarShardWriter(stream)
+        for row, hr, lr in samples:
+            hr_payload, lr_payload = encode_image(hr, codec), encode_image(lr, codec)
+            row = {
+                **row,
+                "shard": shard,
+                "codec": codec,
+                "hr_bytes": len(hr_payload),
+                "lr_bytes": len(lr_payload),
+                "hr_sha256": hashlib.sha256(hr_payload).hexdigest(),
+                "lr_sha256": hashlib.sha256(lr_payload).hexdigest(),
+            }
+            row = rows_to_table([row]).to_pylist()[0]
+            writer.add_sample(
+                row["key"],
+                {f"hr.{extension}": hr_payload, f"lr.{extension}": lr_payload, "json": row_json(row)},
+            )
+            rows.append(row)
+        writer.close()
+    commit = {
+        "shard": shard,
+        "shard_bytes": stream.size,
+        "shard_sha256": stream.hexdigest(),
+        "pairs": len(rows),
+    }
+    write_manifest(
+        Storage(manifests_root), f"{dataset}/{shard_stem(dataset, shard_index)}.parquet", rows, commit
+    )
+    return rows
+
+
 def make_dataset(
     shards_root: Path,
     manifests_root: Path,
@@ -102,48 +134,21 @@ def make_dataset(
     pairs_per_shard: int = 4,
     rejects: int = 0,
 ) -> list[dict]:
-    """Write `dataset` (shards + one manifest per shard + optional rejects); return its manifest rows (all columns)."""
-    from factory.manifests import REJECT_SCHEMA, REJECTS_NAME
-
+    """Write `dataset` (shards + one manifest per shard + optional rejects); return its manifest rows (all columns).
+    HR: 32x32 crops of the photos; LR: every 4th pixel plus noise."""
     generator = np.random.default_rng(len(dataset) + len(specs))
     names = sorted(photos)
-    extension = payload_extension(codec)
     rows: list[dict] = []
-    shard_storage, manifest_storage = Storage(shards_root), Storage(manifests_root)
     for shard_index, start in enumerate(range(0, len(specs), pairs_per_shard)):
-        shard = f"{dataset}/{shard_stem(dataset, shard_index)}.tar"
-        shard_rows = []
-        # The build's writer (factory.shards) and commit record, so `factory verify` accepts these datasets.
-        with shard_storage.open_atomic(shard) as raw:
-            stream = HashingWriter(raw)
-            writer = TarShardWriter(stream)
-            for index in range(start, min(start + pairs_per_shard, len(specs))):
-                photo = photos[names[index % len(names)]]
-                top, left = 8 * (index % 5), 8 * (index % 7)
-                hr = np.ascontiguousarray(photo[top : top + HR_SIZE, left : left + HR_SIZE])
-                noise = generator.integers(-20, 21, size=(HR_SIZE // SCALE, HR_SIZE // SCALE, 3))
-                lr = np.clip(hr[::SCALE, ::SCALE].astype(int) + noise, 0, 255).astype(np.uint8)
-                hr_payload, lr_payload = encode_image(hr, codec), encode_image(lr, codec)
-                row = _row(dataset, model, epoch, index, specs[index], shard, codec, hr_payload, lr_payload)
-                row = rows_to_table([row]).to_pylist()[0]  # float32 columns as they read back
-                members = {
-                    f"hr.{extension}": hr_payload,
-                    f"lr.{extension}": lr_payload,
-                    "json": row_json(row),
-                }
-                writer.add_sample(row["key"], members)
-                shard_rows.append(row)
-            writer.close()
-        commit = {
-            "shard": shard,
-            "shard_bytes": stream.size,
-            "shard_sha256": stream.hexdigest(),
-            "pairs": len(shard_rows),
-        }
-        write_manifest(
-            manifest_storage, f"{dataset}/{shard_stem(dataset, shard_index)}.parquet", shard_rows, commit
-        )
-        rows += shard_rows
+        samples = []
+        for index in range(start, min(start + pairs_per_shard, len(specs))):
+            photo = photos[names[index % len(names)]]
+            top, left = 8 * (index % 5), 8 * (index % 7)
+            hr = np.ascontiguousarray(photo[top : top + HR_SIZE, left : left + HR_SIZE])
+            noise = generator.integers(-20, 21, size=(HR_SIZE // SCALE, HR_SIZE // SCALE, 3))
+            lr = np.clip(hr[::SCALE, ::SCALE].astype(int) + noise, 0, 255).astype(np.uint8)
+            samples.append((_row(dataset, model, epoch, index, specs[index]), hr, lr))
+        rows += write_shard(shards_root, manifests_root, dataset, shard_index, samples, codec)
     if rejects:
         reject_rows = [
             {
@@ -155,7 +160,7 @@ def make_dataset(
             }
             for index in range(rejects)
         ]
-        write_table_atomic(rows_to_table(reject_rows, REJECT_SCHEMA), manifests_root / dataset / REJECTS_NAME)
+        write_rejects(Storage(manifests_root), f"{dataset}/{REJECTS_NAME}", reject_rows)
     return rows
 
 

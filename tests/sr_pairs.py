@@ -1,20 +1,16 @@
 """Test helper for the stream / fine-tune / eval tests: bicubic (LR, HR) pairs written as shards + manifests in the
-on-disk layout of `factory build` (COMMON.md), from the photos scikit-image ships."""
+on-disk layout of `factory build`, from the photos scikit-image ships."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from manifest_fixtures import write_shard
 
 from factory.color import downsample
-from factory.manifests import rows_to_table, write_table_atomic
-from factory.shards import encode_image, payload_extension
 
 
 def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
@@ -52,55 +48,32 @@ def write_pairs(
 ) -> list[Path]:
     """Shards <shards_root>/<dataset>/<dataset>-NNNNNN.tar and one manifest per shard; returns the shard paths.
     Rows get a `label` cycling over three classes and `delta_e` = index / 10, so predicates have something to pick."""
-    extension = payload_extension(codec)
-    (shards_root / dataset).mkdir(parents=True, exist_ok=True)
     paths = []
     for shard_index, start in enumerate(range(0, len(pairs), per_shard)):
-        relative = f"{dataset}/{dataset}-{shard_index:06d}.tar"
-        rows = []
-        with tarfile.open(shards_root / relative, "w") as archive:
-            for offset, (key, hr) in enumerate(pairs[start : start + per_shard]):
-                index = start + offset
-                lr = bicubic_lr(hr, scale)
-                hr_bytes, lr_bytes = encode_image(hr, codec), encode_image(lr, codec)
-                row = {
-                    "key": key,
-                    "dataset": dataset,
-                    "model": "bicubic",
-                    "source": f"{key}.png",
-                    "source_root": "test",
-                    "source_sha256": hashlib.sha256(hr.tobytes()).hexdigest(),
-                    "crop_top": 0,
-                    "crop_left": 0,
-                    "crop_height": hr.shape[0],
-                    "crop_width": hr.shape[1],
-                    "scale": scale,
-                    "delta_e": index / 10,
-                    "delta_e_p95": index / 5,
-                    "psnr": 100.0,
-                    "ssim": 1.0,
-                    "color_corrected": False,
-                    "shard": relative,
-                    "codec": codec,
-                    "hr_bytes": len(hr_bytes),
-                    "lr_bytes": len(lr_bytes),
-                    "hr_sha256": hashlib.sha256(hr_bytes).hexdigest(),
-                    "lr_sha256": hashlib.sha256(lr_bytes).hexdigest(),
-                    "seed": 0,
-                    "factory_version": "test",
-                    "label": ("gaussian_noise", "defocus_blur", "jpeg_compression")[index % 3],
-                }
-                for name, data in (
-                    (f"{key}.hr.{extension}", hr_bytes),
-                    (f"{key}.lr.{extension}", lr_bytes),
-                    (f"{key}.json", json.dumps(row).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-                rows.append(row)
-        write_table_atomic(
-            rows_to_table(rows), manifests_root / dataset / f"{dataset}-{shard_index:06d}.parquet"
-        )
-        paths.append(shards_root / relative)
+        samples = []
+        for index, (key, hr) in enumerate(pairs[start : start + per_shard], start):
+            row = {
+                "key": key,
+                "dataset": dataset,
+                "model": "bicubic",
+                "source": f"{key}.png",
+                "source_root": "test",
+                "source_sha256": hashlib.sha256(hr.tobytes()).hexdigest(),
+                "crop_top": 0,
+                "crop_left": 0,
+                "crop_height": hr.shape[0],
+                "crop_width": hr.shape[1],
+                "scale": scale,
+                "delta_e": index / 10,
+                "delta_e_p95": index / 5,
+                "psnr": 100.0,
+                "ssim": 1.0,
+                "color_corrected": False,
+                "seed": 0,
+                "factory_version": "test",
+                "label": ("gaussian_noise", "defocus_blur", "jpeg_compression")[index % 3],
+            }
+            samples.append((row, hr, bicubic_lr(hr, scale)))
+        (row, *_) = write_shard(shards_root, manifests_root, dataset, shard_index, samples, codec)
+        paths.append(shards_root / row["shard"])
     return paths
