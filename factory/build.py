@@ -568,6 +568,7 @@ def build(config: BuildConfig) -> BuildResult:
         ("--shard-size", config.shard_size),
         ("--batch-size", config.batch_size),
         ("--scale", config.scale),
+        ("--epoch", config.epoch),  # checkpoints are saved after whole epochs, the first after epoch 1
     ):
         if value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")

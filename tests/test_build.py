@@ -342,6 +342,28 @@ def test_nothing_buildable_is_an_error(tmp_path: Path, hr_folder: Path):
     assert outcome.exit_code == 2 and "nothing could be built" in outcome.output
 
 
+@pytest.mark.parametrize("option, value", [("--epoch", "0"), ("--shard-size", "0"), ("--batch-size", "-2")])
+def test_counts_below_one_are_a_one_line_error_before_anything_runs(tmp_path: Path, option: str, value: str):
+    outcome = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "--limit",
+            "1",
+            option,
+            value,
+            "--out",
+            str(tmp_path / "s"),
+            "--checkpoints",
+            str(tmp_path),
+        ],
+    )
+    assert outcome.exit_code == 2 and f"{option} must be at least 1, got {value}" in outcome.output
+    assert (
+        not (tmp_path / "s").exists() and not (tmp_path / "vqvae2").exists()
+    )  # nothing trained, nothing written
+
+
 def test_classifier_fills_the_label_columns(tmp_path: Path, hr_folder: Path):
     from factory.checkpoints import file_sha256
     from factory.classifier import ClassifierTrainConfig, Labeler, build_network, save_classifier
