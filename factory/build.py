@@ -424,6 +424,7 @@ def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | 
         preset=config.preset,
         seed=config.seed,
         embedded_default_lr_size=effective_crop(config) // config.scale if embedded_default else None,
+        progress=config.progress,
     )
     if not path.is_file():
         raise FactoryError(f"training finished but {path} was not written")

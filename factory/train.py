@@ -536,6 +536,7 @@ def train_for_build(
     preset: str | None = None,
     seed: int = 0,
     embedded_default_lr_size: int | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train the checkpoint a build needs (`<checkpoints>/<model>/epoch-<epoch>.pt`).
 
@@ -558,6 +559,7 @@ def train_for_build(
         preset=preset or "paper",
         checkpoints=str(checkpoints),
         seed=seed,
+        progress=progress,
         **recipe,
     )
     return train(config)
