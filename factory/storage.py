@@ -27,16 +27,19 @@ from factory.config import FactoryError
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary local file name beside `path`, for writers that want a name rather than a stream (pyarrow,
     safetensors, matplotlib, a compiler); it becomes `path` when the block ends without an exception and is deleted
-    otherwise. The temporary is created like any new file (0666 less the umask), not owner-only as
-    `tempfile.mkstemp` would make it: manifests, checkpoints and figures are meant to be shared."""
+    otherwise. The result has the permissions of any new file (0666 less the umask): manifests, checkpoints and
+    figures are meant to be shared, and both `tempfile.mkstemp` and safetensors (which recreates the file) would
+    leave it owner-only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = (
         path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     )  # the pattern remove_temporaries sweeps
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    shared_mode = os.stat(temporary).st_mode & 0o777  # what the umask made of 0666
     try:
         yield str(temporary)
+        os.chmod(temporary, shared_mode)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

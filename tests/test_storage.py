@@ -6,6 +6,8 @@ import stat
 
 import pyarrow as pa
 import pytest
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from factory.checkpoints import save_checkpoint
@@ -64,5 +66,7 @@ def test_manifests_and_checkpoints_are_readable_by_others(tmp_path, umask_022):
         data_fingerprint="x",
         seed=0,
     )
-    assert mode(table_path) == 0o644
-    assert mode(checkpoint) == 0o644
+    weights = tmp_path / "weights.safetensors"
+    with atomic_path(weights) as temporary:
+        save_file({"w": torch.zeros(2)}, temporary)  # safetensors recreates the file owner-only
+    assert mode(table_path) == mode(checkpoint) == mode(weights) == 0o644
