@@ -60,27 +60,26 @@ def ntire2018(tmp_path, photos):
     return tmp_path / "lr", tmp_path / "hr"
 
 
+def run_eval(weights, lr_folder, hr_folder, out, *options: str):
+    arguments = [
+        "eval",
+        "--model",
+        str(weights),
+        "--lr",
+        str(lr_folder),
+        "--hr",
+        str(hr_folder),
+        "--out",
+        str(out),
+    ]
+    return CliRunner().invoke(main, [*arguments, *options])
+
+
 def test_eval_writes_outputs_and_metrics_equal_to_skimage(tmp_path, ntire2018):
     lr_folder, hr_folder = ntire2018
     weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
     out = tmp_path / "eval"
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "--model",
-            str(weights),
-            "--lr",
-            str(lr_folder),
-            "--hr",
-            str(hr_folder),
-            "--out",
-            str(out),
-            "--y-channel",
-            "--crop-border",
-            "4",
-        ],
-    )
+    result = run_eval(weights, lr_folder, hr_folder, out, "--y-channel", "--crop-border", "4")
     assert result.exit_code == 0, result.output
     assert "4 images" in result.output and "LPIPS n/a" in result.output
     rows = list(csv.DictReader((out / "metrics.csv").open()))
@@ -132,21 +131,8 @@ def test_lpips_equals_the_lpips_package(tmp_path, ntire2018):
         assert torch.allclose(ours(x, y), expected, rtol=1e-5, atol=1e-7)
     lr_folder, hr_folder = ntire2018
     weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "--model",
-            str(weights),
-            "--lr",
-            str(lr_folder),
-            "--hr",
-            str(hr_folder),
-            "--out",
-            str(tmp_path / "e"),
-            "--lpips-weights",
-            str(tmp_path / "lpips_alex.pth"),
-        ],
+    result = run_eval(
+        weights, lr_folder, hr_folder, tmp_path / "e", "--lpips-weights", str(tmp_path / "lpips_alex.pth")
     )
     assert result.exit_code == 0, result.output
     assert all(float(row["lpips"]) > 0 for row in csv.DictReader((tmp_path / "e" / "metrics.csv").open()))
