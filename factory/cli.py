@@ -728,7 +728,8 @@ def eval_command(
     "--shards",
     multiple=True,
     required=True,
-    help="A shard folder, brace pattern or URL list; repeat for several datasets (see --weights).",
+    help="A dataset's shard folder (or a shard root: all its datasets), brace pattern or URL list; repeat for "
+    "several datasets (see --weights).",
 )
 @click.option(
     "--weights", "dataset_weights", default=None, help="Mixing weights, one per --shards, e.g. '3,1'."

@@ -43,7 +43,7 @@ class Patch:
 
 
 def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard URLs: a folder (its *.tar, sorted), a brace pattern (`d/d-{000000..000009}.tar`), `::`-separated
+    """Shard URLs: a folder (its *.tar, sorted; for a shard root, its datasets' *.tar), a brace pattern (`d/d-{000000..000009}.tar`), `::`-separated
     lists, an object-store folder or shard (`s3://bucket/shards/<dataset>`, `gs://...`, read through pyarrow), or
     anything webdataset's gopen opens (`pipe:...`, http)."""
     if isinstance(urls, (str, os.PathLike)):
@@ -52,14 +52,15 @@ def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     for url in urls:
         url = os.fspath(url)
         if os.path.isdir(url):
-            shards = sorted(str(path) for path in Path(url).glob("*.tar"))
+            # A dataset folder, or a shard root (`shards/`): then the shards of every dataset in it.
+            shards = _visible(Path(url).glob("*.tar")) or _visible(Path(url).glob("*/*.tar"))
             if not shards:
-                raise FactoryError(f"no shards (*.tar) in {url}")
+                raise FactoryError(f"no shards (*.tar) in {url} or in its dataset folders")
             expanded += shards
         elif _is_object_store(url) and not url.endswith(".tar") and "{" not in url:
             shards = _object_store_shards(url)
             if not shards:
-                raise FactoryError(f"no shards (*.tar) in {url}")
+                raise FactoryError(f"no shards (*.tar) in {url} or in its dataset folders")
             expanded += shards
         else:
             expanded += webdataset.shardlists.expand_urls(url)
@@ -76,23 +77,32 @@ def _is_object_store(url: str) -> bool:
     return bool(separator) and scheme.lower() in OBJECT_STORE_SCHEMES
 
 
+def _visible(paths) -> list[str]:
+    """Sorted paths without hidden names (an interrupted write's `.name.XXXX.tmp` never ends in .tar, but a user's
+    `.name.tar` should not be read either)."""
+    return sorted(str(path) for path in paths if not Path(path).name.startswith("."))
+
+
 def _object_store_shards(url: str) -> list[str]:
-    """The *.tar objects directly under the object-store folder `url` (`s3://bucket/shards/<dataset>`), sorted."""
+    """The *.tar objects under the object-store folder `url`: directly in it (`s3://bucket/shards/<dataset>`), or,
+    for a shard root (`s3://bucket/shards`), in its dataset folders; sorted."""
     import pyarrow.fs
 
     scheme = url.partition("://")[0]
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path.rstrip("/"), allow_not_found=True))
+        root = path.rstrip("/")
+        entries = filesystem.get_file_info(
+            pyarrow.fs.FileSelector(root, allow_not_found=True, recursive=True)
+        )
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise FactoryError(f"cannot list {url}: {error}") from None
-    return sorted(
-        f"{scheme}://{entry.path}"
-        for entry in entries
-        if entry.type == pyarrow.fs.FileType.File
-        and entry.base_name.endswith(".tar")
-        and not entry.base_name.startswith(".")
-    )
+    by_depth: dict[int, list[str]] = {0: [], 1: []}
+    for entry in entries:
+        depth = entry.path[len(root) + 1 :].count("/")
+        if entry.type == pyarrow.fs.FileType.File and entry.base_name.endswith(".tar") and depth in by_depth:
+            by_depth[depth].append(f"{scheme}://{entry.path}")
+    return _visible(by_depth[0]) or _visible(by_depth[1])
 
 
 def open_shard(url: str):

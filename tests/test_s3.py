@@ -161,6 +161,10 @@ def test_build_verify_resume_and_stream_on_s3(s3_bucket: S3Bucket, photo_folder:
     )
     patches = list(dataset)
     assert sorted(patch["key"] for patch in patches) == sorted(manifest_pair_keys)
+    # The shard root (no dataset named) stands for the shards of every dataset in it.
+    from factory.stream import expand_urls
+
+    assert expand_urls(out) == expand_urls(f"{out}/{DATASET}") == [s3_bucket.uri(key) for key in shard_keys]
     # Also from forked DataLoader workers (pyarrow's S3 client was first used in this parent process).
     from torch.utils.data import DataLoader
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from factory.color import downsample
 from factory.config import FactoryError
 from factory.manifests import read_manifests
-from factory.stream import PairedPatches, iterate_pairs
+from factory.stream import PairedPatches, expand_urls, iterate_pairs
 
 SCALE = 4
 
@@ -278,6 +278,22 @@ def test_a_scale_mismatch_is_refused(built):
     # Without manifests every pair is skipped (crops would be misaligned), and a stream with nothing usable stops.
     with pytest.raises(FactoryError, match="no usable pair"):
         list(PairedPatches(str(shards_root / "bicubic"), scale=2, patch_size=8, epoch_length=10))
+
+
+def test_a_shard_root_streams_the_datasets_in_it(tmp_path, pairs):
+    """`--shards shards/` (the build's --out) means every dataset under it; where= then picks among them."""
+    shards_root, manifests_root = tmp_path / "shards", tmp_path / "manifests"
+    alpha = write_pairs(shards_root, manifests_root, pairs[:9], dataset="alpha", per_shard=3)
+    beta = write_pairs(shards_root, manifests_root, pairs[9:], dataset="beta", per_shard=3)
+    (shards_root / "alpha" / ".hidden.tar").write_bytes(b"")  # hidden names are never shards
+    assert expand_urls(shards_root) == [str(path) for path in alpha + beta]
+    assert expand_urls(shards_root / "beta") == [str(path) for path in beta]
+    dataset = PairedPatches(
+        str(shards_root), patch_size=8, manifests=manifests_root, where="dataset = 'beta'", patches_per_pair=1
+    )
+    assert sorted(sample["key"] for sample in dataset) == sorted(key for key, _ in pairs[9:])
+    with pytest.raises(FactoryError, match="no shards"):
+        expand_urls(manifests_root)  # Parquet files only
 
 
 def test_pipe_urls_match_their_manifests(built):
