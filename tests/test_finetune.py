@@ -181,6 +181,10 @@ def test_fine_tuning_on_bicubic_pairs_lowers_held_out_l1_and_resumes(tmp_path, t
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [10, 20, 30, 40, 50, 60, 70]
     assert all(line["patches_per_second"] > 0 for line in lines)
+    # An intermediate training checkpoint loads wherever weights do (factory eval --model runs/.../iter_*.pt).
+    intermediate = load_network(tmp_path / "run" / "checkpoints" / "iter_0000030.pt").module.eval()
+    with torch.no_grad():
+        assert intermediate(held_out[0]).shape == held_out[1].shape
 
 
 def test_where_and_manifests_reach_the_stream(tmp_path, train_shards):

@@ -29,8 +29,9 @@ PRESET_NAMES: tuple[str, ...] = ("paper", "tiny")
 # spandrel's architecture id -> ours
 _SPANDREL_IDS = {"ESRGAN": "esrgan", "SwinIR": "swinir", "HAT": "hat"}
 
-# Wrappers official checkpoints put around the state dict (BasicSR: params / params_ema; others: state_dict, model).
-_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "net_g", "generator")
+# Wrappers around the state dict: BasicSR's params_ema / params (EMA preferred), other trainers' state_dict, model,
+# net_g, generator, and `network` in our own fine-tune checkpoints (checkpoints/iter_*.pt).
+_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "net_g", "generator", "network")
 
 
 @dataclass
