@@ -98,7 +98,7 @@ def degradation_entropy(labels: Iterable[str | None] | Mapping[str, int], base: 
         raise ValueError("degradation_entropy needs at least one labelled pair")
     proportions = np.array([count / total for count in counts.values()], dtype=np.float64)
     entropy = float(-(proportions * np.log(proportions)).sum() / math.log(base))
-    return max(entropy, 0.0)  # -0.0 for a single class
+    return entropy if entropy > 0 else 0.0  # a single class gives -0.0, and max(-0.0, 0.0) would keep it
 
 
 def dataset_entropy(manifests_root: str | os.PathLike, dataset: str | None = None) -> float | None:

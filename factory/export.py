@@ -30,7 +30,7 @@ import yaml
 
 from factory.config import FactoryError
 from factory.manifests import rows_to_table
-from factory.query import read_pairs, select
+from factory.query import read_pairs, select, unique_pairs
 from factory.shards import decode_image, encode_image, payload_extension
 
 EXPORT_FORMATS = ("basicsr",)
@@ -83,9 +83,7 @@ def export_basicsr(config: ExportConfig) -> ExportSummary:
     rows = select(config.manifests_root, config.where).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
-    keys = [row["key"] for row in rows]
-    if len(set(keys)) != len(keys):
-        raise FactoryError("the matching pairs repeat keys across datasets; narrow --where to one dataset")
+    rows = unique_pairs(rows)  # a filtered dataset and its parent hold the same pairs: each is exported once
     out = Path(config.out).absolute()
     temporary = _prepare_out(out)
     try:

@@ -348,6 +348,22 @@ class _ShardOutput:
         self._target.__exit__(type(error), error, error.__traceback__)
 
 
+def unique_pairs(rows: list[dict]) -> list[dict]:
+    """One row per pair key, in order. A filtered dataset repeats its parents' keys with the same bytes (filter copies
+    them), so rows of one key with equal HR and LR sha256s are one pair, met again: the first row (manifest order,
+    datasets sorted by name, so usually the parent) stands for it. Rows of one key with other bytes are different
+    pairs under one name, which no exported folder or new dataset can hold: an error."""
+    kept: dict[str, dict] = {}
+    for row in rows:
+        first = kept.setdefault(row["key"], row)
+        if (first["hr_sha256"], first["lr_sha256"]) != (row["hr_sha256"], row["lr_sha256"]):
+            raise FactoryError(
+                f"pair key {row['key']!r} holds different images in datasets {first['dataset']!r} and "
+                f"{row['dataset']!r}; narrow --where to one of them"
+            )
+    return list(kept.values())
+
+
 def filter_dataset(config: FilterConfig) -> FilterSummary:
     """Write a new dataset holding exactly the pairs matching `config.where`.
 
@@ -365,12 +381,10 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     rows = select(config.manifests_root, config.where).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
+    rows = unique_pairs(rows)
     parents = sorted({row["dataset"] for row in rows})
     name = config.name if config.name is not None else _default_name(parents, config.where)
     _check_name(name)
-    keys = [row["key"] for row in rows]
-    if len(set(keys)) != len(keys):
-        raise FactoryError("the matching pairs repeat keys across datasets; narrow --where to one dataset")
     for folder in (Path(config.out) / name, Path(out_manifests) / name):
         if folder.exists() and any(folder.iterdir()):
             raise FactoryError(

@@ -60,6 +60,7 @@ def test_entropy_agrees_with_scipy_and_takes_counts_and_a_base():
     assert degradation_entropy({"a": 1, "b": 1}, base=2) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         degradation_entropy([None, None])
+    assert math.copysign(1.0, degradation_entropy(["fog", "fog"])) == 1.0  # 0.0, not -0.0 ("-0.000" in stats)
 
 
 # --- training --------------------------------------------------------------------------------------------------------

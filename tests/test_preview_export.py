@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from manifest_fixtures import PairSpec, make_dataset, sample_payloads
+from manifest_fixtures import PairSpec, make_dataset, sample_payloads, write_shard
 from PIL import Image
 
 from factory.cli import main
@@ -24,6 +24,7 @@ from factory.color import downsample
 from factory.config import FactoryError
 from factory.export import ExportConfig, export_basicsr
 from factory.preview import PreviewConfig, make_preview
+from factory.query import FilterConfig, filter_dataset
 from factory.shards import decode_image
 
 
@@ -85,6 +86,31 @@ def test_export_round_trips_pixels(roots, tmp_path, where):
     assert options["type"] == "PairedImageDataset" and options["scale"] == 4
     assert Path(options["dataroot_gt"]) == out.absolute() / "hr"
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folder left
+
+
+def test_a_filtered_dataset_and_its_parent_export_each_pair_once(tmp_path, photos):
+    """README's flow: `factory filter --where P` then `factory export --where P` over the same manifests. The filtered
+    copy repeats its parent's keys with the same bytes; a key holding other bytes elsewhere is refused."""
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    rows = make_dataset(shards, manifests, "vqvae2-ep8", [PairSpec(index) for index in range(6)], photos)
+    filter_dataset(FilterConfig("delta_e < 3", shards, manifests, shards, name="vqvae2-ep8-low"))
+    summary = export_basicsr(ExportConfig(shards, manifests, "delta_e < 3", tmp_path / "export"))
+    expected = sorted(row["key"] for row in rows if row["delta_e"] < 3)
+    assert (
+        summary.pairs == 3
+        and sorted(path.stem for path in (tmp_path / "export" / "hr").iterdir()) == expected
+    )
+    exported = pq.read_table(tmp_path / "export" / "manifest.parquet").to_pylist()
+    assert {row["dataset"] for row in exported} == {"vqvae2-ep8"}  # the parent stands for the pair
+    again = filter_dataset(FilterConfig("delta_e < 3", shards, manifests, shards, name="again"))
+    assert (again.pairs, again.parent_datasets) == (3, ["vqvae2-ep8"])  # filter deduplicates the same way
+
+    other_row = {**rows[0], "dataset": "other"}
+    hr = np.zeros((32, 32, 3), np.uint8)
+    write_shard(shards, manifests, "other", 0, [(other_row, hr, hr[::4, ::4])])
+    with pytest.raises(FactoryError, match="holds different images in datasets 'again' and 'other'"):
+        export_basicsr(ExportConfig(shards, manifests, "delta_e < 3", tmp_path / "conflict"))
+    assert not (tmp_path / "conflict").exists()
 
 
 def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_error(roots, tmp_path):
