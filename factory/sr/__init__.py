@@ -115,8 +115,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's problem, said in one line
+        detail = (str(error).splitlines() or [""])[0][:200]
         raise FactoryError(
-            f"cannot read weights from {path}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            f"cannot read weights from {path} (is it a .pth/.pt or .safetensors weights file?): "
+            f"{type(error).__name__}: {detail}"
         ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
