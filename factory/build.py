@@ -228,7 +228,7 @@ def run_shards(
                         cause = error.cause if hasattr(error, "cause") else error
                         if isinstance(cause, FactoryError):
                             raise FactoryError(f"shard {task.stem}: {cause}") from None
-                        log.warning("shard %s failed (%s); retrying", task.stem, _first_line(cause))
+                        log.warning("shard %s failed (%s); retrying", task.stem, _last_line(cause))
                         idle.append(actor)
                         _requeue(queue, task, attempts, config.max_attempts, cause)
                         continue
@@ -269,7 +269,8 @@ def run_in_process(config: BuildConfig, settings: WorkerSettings, tasks: list[Sh
             bar.update(len(task.crops))
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
+    """A Ray task error's message ends with the exception the task raised: its last line says what went wrong."""
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
 
@@ -279,7 +280,7 @@ def _requeue(
 ) -> None:
     if attempts[task.index] >= max_attempts:
         raise FactoryError(
-            f"shard {task.stem} failed {attempts[task.index]} times; last error: {_first_line(error)}"
+            f"shard {task.stem} failed {attempts[task.index]} times; last error: {_last_line(error)}"
         )
     queue.appendleft(task)
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factory.config import FactoryError, config_to_dict
+from factory.config import FactoryError, config_to_dict, error_line
 from factory.storage import atomic_path
 
 CHECKPOINT_FORMAT = "factory-checkpoint/1"
@@ -172,10 +172,8 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for truncated / foreign / unsafe files
-        message = str(error).strip()
-        first_line = message.splitlines()[0][:200] if message else type(error).__name__
         raise FactoryError(
-            f"cannot read checkpoint {path} (corrupt, truncated or unsafe): {first_line}"
+            f"cannot read checkpoint {path} (corrupt, truncated or unsafe): {error_line(error)}"
         ) from None
     required = ("model_name", "preset", "config", "weights", "epoch", "steps", "data_fingerprint", "seed")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -244,8 +242,9 @@ def load_reconstructor(
     except FactoryError:
         raise
     except (RuntimeError, TypeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise FactoryError(f"checkpoint {path} does not fit model {stored_name!r}: {first_line}") from None
+        raise FactoryError(
+            f"checkpoint {path} does not fit model {stored_name!r}: {error_line(error)}"
+        ) from None
     model.to(device).eval()
     return LoadedCheckpoint(
         model=model,

@@ -17,6 +17,13 @@ class ConfigError(FactoryError, ValueError):
     """A configuration the user gave cannot be used."""
 
 
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of an exception's message (at most `limit` characters), or the exception's type name
+    when the message is empty (EOFError(), a bare KeyError): what a one-line FactoryError quotes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build dataclass `cls` from `values`; unknown keys raise ConfigError naming them and the known ones."""
     known = {field.name for field in dataclasses.fields(cls)}

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from factory.config import FactoryError, config_to_dict
+from factory.config import FactoryError, config_to_dict, error_line
 from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_atomic, save_weights
 from factory.sr.losses import (
     ESRGANLossConfig,
@@ -220,9 +220,7 @@ def _resume(
     try:
         state = torch.load(found[iteration], map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is reported in one line
-        raise FactoryError(
-            f"cannot read checkpoint {found[iteration]}: {str(error).splitlines()[0][:200]}"
-        ) from None
+        raise FactoryError(f"cannot read checkpoint {found[iteration]}: {error_line(error)}") from None
     if state.get("architecture") != network.architecture:
         raise FactoryError(
             f"{found[iteration]} is a {state.get('architecture')} checkpoint, not {network.architecture}"

@@ -32,7 +32,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from factory import __version__
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
 from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
 from factory.storage import Storage
@@ -63,11 +63,6 @@ def _quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _object_store_manifests(manifests_root: str) -> pa.Table:
     """Every pair manifest under an object-store root (`s3://bucket/manifests`), read through pyarrow's filesystem
     (the build's I/O layer) into one table: the sandboxed DuckDB below reads local files only."""
@@ -82,7 +77,7 @@ def _object_store_manifests(manifests_root: str) -> pa.Table:
             if name.endswith(".parquet") and not name.startswith(("_", "."))
         ]
     except (OSError, pa.ArrowException) as error:
-        raise FactoryError(f"cannot read the manifests under {manifests_root}: {_one_line(error)}") from None
+        raise FactoryError(f"cannot read the manifests under {manifests_root}: {error_line(error)}") from None
     return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
 
 
@@ -109,7 +104,7 @@ def connect(manifests_root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
         connection.execute("SET lock_configuration = true")
     except duckdb.Error as error:
         connection.close()
-        raise FactoryError(f"cannot open the manifests under {manifests_root}: {_one_line(error)}") from None
+        raise FactoryError(f"cannot open the manifests under {manifests_root}: {error_line(error)}") from None
     return connection
 
 
@@ -124,7 +119,7 @@ def _single_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = connection.extract_statements(sql)
     except duckdb.Error as error:
-        raise FactoryError(f"malformed query: {_one_line(error)}") from None
+        raise FactoryError(f"malformed query: {error_line(error)}") from None
     if len(statements) != 1:
         raise FactoryError(f"expected one query, got {len(statements)} statements")
     if statements[0].type != duckdb.StatementType.SELECT:
@@ -136,7 +131,7 @@ def _run(connection: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     try:
         return connection.sql(sql).to_arrow_table()
     except duckdb.Error as error:
-        raise FactoryError(f"query failed: {_one_line(error)}") from None
+        raise FactoryError(f"query failed: {error_line(error)}") from None
 
 
 def _as_pair_types(table: pa.Table) -> pa.Table:
@@ -319,7 +314,7 @@ def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict
                     seen.add(sample.key)
                     yield row, sample.members
         except (OSError, tarfile.TarError, ValueError, EOFError) as error:
-            raise FactoryError(f"cannot read shard {storage.uri(shard)}: {_one_line(error)}") from None
+            raise FactoryError(f"cannot read shard {storage.uri(shard)}: {error_line(error)}") from None
         missing = sorted(set(wanted) - seen)
         if missing:
             raise FactoryError(

@@ -187,6 +187,13 @@ def test_fine_tuning_on_bicubic_pairs_lowers_held_out_l1_and_resumes(tmp_path, t
         assert intermediate(held_out[0]).shape == held_out[1].shape
 
 
+def test_an_unreadable_checkpoint_to_resume_from_is_a_one_line_error(tmp_path, train_shards):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "iter_0000002.pt").write_bytes(b"")  # e.g. a full disk, copied over
+    with pytest.raises(FactoryError, match=r"cannot read checkpoint .*iter_0000002.pt: EOFError"):
+        finetune(_config(train_shards[0], tmp_path / "run"))
+
+
 def test_where_and_manifests_reach_the_stream(tmp_path, train_shards):
     shards, manifests = train_shards
     result = finetune(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.sr.edsr import EDSR, is_edsr_state_dict, load_edsr
 from factory.sr.edsr import PRESETS as EDSR_PRESETS
 from factory.storage import Storage
@@ -115,10 +115,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's problem, said in one line
-        detail = (str(error).splitlines() or [""])[0][:200]
         raise FactoryError(
             f"cannot read weights from {path} (is it a .pth/.pt or .safetensors weights file?): "
-            f"{type(error).__name__}: {detail}"
+            f"{type(error).__name__}: {error_line(error)}"
         ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
