@@ -203,6 +203,8 @@ def test_dockerfile_pins_torch_and_ray_together_on_a_matching_cuda_runtime():
     assert "torch==$TORCH_VERSION" in text and "torchvision==$TORCHVISION_VERSION" in text
     assert '"ray[default]==$RAY_VERSION"' in text
     assert re.search(r"^RUN pip install \.", text, flags=re.MULTILINE), "the project itself is installed"
+    # CPU actors compile the fused ΔE kernel at run time (factory/native): the image carries a C compiler and headers.
+    assert re.search(r"\bgcc libc6-dev\b", text), "no C compiler in the image"
 
 
 def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
