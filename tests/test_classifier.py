@@ -16,6 +16,7 @@ import pytest
 import scipy.stats
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from factory.checkpoints import file_sha256
 from factory.classifier import (
@@ -102,6 +103,18 @@ def test_classifier_trains_clearly_above_chance(trained):
         assert output.stat().st_mode & 0o044 == 0o044  # shared outputs: readable by group and others
     metrics = json.loads(trained.metrics.read_text())
     assert metrics["accuracy"] == pytest.approx(trained.accuracy) and metrics["classes"] == list(CORRUPTIONS)
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path, photos):
+    """Same config and seed, same CPU thread count: the same weights, bit for bit (the metadata differs: it records
+    the output path)."""
+    settings = {**TRAIN_SETTINGS, "per_class": 4, "epochs": 1, "threads": 1}
+    checkpoints = []
+    for run in ("a", "b"):
+        config = ClassifierTrainConfig(data="unused", out=str(tmp_path / run / "c.safetensors"), **settings)
+        checkpoints.append(train_classifier(config, sources=list(photos.values())).checkpoint)
+    first, second = (load_file(path) for path in checkpoints)
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
 
 
 def test_checkpoint_loads_with_its_metadata(trained):
