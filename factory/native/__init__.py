@@ -20,10 +20,9 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
-
-from factory.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,20 @@ def _cpu_flags() -> str:
 
 
 def _compile(compiler: str, target: Path) -> None:
-    with atomic_path(target) as temporary:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
         subprocess.run(
             [compiler, *FLAGS, str(SOURCE), "-o", temporary, "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
         )
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 @cache
