@@ -258,9 +258,11 @@ def evaluate(config: EvalConfig) -> EvalSummary:
 
     if config.crop_border < 0:
         raise FactoryError("--crop-border must be >= 0")
+    network = load_network(
+        config.model, config.architecture
+    )  # before listing folders: a wrong --model fails fast
     pairs = pair_folders(config.lr, config.hr)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network = load_network(config.model, config.architecture)
     module = network.module.to(device).eval()
     lpips = None
     if config.lpips_weights:

@@ -117,6 +117,8 @@ def test_missing_model_is_a_one_line_error(tmp_path, ntire2018):
         main, ["eval", "--model", str(tmp_path / "none.pth"), "--lr", str(lr_folder), "--hr", str(hr_folder)]
     )
     assert result.exit_code == 2 and "no weights file" in result.output
+    result = run_eval(tmp_path / "none.pth", tmp_path / "no-lr", hr_folder, tmp_path / "out")
+    assert result.exit_code == 2 and "no weights file" in result.output  # the model is checked first
     for name, content in (("empty.pth", b""), ("text.pth", b"not weights\n")):  # an empty file: EOFError('')
         (tmp_path / name).write_bytes(content)
         result = run_eval(tmp_path / name, lr_folder, hr_folder, tmp_path / "out")
