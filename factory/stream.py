@@ -6,7 +6,8 @@
 Decoding a pair is the cost, so each decoded pair gives `patches_per_pair` random crops, spread over the batch by a
 shuffle buffer. `where` (the SQL predicate of `factory query`) is resolved once against the manifests: samples
 that don't match are skipped before decoding, shards without a match are never opened, and shards without a
-manifest (not committed) are never read. Every (rank, DataLoader worker) reads its own disjoint set of shards;
+manifest (not committed) are never read. A shard root (`shards/`) stands for all its datasets; with manifests, a
+filtered dataset's copies of its parent's pairs are then read once. Every (rank, DataLoader worker) reads its own disjoint set of shards;
 with `epoch_length` every rank yields exactly that many patches per epoch (cycling over its shards with a fresh
 order when they run out), so every DDP rank runs the same number of steps and none waits forever on the others.
 """
@@ -124,23 +125,48 @@ def distributed_position() -> tuple[int, int]:
 
 def selected_keys_by_shard(
     manifests: str | os.PathLike, where: str | None, scale: int | None = None
-) -> dict[str, frozenset[str]]:
-    """shard path (relative to the shard root, as in the manifests) -> the keys `where` selects in it (one query).
-    With `scale`, selected pairs of another scale are an error (their patches would not be aligned)."""
+) -> dict[str, dict[str, tuple[str, str]]]:
+    """shard path (relative to the shard root, as in the manifests) -> {key: (hr_sha256, lr_sha256)} of the pairs
+    `where` selects in it (one query). With `scale`, selected pairs of another scale are an error (their patches
+    would not be aligned)."""
     from factory.query import select
 
-    table = select(manifests, where, columns=["key", "shard", "scale"])
+    table = select(manifests, where, columns=["key", "shard", "scale", "hr_sha256", "lr_sha256"])
     scales = set(table.column("scale").to_pylist())
     if scale is not None and scales - {scale}:
         found = ", ".join(f"x{value}" for value in sorted(scales))
         raise FactoryError(f"the selected pairs are {found} but the patches are asked for at x{scale}")
-    keys: dict[str, set[str]] = {}
-    for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True):
-        keys.setdefault(shard, set()).add(key)
-    return {shard: frozenset(members) for shard, members in keys.items()}
+    keys: dict[str, dict[str, tuple[str, str]]] = {}
+    for row in table.to_pylist():
+        keys.setdefault(row["shard"], {})[row["key"]] = (row["hr_sha256"], row["lr_sha256"])
+    return keys
 
 
-def _match_shard(url: str, selection: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
+def read_each_pair_once(shard_keys: Mapping[str, Mapping[str, tuple[str, str]]]) -> dict[str, frozenset[str]]:
+    """The keys to read per shard URL so that one dataset entry yields each pair once. A filtered dataset copies its
+    parent's pairs (same key, same bytes), and a shard root holds both: each such pair is read from the first shard
+    (in URL order) that has it. One key with other bytes in two shards is an error. Shards left with nothing to read
+    are dropped."""
+    first_seen: dict[str, tuple[str, tuple[str, str]]] = {}
+    result: dict[str, frozenset[str]] = {}
+    for url, keys in shard_keys.items():
+        fresh = set()
+        for key, hashes in keys.items():
+            if key not in first_seen:
+                first_seen[key] = (url, hashes)
+                fresh.add(key)
+            elif first_seen[key][1] != hashes:
+                raise FactoryError(
+                    f"pair key {key!r} holds different images in {first_seen[key][0]} and {url}"
+                )
+        if fresh:
+            result[url] = frozenset(fresh)
+    return result
+
+
+def _match_shard(
+    url: str, selection: Mapping[str, Mapping[str, tuple[str, str]]]
+) -> Mapping[str, tuple[str, str]] | None:
     """The selected keys of the shard at `url` (matched by its path ending in the manifest's relative shard path),
     or None when the manifests select nothing in it."""
     # `pipe:aws s3 cp s3://bucket/root/d/d-000000.tar -`: the shard is the command's argument ending in .tar
@@ -320,8 +346,8 @@ class PairedPatches(IterableDataset):
             selection = selected_keys_by_shard(manifests, where, scale)
             self.selected_pairs = 0
             for index, shards in enumerate(datasets):
-                kept = {url: _match_shard(url, selection) for url in shards}
-                kept = {url: keys for url, keys in kept.items() if keys}
+                matched = {url: _match_shard(url, selection) for url in shards}
+                kept = read_each_pair_once({url: keys for url, keys in matched.items() if keys})
                 if not kept:
                     raise FactoryError(
                         f"the manifests under {manifests} select no pair in dataset {index} ({shards[0]}...)"
@@ -330,6 +356,17 @@ class PairedPatches(IterableDataset):
                 self.shard_keys.append(kept)
         else:
             self.shard_keys = [dict.fromkeys(shards) for shards in datasets]
+            for index, shards in enumerate(datasets):
+                folders = sorted({PurePosixPath(url).parent.name for url in shards})
+                if len(folders) > 1:
+                    logger.warning(
+                        "dataset %d spans %d datasets (%s) and no manifests are given: every shard is read, "
+                        "uncommitted ones and a filtered copy's pairs (again) included; pass manifests= to read "
+                        "each committed pair once",
+                        index,
+                        len(folders),
+                        ", ".join(folders),
+                    )
         self.weights = np.asarray(weights, dtype=np.float64) / float(sum(weights))
 
         if epoch_length is None and self.world_size > 1:

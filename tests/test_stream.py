@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from factory.color import downsample
 from factory.config import FactoryError
 from factory.manifests import read_manifests
+from factory.query import FilterConfig, filter_dataset
 from factory.stream import PairedPatches, expand_urls, iterate_pairs
 
 SCALE = 4
@@ -294,6 +295,36 @@ def test_a_shard_root_streams_the_datasets_in_it(tmp_path, pairs):
     assert sorted(sample["key"] for sample in dataset) == sorted(key for key, _ in pairs[9:])
     with pytest.raises(FactoryError, match="no shards"):
         expand_urls(manifests_root)  # Parquet files only
+
+
+def test_a_filtered_copy_under_the_same_root_is_read_once(tmp_path, pairs, caplog):
+    """`factory filter` copies pairs (same keys, same bytes) into a new dataset beside its parent: streaming the
+    root with manifests reads each pair once; two entries (parent and copy, mixed by weight) keep both."""
+    shards_root, manifests_root = tmp_path / "shards", tmp_path / "manifests"
+    write_pairs(shards_root, manifests_root, pairs[:9], dataset="alpha", per_shard=3)
+    filter_dataset(FilterConfig("delta_e < 0.5", shards_root, manifests_root, shards_root, name="alpha-low"))
+    read = [
+        sample["key"]
+        for sample in PairedPatches(
+            str(shards_root), patch_size=8, manifests=manifests_root, patches_per_pair=1
+        )
+    ]
+    assert sorted(read) == sorted(key for key, _ in pairs[:9])  # 9 pairs, not 9 + the 5 copies
+
+    mixed = PairedPatches(
+        [str(shards_root / "alpha"), str(shards_root / "alpha-low")],
+        weights=[1, 1],
+        patch_size=8,
+        manifests=manifests_root,
+        epoch_length=10,
+    )
+    assert mixed.selected_pairs == 9 + 5  # each entry keeps its own pairs: oversampling by mixing still works
+
+    with caplog.at_level(logging.WARNING, logger="factory.stream"):
+        PairedPatches(
+            str(shards_root), patch_size=8, epoch_length=1
+        )  # no manifests: cannot tell copies apart
+    assert "spans 2 datasets (alpha, alpha-low)" in caplog.text
 
 
 def test_pipe_urls_match_their_manifests(built):
