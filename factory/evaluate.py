@@ -258,9 +258,8 @@ def evaluate(config: EvalConfig) -> EvalSummary:
 
     if config.crop_border < 0:
         raise FactoryError("--crop-border must be >= 0")
-    network = load_network(
-        config.model, config.architecture
-    )  # before listing folders: a wrong --model fails fast
+    # The weights before the folders: a wrong --model fails before a large folder is walked.
+    network = load_network(config.model, config.architecture)
     pairs = pair_folders(config.lr, config.hr)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = network.module.to(device).eval()

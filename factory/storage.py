@@ -32,9 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     leave it owner-only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = (
-        path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    )  # the pattern remove_temporaries sweeps
+    # `.name.XXXXXXXX.tmp`: the pattern remove_temporaries sweeps after a crash.
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     shared_mode = os.stat(temporary).st_mode & 0o777  # what the umask made of 0666
     try:

@@ -6,10 +6,11 @@
 Decoding a pair is the cost, so each decoded pair gives `patches_per_pair` random crops, spread over the batch by a
 shuffle buffer. `where` (the SQL predicate of `factory query`) is resolved once against the manifests: samples
 that don't match are skipped before decoding, shards without a match are never opened, and shards without a
-manifest (not committed) are never read. A shard root (`shards/`) stands for all its datasets; with manifests, a
-filtered dataset's copies of its parent's pairs are then read once. Every (rank, DataLoader worker) reads its own disjoint set of shards;
-with `epoch_length` every rank yields exactly that many patches per epoch (cycling over its shards with a fresh
-order when they run out), so every DDP rank runs the same number of steps and none waits forever on the others.
+manifest (not committed) are never read. A shard root (`shards/`) stands for all its datasets; with manifests, the
+pairs a filtered dataset copied from its parent are then read once. Every (rank, DataLoader worker) reads its own
+disjoint set of shards; with `epoch_length` every rank yields exactly that many patches per epoch (cycling over its
+shards with a fresh order when they run out), so every DDP rank runs the same number of steps and none waits
+forever on the others.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ class Patch:
 
 
 def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard URLs: a folder (its *.tar, sorted; for a shard root, its datasets' *.tar), a brace pattern (`d/d-{000000..000009}.tar`), `::`-separated
-    lists, an object-store folder or shard (`s3://bucket/shards/<dataset>`, `gs://...`, read through pyarrow), or
-    anything webdataset's gopen opens (`pipe:...`, http)."""
+    """Shard URLs: a folder (its *.tar, sorted; for a shard root, its datasets' *.tar), a brace pattern
+    (`d/d-{000000..000009}.tar`), `::`-separated lists, an object-store folder or shard (`s3://bucket/shards/<dataset>`,
+    `gs://...`, read through pyarrow), or anything webdataset's gopen opens (`pipe:...`, http)."""
     if isinstance(urls, (str, os.PathLike)):
         urls = [urls]
     expanded: list[str] = []
