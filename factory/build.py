@@ -33,6 +33,7 @@ from typing import Any
 
 from factory import __version__
 from factory.config import FactoryError
+from factory.diversity import labels_card
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
 from factory.plan import BICUBIC, BuildPlan, ShardTask, effective_crop, plan_build
 from factory.shards import row_json
@@ -497,7 +498,9 @@ def _write_card(
         relative = f"{plan.dataset}/{task.stem}.parquet"
         if manifests.exists(relative):
             columns.append(
-                read_manifest(manifests, relative).select(["delta_e", "delta_e_p95", "psnr", "ssim"])
+                read_manifest(manifests, relative).select(
+                    ["delta_e", "delta_e_p95", "psnr", "ssim", "label", "classifier_sha256"]
+                )
             )
     table = pa.concat_tables(columns) if columns else None
 
@@ -548,6 +551,11 @@ def _write_card(
         "delta_e_p95": stats("delta_e_p95"),
         "psnr": stats("psnr"),
         "ssim": stats("ssim"),
+        # Class counts and diversity entropy H (Eq. 2) of the labels; None without --classifier (`factory label`
+        # fills it in later).
+        "labels": None
+        if table is None
+        else labels_card(table["label"].to_pylist(), table["classifier_sha256"].to_pylist()),
         "rejects_file": REJECTS_NAME,
     }
     manifests.write_bytes_atomic(

@@ -21,9 +21,8 @@ end-aligned tiles when a side is not a multiple of 64), each tile is classified,
 probabilities are the mean of its tiles'. Resizing the image to 64x64 instead would average away exactly what the
 classifier has to see (noise, blocking, blur at the pixel scale) and relabel every pair as "clean-looking" blur.
 
-Diversity. H = -sum_c P(c) log P(c) over the proportions of predicted classes (Eq. 2), in nats (natural log) by
-default: the paper does not state the base; Figure 8's values stay below ln(15) = 2.71, the maximum in nats, which
-log2 (maximum 3.91) would not make a bound.
+Diversity. H = -sum_c P(c) log P(c) over the proportions of predicted classes (Eq. 2), in nats: `factory.diversity`
+(torch-free, re-exported here).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import math
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +53,8 @@ from factory.checkpoints import file_sha256
 from factory.color import bicubic_resize
 from factory.config import FactoryError, config_to_dict
 from factory.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from factory.manifests import LABEL_PROB_COLUMNS, PAIR_SCHEMA, read_manifest, read_manifests
+from factory.diversity import degradation_entropy, labels_card  # re-exported: the classifier API names them
+from factory.manifests import CARD_NAME, LABEL_PROB_COLUMNS, PAIR_SCHEMA, read_manifest, read_manifests
 from factory.shards import decode_image, read_samples
 from factory.sources import RejectedImage, find_images, load_rgb
 from factory.storage import Storage, atomic_path
@@ -79,26 +78,6 @@ LABEL_COLUMNS: tuple[str, ...] = (
 # --------------------------------------------------------------------------------------------------------------------
 # Diversity entropy (Eq. 2)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def degradation_entropy(labels: Iterable[str | None] | Mapping[str, int], base: float = math.e) -> float:
-    """H = -sum_c P(c) log_base P(c), P(c) the proportion of class c (the paper's Eq. 2); 0 log 0 = 0.
-
-    `labels`: the per-pair labels (None, an unlabelled pair, is skipped) or a {class: count} mapping. Nats by
-    default (see the module docstring). Raises ValueError when nothing is labelled."""
-    counts = (
-        Counter({name: count for name, count in labels.items() if count})
-        if isinstance(labels, Mapping)
-        else (Counter(label for label in labels if label is not None))
-    )
-    if any(count < 0 for count in counts.values()):
-        raise ValueError("class counts must not be negative")
-    total = sum(counts.values())
-    if total == 0:
-        raise ValueError("degradation_entropy needs at least one labelled pair")
-    proportions = np.array([count / total for count in counts.values()], dtype=np.float64)
-    entropy = float(-(proportions * np.log(proportions)).sum() / math.log(base))
-    return entropy if entropy > 0 else 0.0  # a single class gives -0.0, and max(-0.0, 0.0) would keep it
 
 
 def dataset_entropy(manifests_root: str | os.PathLike, dataset: str | None = None) -> float | None:
@@ -648,12 +627,30 @@ def label_dataset(config: LabelConfig) -> LabelResult:
         pairs += len(rows)
         for row, label in zip(rows, new_columns["label"], strict=True):
             counts.setdefault(row["dataset"], Counter())[label] += 1
+    for dataset in counts:
+        _update_card_labels(manifests, dataset)
     return LabelResult(
         pairs=pairs,
         manifests=len(paths),
         entropy={name: degradation_entropy(counter) for name, counter in counts.items()},
         counts={name: dict(counter) for name, counter in counts.items()},
     )
+
+
+def _update_card_labels(manifests: Storage, dataset: str) -> None:
+    """Rewrite the `labels` section of the dataset's card (`_card.json`, beside its manifests) from all its manifests,
+    atomically; a dataset without a card gets none."""
+    card_path = f"{dataset}/{CARD_NAME}"
+    if not manifests.exists(card_path):
+        return
+    labels, classifiers = [], []
+    for path in _manifest_paths(manifests, dataset):
+        table = read_manifest(manifests, path)
+        labels += table.column("label").to_pylist()
+        classifiers += table.column("classifier_sha256").to_pylist()
+    card = json.loads(manifests.read_bytes(card_path))
+    card["labels"] = labels_card(labels, classifiers)
+    manifests.write_bytes_atomic(card_path, json.dumps(card, indent=2, sort_keys=True, default=str).encode())
 
 
 def _predict_any_sizes(labeler: Labeler, images: list[np.ndarray]) -> tuple[list[str], torch.Tensor]:

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from factory.classifier import degradation_entropy
 from factory.config import FactoryError
-from factory.corruptions import CORRUPTIONS
+from factory.corruption_names import CORRUPTIONS
+from factory.diversity import degradation_entropy
 from factory.manifests import CARD_NAME, REJECTS_NAME
 from factory.query import select
 from factory.storage import Storage

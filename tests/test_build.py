@@ -4,6 +4,7 @@ inputs recorded, the lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,7 +112,10 @@ def test_bicubic_build_reads_back_and_matches_skimage(tmp_path: Path, hr_folder:
     assert np.array_equal(
         np.asarray(source.crop(box)), samples[0]["hr.png"]
     )  # provenance points at the pixels
-    assert (Path(config.manifests) / "bicubic" / CARD_NAME).is_file()
+    card = json.loads((Path(config.manifests) / "bicubic" / CARD_NAME).read_text())
+    assert (
+        card["counts"]["pairs"] == len(rows) and card["labels"] is None
+    )  # no --classifier: nothing labelled
     assert pq.read_table(Path(config.manifests) / "bicubic" / REJECTS_NAME).num_rows == 0
     assert verify(config.out, config.manifests).ok
 

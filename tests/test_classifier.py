@@ -22,8 +22,10 @@ from factory.checkpoints import file_sha256
 from factory.classifier import (
     ClassifierTrainConfig,
     Labeler,
+    build_network,
     dataset_entropy,
     degradation_entropy,
+    save_classifier,
     synthesise,
     tile_origins,
     train_classifier,
@@ -354,3 +356,28 @@ def test_build_then_relabel_leaves_bicubic_shards_byte_identical(tmp_path, train
         after.column("label_prob").to_numpy(), labelled_by_build.column("label_prob").to_numpy(), rtol=1e-4
     )
     assert verify(shards, manifests, "bicubic").ok
+
+    # The dataset card carries the labels' counts and entropy H: written by the build, rewritten by `factory label`.
+    def card_labels() -> dict:
+        return json.loads((manifests / "bicubic" / "_card.json").read_text())["labels"]
+
+    labels = after.column("label").to_pylist()
+    assert card_labels()["entropy"] == pytest.approx(degradation_entropy(labels))
+    assert card_labels()["counts"] == {name: labels.count(name) for name in CORRUPTIONS}
+    assert card_labels()["classifier_sha256"] == [file_sha256(trained.checkpoint)]
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"  # an untrained network: other labels, same wiring
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, other
+    )
+    relabelled = runner.invoke(main, ["label", "--classifier", str(other), "--shards", str(shards),
+                                      "--manifests", str(manifests), "--dataset", "bicubic"])  # fmt: skip
+    assert relabelled.exit_code == 0, relabelled.output
+    labels = read_manifests(manifests, "bicubic").column("label").to_pylist()
+    assert card_labels() == {
+        "counts": {name: labels.count(name) for name in CORRUPTIONS},
+        "unlabelled": 0,
+        "classifier_sha256": [file_sha256(other)],
+        "entropy": pytest.approx(degradation_entropy(labels)),
+        "entropy_unit": "nats (paper Eq. 2, natural log)",
+    }

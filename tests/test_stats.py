@@ -171,3 +171,14 @@ def test_cli_json_and_text(roots):
 
     missing = runner.invoke(main, ["stats", "--manifests", "/nonexistent/manifests"])
     assert missing.exit_code == 2 and missing.output.startswith("error: ")
+
+
+def test_stats_needs_no_torch():
+    """`factory stats` reads manifests only: importing it must not pay torch's start-up (seconds on a CPU node)."""
+    import subprocess
+    import sys
+
+    code = "import sys, factory.stats, factory.query, factory.manifests; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
