@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from factory import __version__
 from factory.config import FactoryError, error_line
+from factory.diversity import labels_card
 from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
 from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
 from factory.storage import Storage
@@ -439,6 +440,7 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
         "predicate": config.where,
         "pairs": len(rows),
         "shards": shards,
+        "labels": labels_card([row["label"] for row in rows], [row["classifier_sha256"] for row in rows]),
         "config": {
             key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()
         },

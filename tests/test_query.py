@@ -18,6 +18,7 @@ from manifest_fixtures import PairSpec, make_dataset, sample_payloads
 
 from factory.cli import main
 from factory.config import FactoryError
+from factory.diversity import degradation_entropy, labels_card
 from factory.manifests import PAIR_SCHEMA, manifest_files, verify
 from factory.query import format_table, query, select
 
@@ -232,6 +233,13 @@ def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
     assert card["predicate"] == predicate
     assert card["parent_datasets"] == sorted({dataset for dataset, _ in expected})
     assert card["pairs"] == len(expected)
+    labels = [
+        row["label"] for row in new_rows
+    ]  # the card's labels section describes the new dataset's own pairs
+    assert card["labels"] == labels_card(labels, [row["classifier_sha256"] for row in new_rows])
+    assert card["labels"]["entropy"] == pytest.approx(
+        degradation_entropy([label for label in labels if label])
+    )
 
 
 def test_filter_is_reproducible_and_refuses_bad_requests(built, tmp_path):
