@@ -582,9 +582,9 @@ def _manifest_paths(manifests: Storage, dataset: str | None) -> list[str]:
 
 
 def label_dataset(config: LabelConfig) -> LabelResult:
-    """(Re)label every pair of a dataset by rewriting only its Parquet manifests, one file at a time, each atomically
-    (temporary name, then rename: `Storage.open_atomic`, the any-filesystem form of `write_table_atomic`), keeping
-    each manifest's commit record (its Parquet metadata) so `factory verify` still holds. Shards are only read; their
+    """(Re)label every pair of a dataset by rewriting only its Parquet manifests (then its card's `labels` section),
+    one file at a time, each atomically (temporary name, then rename: `Storage.open_atomic`), keeping each
+    manifest's commit record (its Parquet metadata) so `factory verify` still holds. Shards are only read; their
     `json` members keep the labels of the build (the manifests are authoritative). If interrupted, each manifest is
     wholly old or wholly new (`classifier_sha256` tells which)."""
     shards, manifests = Storage(config.shards), Storage(config.manifests)

@@ -473,7 +473,8 @@ def classifier_train_command(**options) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
 @user_errors
 def label_command(**options) -> None:
-    """(Re)label a dataset's pairs: rewrites only its Parquet manifests (atomically); shards stay byte-identical."""
+    """(Re)label a dataset's pairs: rewrites only its Parquet manifests and its card's labels (atomically); shards
+    stay byte-identical."""
     from factory.classifier import LabelConfig, label_dataset
 
     result = label_dataset(LabelConfig(**options))
