@@ -627,8 +627,8 @@ def label_dataset(config: LabelConfig) -> LabelResult:
         pairs += len(rows)
         for row, label in zip(rows, new_columns["label"], strict=True):
             counts.setdefault(row["dataset"], Counter())[label] += 1
-    for dataset in counts:
-        _update_card_labels(manifests, dataset)
+    for dataset, labels in counts.items():
+        _update_card_labels(manifests, dataset, labels, labeler.sha256)
     return LabelResult(
         pairs=pairs,
         manifests=len(paths),
@@ -637,19 +637,14 @@ def label_dataset(config: LabelConfig) -> LabelResult:
     )
 
 
-def _update_card_labels(manifests: Storage, dataset: str) -> None:
-    """Rewrite the `labels` section of the dataset's card (`_card.json`, beside its manifests) from all its manifests,
-    atomically; a dataset without a card gets none."""
+def _update_card_labels(manifests: Storage, dataset: str, labels: Counter, classifier_sha256: str) -> None:
+    """Rewrite the `labels` section of the dataset's card (`_card.json`, beside its manifests) atomically, from the
+    labels just written to every one of its manifests; a dataset without a card gets none."""
     card_path = f"{dataset}/{CARD_NAME}"
     if not manifests.exists(card_path):
         return
-    labels, classifiers = [], []
-    for path in _manifest_paths(manifests, dataset):
-        table = read_manifest(manifests, path)
-        labels += table.column("label").to_pylist()
-        classifiers += table.column("classifier_sha256").to_pylist()
     card = json.loads(manifests.read_bytes(card_path))
-    card["labels"] = labels_card(labels, classifiers)
+    card["labels"] = labels_card(labels.elements(), [classifier_sha256])
     manifests.write_bytes_atomic(card_path, json.dumps(card, indent=2, sort_keys=True, default=str).encode())
 
 
