@@ -124,51 +124,40 @@ def distributed_position() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def selected_keys_by_shard(
+def selected_rows_by_shard(
     manifests: str | os.PathLike, where: str | None, scale: int | None = None
-) -> dict[str, dict[str, tuple[str, str]]]:
-    """shard path (relative to the shard root, as in the manifests) -> {key: (hr_sha256, lr_sha256)} of the pairs
+) -> dict[str, list[dict]]:
+    """shard path (relative to the shard root, as in the manifests) -> the rows (key, dataset, hr_sha256, lr_sha256)
     `where` selects in it (one query). With `scale`, selected pairs of another scale are an error (their patches
     would not be aligned)."""
     from factory.query import select
 
-    table = select(manifests, where, columns=["key", "shard", "scale", "hr_sha256", "lr_sha256"])
+    table = select(manifests, where, columns=["key", "dataset", "shard", "scale", "hr_sha256", "lr_sha256"])
     scales = set(table.column("scale").to_pylist())
     if scale is not None and scales - {scale}:
         found = ", ".join(f"x{value}" for value in sorted(scales))
         raise FactoryError(f"the selected pairs are {found} but the patches are asked for at x{scale}")
-    keys: dict[str, dict[str, tuple[str, str]]] = {}
+    rows: dict[str, list[dict]] = {}
     for row in table.to_pylist():
-        keys.setdefault(row["shard"], {})[row["key"]] = (row["hr_sha256"], row["lr_sha256"])
-    return keys
+        rows.setdefault(row["shard"], []).append(row)
+    return rows
 
 
-def read_each_pair_once(shard_keys: Mapping[str, Mapping[str, tuple[str, str]]]) -> dict[str, frozenset[str]]:
-    """The keys to read per shard URL so that one dataset entry yields each pair once. A filtered dataset copies its
-    parent's pairs (same key, same bytes), and a shard root holds both: each such pair is read from the first shard
-    (in URL order) that has it. One key with other bytes in two shards is an error. Shards left with nothing to read
-    are dropped."""
-    first_seen: dict[str, tuple[str, tuple[str, str]]] = {}
-    result: dict[str, frozenset[str]] = {}
-    for url, keys in shard_keys.items():
-        fresh = set()
-        for key, hashes in keys.items():
-            if key not in first_seen:
-                first_seen[key] = (url, hashes)
-                fresh.add(key)
-            elif first_seen[key][1] != hashes:
-                raise FactoryError(
-                    f"pair key {key!r} holds different images in {first_seen[key][0]} and {url}"
-                )
-        if fresh:
-            result[url] = frozenset(fresh)
-    return result
+def _keys_to_read(matched: Mapping[str, list[dict]]) -> dict[str, frozenset[str]]:
+    """Shard URL -> the keys to read from it, each pair once: a shard root holds a filtered dataset beside its
+    parent, and the copy's rows repeat the parent's keys with the same bytes (`query.unique_pairs` keeps the first,
+    in URL order, and refuses one key with other bytes). Shards left with nothing to read are dropped."""
+    from factory.query import unique_pairs
+
+    rows = unique_pairs([{**row, "url": url} for url, shard_rows in matched.items() for row in shard_rows])
+    keys: dict[str, set[str]] = {}
+    for row in rows:
+        keys.setdefault(row["url"], set()).add(row["key"])
+    return {url: frozenset(members) for url, members in keys.items()}
 
 
-def _match_shard(
-    url: str, selection: Mapping[str, Mapping[str, tuple[str, str]]]
-) -> Mapping[str, tuple[str, str]] | None:
-    """The selected keys of the shard at `url` (matched by its path ending in the manifest's relative shard path),
+def _match_shard(url: str, selection: Mapping[str, list[dict]]) -> list[dict] | None:
+    """The selected rows of the shard at `url` (matched by its path ending in the manifest's relative shard path),
     or None when the manifests select nothing in it."""
     # `pipe:aws s3 cp s3://bucket/root/d/d-000000.tar -`: the shard is the command's argument ending in .tar
     candidates = [token for token in url.split() if token.endswith(".tar")]
@@ -344,11 +333,11 @@ class PairedPatches(IterableDataset):
         self.selected_pairs: int | None = None
         self.shard_keys: list[dict[str, frozenset[str] | None]] = []
         if manifests is not None:
-            selection = selected_keys_by_shard(manifests, where, scale)
+            selection = selected_rows_by_shard(manifests, where, scale)
             self.selected_pairs = 0
             for index, shards in enumerate(datasets):
                 matched = {url: _match_shard(url, selection) for url in shards}
-                kept = read_each_pair_once({url: keys for url, keys in matched.items() if keys})
+                kept = _keys_to_read({url: rows for url, rows in matched.items() if rows})
                 if not kept:
                     raise FactoryError(
                         f"the manifests under {manifests} select no pair in dataset {index} ({shards[0]}...)"
