@@ -52,7 +52,7 @@ def test_an_interrupted_write_leaves_a_temporary_storage_sweeps(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.bin"]
 
 
-def test_manifests_and_checkpoints_are_readable_by_others(tmp_path, umask_022):
+def test_manifests_checkpoints_and_safetensors_are_readable_by_others(tmp_path, umask_022):
     table_path = tmp_path / "manifests" / "d" / "d-000000.parquet"
     write_table_atomic(pa.table({"key": ["a"]}), table_path)
     checkpoint = save_checkpoint(
