@@ -381,7 +381,7 @@ def write_figures(report: StatsReport, manifests_root: Path, folder: Path) -> li
         entropy_curves = {name: points for name, points in entropy_curves.items() if points}
         if entropy_curves:
             figure = epoch_figure(
-                entropy_curves, "entropy H", "Degradation diversity by epoch (cf. paper Fig. 8)"
+                entropy_curves, "entropy H (nats)", "Degradation diversity by epoch (cf. paper Fig. 8)"
             )
             written.append(_save(figure, folder / FIGURE_NAMES["entropy_vs_epoch"]))
         else:
