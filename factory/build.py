@@ -356,8 +356,11 @@ class DatasetLock:
             self.storage.delete(self.relative)
 
 
-def build_fingerprint(config: BuildConfig, dataset: str, crop: int, checkpoint_sha256: str | None) -> str:
-    """What makes two builds of a dataset the same build: a committed shard of another fingerprint is not reused."""
+def build_settings(
+    config: BuildConfig, dataset: str, crop: int, checkpoint_sha256: str | None
+) -> dict[str, Any]:
+    """What makes two builds of a dataset the same build (every setting the shards' bytes depend on). Each commit
+    record keeps them, so a refused resume can say which setting differs."""
     classifier = None
     if config.classifier:
         from factory.checkpoints import file_sha256
@@ -378,11 +381,28 @@ def build_fingerprint(config: BuildConfig, dataset: str, crop: int, checkpoint_s
     }
     if config.bf16:  # only when set, so the fingerprints of existing float32 builds stay as they were
         settings["bf16"] = True
+    return settings
+
+
+def build_fingerprint(settings: dict[str, Any]) -> str:
+    """The digest of `build_settings`: a committed shard of another fingerprint is not reused."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def _what_differs(commit: dict, settings: dict[str, Any]) -> str:
+    """The settings a committed shard was built with that differ from this build's, said for the user."""
+    before = commit.get("build_settings")
+    if not isinstance(before, dict):  # commit records older than build_settings hold only the digest
+        return "other inputs or settings"
+    names = sorted(name for name in set(before) | set(settings) if before.get(name) != settings.get(name))
+    said = ", ".join(f"{name} {before.get(name)!r} -> {settings.get(name)!r}" for name in names)
+    if names == ["classifier_sha256"]:
+        said += "; to (re)label a built dataset, run `factory label --classifier ...` instead"
+    return said
+
+
 def committed(
-    shards: Storage, manifests: Storage, dataset: str, task: ShardTask, fingerprint: str
+    shards: Storage, manifests: Storage, dataset: str, task: ShardTask, settings: dict[str, Any]
 ) -> dict | None:
     """The commit record of `task` when its manifest is present and matches the shard on disk (size), the plan
     (digest of its crops) and the build settings; None when the shard must be (re)built. A manifest of another
@@ -390,9 +410,15 @@ def committed(
     commit = read_commit(manifests, f"{dataset}/{task.stem}.parquet")
     if commit is None:
         return None
-    if commit.get("build_fingerprint") != fingerprint or commit.get("plan_sha256") != task.plan_sha256:
+    if commit.get("build_fingerprint") != build_fingerprint(settings):
+        difference = _what_differs(commit, settings)
+    elif commit.get("plan_sha256") != task.plan_sha256:
+        difference = "other inputs (the shard's crops differ)"
+    else:
+        difference = None
+    if difference is not None:
         raise FactoryError(
-            f"dataset {dataset} already holds shard {task.stem} from a different build (other inputs or settings); "
+            f"dataset {dataset} already holds shard {task.stem} from a different build ({difference}); "
             f"use --name for a new dataset, or delete {manifests.uri(dataset)} and {shards.uri(dataset)}"
         )
     if shards.size(commit["shard"]) != commit.get("shard_bytes"):
@@ -617,7 +643,7 @@ def build(config: BuildConfig) -> BuildResult:
         if not hasattr(factory.color, "color_correct"):
             raise FactoryError("--color-correct needs factory.color.color_correct, which this version lacks")
     shards, manifests = Storage(config.out), Storage(config.manifests)
-    fingerprint = build_fingerprint(config, plan.dataset, plan.crop, checkpoint_sha256)
+    settings_of_build = build_settings(config, plan.dataset, plan.crop, checkpoint_sha256)
     with DatasetLock(manifests, plan.dataset):
         shards.make_dirs(plan.dataset)
         manifests.make_dirs(plan.dataset)
@@ -626,7 +652,7 @@ def build(config: BuildConfig) -> BuildResult:
             log.info("removed %d temporary file(s) of an interrupted build", removed)
         todo, shard_rejects = [], []
         for task in plan.shards:
-            commit = committed(shards, manifests, plan.dataset, task, fingerprint)
+            commit = committed(shards, manifests, plan.dataset, task, settings_of_build)
             if commit is None:
                 todo.append(task)
             else:
@@ -655,7 +681,8 @@ def build(config: BuildConfig) -> BuildResult:
             out=config.out,
             manifests=config.manifests,
             max_pixels=config.max_pixels,
-            build_fingerprint=fingerprint,
+            build_fingerprint=build_fingerprint(settings_of_build),
+            build_settings=settings_of_build,
             threads=config.threads,
             bf16=config.bf16,
             crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),

@@ -123,6 +123,7 @@ class WorkerSettings:
     manifests: str  # manifest root (folder or URI)
     max_pixels: int | None  # decompression-bomb limit (None: Pillow's)
     build_fingerprint: str  # recorded in each commit record, checked on resume
+    build_settings: dict  # what the fingerprint digests (factory.build.build_settings), recorded beside it
     threads: int | None  # torch intra-op threads and payload encoders (None: torch's default, one encoder)
     crash_marker: (
         str | None
@@ -243,6 +244,7 @@ class ShardWorker:
             "planned": len(task.crops),
             "plan_sha256": task.plan_sha256,
             "build_fingerprint": settings.build_fingerprint,
+            "build_settings": settings.build_settings,
             "rejects": rejects,
             "factory_version": __version__,
         }

@@ -323,9 +323,18 @@ def test_dry_run_writes_nothing(tmp_path: Path, hr_folder: Path):
 
 
 def test_other_settings_into_an_existing_dataset_are_refused(tmp_path: Path, hr_folder: Path):
+    """A resume with other settings is refused, naming what differs (the commit records keep the settings)."""
+    from factory.classifier import ClassifierTrainConfig, build_network, save_classifier
+
     build(config_for(tmp_path, hr_folder, limit=3, actors=0))
-    with pytest.raises(FactoryError, match="different build"):
+    with pytest.raises(FactoryError, match=r"different build \(codec 'png' -> 'zst'\)"):
         build(config_for(tmp_path, hr_folder, limit=3, codec="zst", actors=0))
+    classifier = tmp_path / "classifier.safetensors"
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, classifier
+    )
+    with pytest.raises(FactoryError, match=r"classifier_sha256 None -> '[0-9a-f]{64}'; .*run `factory label"):
+        build(config_for(tmp_path, hr_folder, limit=3, classifier=str(classifier), actors=0))
 
 
 def test_nothing_buildable_is_an_error(tmp_path: Path, hr_folder: Path):
