@@ -66,6 +66,13 @@ def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
             expanded += shards
         else:
             expanded += webdataset.shardlists.expand_urls(url)
+    # A local path that does not exist is a typo, said now rather than as a shard that "ends early" mid-training.
+    missing = [url for url in expanded if ":" not in url.split("/")[0] and not os.path.exists(url)]
+    if missing:
+        raise FactoryError(
+            f"no such shard or folder: {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return expanded
 
 

@@ -295,6 +295,11 @@ def test_a_shard_root_streams_the_datasets_in_it(tmp_path, pairs):
     assert sorted(sample["key"] for sample in dataset) == sorted(key for key, _ in pairs[9:])
     with pytest.raises(FactoryError, match="no shards"):
         expand_urls(manifests_root)  # Parquet files only
+    # A mistyped local path is an error now, not a shard that "ends early" in every reader once training started.
+    with pytest.raises(FactoryError, match="no such shard or folder: .*nowhere"):
+        expand_urls(tmp_path / "nowhere")
+    with pytest.raises(FactoryError, match=r"beta-000003.tar \(and 1 more\)"):
+        expand_urls(f"{shards_root}/beta/beta-{{000000..000004}}.tar")  # beta has shards 0-2
 
 
 def test_a_filtered_copy_under_the_same_root_is_read_once(tmp_path, pairs, caplog):
