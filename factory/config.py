@@ -25,12 +25,18 @@ def error_line(error: BaseException, limit: int = 200) -> str:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Build dataclass `cls` from `values`; unknown keys raise ConfigError naming them and the known ones."""
+    """Build dataclass `cls` from `values`; unknown keys raise ConfigError naming them and the known ones, and so
+    does a value the dataclass's own checks (`__post_init__`) refuse."""
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{cls.__name__}: {error_line(error)}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

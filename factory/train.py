@@ -414,6 +414,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, config=model_config).to(device)
+    multiple = getattr(model, "size_multiple", 1)  # the VAE is built for the crop size itself
+    if image_size % multiple:
+        raise ConfigError(
+            f"--image-size {image_size} must be a multiple of {multiple} for {config.model} "
+            f"(e.g. {image_size - image_size % multiple or multiple})"
+        )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=defaults.betas, weight_decay=defaults.weight_decay
     )
@@ -547,7 +553,9 @@ def train_for_build(
     if embedded_default_lr_size is not None and model in EMBEDDED_DEFAULT_RECIPE_MODELS:
         batch_size = TrainConfig.batch_size
         recipe = {
-            "image_size": embedded_default_lr_size,
+            # Whole crops for VQ-VAE (a multiple of 4) and VQ-VAE-2 (of 8): an LR side such as 50 (--crop 200)
+            # trains on 48.
+            "image_size": max(16, embedded_default_lr_size - embedded_default_lr_size % 8),
             "epoch_size": EMBEDDED_DEFAULT_STEPS_PER_EPOCH * batch_size,
             "lr": EMBEDDED_DEFAULT_LR,
         }

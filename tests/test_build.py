@@ -424,9 +424,11 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
         with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
         ensure_checkpoint(with_hr, list_sources())
     assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr) == (None, None, None)
-    assert (
-        seen[0].progress and not seen[1].progress
-    )  # --no-progress (config_for's) silences training's bar too
+    # --no-progress (config_for's) silences training's bar too.
+    assert seen[0].progress and not seen[1].progress
+    with pytest.raises(FactoryError, match="not written"):  # --crop 200: LR 50, trained on whole 48x48 crops
+        ensure_checkpoint(BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources())
+    assert seen[2].image_size == 48
 
 
 def test_build_starts_its_own_ray_even_when_ray_address_points_elsewhere(tmp_path: Path, hr_folder: Path):

@@ -195,6 +195,23 @@ def test_cli_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, photo_fo
     )
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("vqvae", "--image-size 50 must be a multiple of 4 for vqvae (e.g. 48)"),
+        ("vqvae2", "--image-size 50 must be a multiple of 8 for vqvae2 (e.g. 48)"),
+        ("mae", "--image-size 50 must be a multiple of 8 for mae (e.g. 48)"),  # tiny preset: 8-pixel patches
+        ("vae", "VAEConfig: image_size 50 not divisible by 2**3"),
+        ("ddim", "--image-size 50 must be a multiple of 8 for ddim (e.g. 48)"),
+    ],
+)
+def test_an_image_size_the_model_cannot_take_is_a_one_line_error(tmp_path, photo_folder, name, message):
+    checkpoints = tmp_path / "checkpoints"
+    arguments = ["--epochs", "1", "--preset", "tiny", "--image-size", "50", "--checkpoints", str(checkpoints)]
+    result = run_cli("train", "--model", name, "--data", str(photo_folder), *arguments)
+    assert_one_line_error(result, checkpoints, message)
+
+
 def test_cli_trains_and_reports(photo_folder, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     result = run_cli(

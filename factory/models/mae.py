@@ -171,6 +171,7 @@ class MAE(nn.Module):
         super().__init__()
         self.config = config
         patch = config.patch_size
+        self.size_multiple = patch  # training crops must be whole patches (only reconstruct pads)
         self.patch_embedding = nn.Conv2d(3, config.encoder_dim, patch, stride=patch)
         self.class_token = nn.Parameter(torch.zeros(1, 1, config.encoder_dim))
         self.encoder_blocks = nn.ModuleList(

@@ -200,6 +200,7 @@ class VQVAE(nn.Module):
     """VQ-VAE with one 4x-downsampled latent grid; see the module docstring."""
 
     downsampling = 4  # two stride-2 convolutions: inputs are padded to a multiple of this
+    size_multiple = downsampling  # training crops must be a multiple of this (only reconstruct pads)
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()

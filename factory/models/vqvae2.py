@@ -127,6 +127,7 @@ class VQVAE2(nn.Module):
     """Two-level VQ-VAE-2; see the module docstring."""
 
     downsampling = 8  # the top level is 8x smaller than the input: inputs are padded to a multiple of this
+    size_multiple = downsampling  # training crops must be a multiple of this (only reconstruct pads)
 
     def __init__(self, config: VQVAE2Config) -> None:
         super().__init__()
