@@ -608,6 +608,19 @@ def build(config: BuildConfig) -> BuildResult:
     ):
         if value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")
+    for name, value in (  # optional counts: None means the default
+        ("--stride", config.stride),
+        ("--limit", config.limit),
+        ("--num-cpus", config.num_cpus),
+        ("--threads", config.threads),
+        ("--max-pixels", config.max_pixels),
+    ):
+        if value is not None and value < 1:
+            raise FactoryError(f"{name} must be at least 1, got {value}")
+    if config.actors is not None and config.actors < 0:
+        raise FactoryError(
+            f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"
+        )
     started = time.perf_counter()
     plan = plan_build(config)
     result = BuildResult(dataset=plan.dataset, plan=plan.describe(), rejects=list(plan.rejects))

@@ -132,7 +132,12 @@ def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = 255.0) ->
     return math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+SSIM_WINDOW = (
+    11  # side of SSIM's Gaussian window: the smallest image (after --crop-border) SSIM is defined on
+)
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     window = torch.exp(-(offsets**2) / (2 * sigma**2))
     return window / window.sum()
@@ -166,6 +171,13 @@ def image_metrics(
     sr: np.ndarray, hr: np.ndarray, *, y_channel: bool = False, crop_border: int = 0
 ) -> tuple[float, float]:
     """(PSNR, SSIM) of an (H, W, 3) uint8 SR image against its HR image."""
+    height, width = sr.shape[:2]
+    if min(height, width) - 2 * crop_border < SSIM_WINDOW:
+        raise FactoryError(
+            f"a {height}x{width} image with --crop-border {crop_border} leaves "
+            f"{max(0, height - 2 * crop_border)}x{max(0, width - 2 * crop_border)} pixels; SSIM needs at least "
+            f"{SSIM_WINDOW}x{SSIM_WINDOW}"
+        )
     if crop_border:
         sr, hr = (
             sr[crop_border:-crop_border, crop_border:-crop_border],
@@ -281,12 +293,13 @@ def evaluate(config: EvalConfig) -> EvalSummary:
         hr = hr[
             : sr.shape[0], : sr.shape[1]
         ]  # HR not a multiple of the scale: cropped, as BasicSR's mod-crop does
-        buffer = io.BytesIO()
-        Image.fromarray(sr).save(buffer, format="PNG")
-        _write_atomic(out / "sr" / f"{pair.name}.png", buffer.getvalue())
+        # Metrics first: an image they cannot be taken on (too small for --crop-border) stops before its output.
         value_psnr, value_ssim = image_metrics(
             sr, hr, y_channel=config.y_channel, crop_border=config.crop_border
         )
+        buffer = io.BytesIO()
+        Image.fromarray(sr).save(buffer, format="PNG")
+        _write_atomic(out / "sr" / f"{pair.name}.png", buffer.getvalue())
         value_lpips = None
         if lpips is not None:
             border = config.crop_border or None

@@ -438,7 +438,8 @@ class PairedPatches(IterableDataset):
                 return
             if emitted == 0:
                 raise FactoryError(
-                    f"no usable pair in this reader's shards of dataset {index} ({len(mine)} shards)"
+                    f"no usable pair in this reader's shards of dataset {index} ({len(mine)} shards): each was "
+                    "skipped, and the warnings above say why (e.g. LR smaller than the patch size)"
                 )
 
     def _mixed(self, generator: np.random.Generator, cycle: bool) -> Iterator[Patch]:

@@ -119,6 +119,10 @@ def test_missing_model_is_a_one_line_error(tmp_path, ntire2018):
     assert result.exit_code == 2 and "no weights file" in result.output
     result = run_eval(tmp_path / "none.pth", tmp_path / "no-lr", hr_folder, tmp_path / "out")
     assert result.exit_code == 2 and "no weights file" in result.output  # the model is checked first
+    weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
+    result = run_eval(weights, lr_folder, hr_folder, tmp_path / "border", "--crop-border", "500")
+    assert result.exit_code == 2 and "--crop-border 500 leaves 0x0 pixels; SSIM needs" in result.output
+    assert not (tmp_path / "border" / "sr").exists()  # stopped before the first output
     for name, content in (("empty.pth", b""), ("text.pth", b"not weights\n")):  # an empty file: EOFError('')
         (tmp_path / name).write_bytes(content)
         result = run_eval(tmp_path / name, lr_folder, hr_folder, tmp_path / "out")
