@@ -617,6 +617,12 @@ def build(config: BuildConfig) -> BuildResult:
     ):
         if value is not None and value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")
+    if (
+        config.address is None
+    ):  # the embedded Ray runs here: the device must exist here (a cluster's nodes may differ)
+        from factory.devices import resolve_device
+
+        resolve_device(config.device)
     if config.actors is not None and config.actors < 0:
         raise FactoryError(
             f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"

@@ -53,6 +53,7 @@ from factory.checkpoints import file_sha256
 from factory.color import bicubic_resize
 from factory.config import FactoryError, config_to_dict
 from factory.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from factory.devices import resolve_device
 from factory.diversity import degradation_entropy, labels_card  # re-exported: the classifier API names them
 from factory.manifests import CARD_NAME, LABEL_PROB_COLUMNS, PAIR_SCHEMA, read_manifest, read_manifests
 from factory.shards import decode_image, read_samples
@@ -270,10 +271,14 @@ def train_classifier(config: ClassifierTrainConfig, sources: list[np.ndarray] | 
         )
     if config.per_class < 2 or config.epochs < 1 or config.size < 8 or not 0 < config.holdout_fraction < 1:
         raise FactoryError("need per_class >= 2, epochs >= 1, size >= 8 and 0 < holdout_fraction < 1")
+    if config.batch_size < 1 or not config.learning_rate > 0 or config.weight_decay < 0:
+        raise FactoryError("need batch_size >= 1, learning_rate > 0 and weight_decay >= 0")
+    if config.threads is not None and config.threads < 1:
+        raise FactoryError(f"--threads must be at least 1, got {config.threads}")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     if sources is None:
         sources = load_sources(config.data, config.size)
     data = synthesise(
@@ -455,6 +460,7 @@ class Labeler:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Labeler:
         """Load a classifier written by `train_classifier`. Raises FactoryError for a missing or foreign file."""
         path = Path(path)
+        device = resolve_device(str(device))
         if not path.is_file():
             raise FactoryError(f"no classifier at {path}")
         try:
@@ -587,6 +593,9 @@ def label_dataset(config: LabelConfig) -> LabelResult:
     manifest's commit record (its Parquet metadata) so `factory verify` still holds. Shards are only read; their
     `json` members keep the labels of the build (the manifests are authoritative). If interrupted, each manifest is
     wholly old or wholly new (`classifier_sha256` tells which)."""
+    if config.batch_size < 1:
+        raise FactoryError(f"--batch-size must be at least 1, got {config.batch_size}")
+    resolve_device(config.device)  # an absent device is said before any manifest is read
     shards, manifests = Storage(config.shards), Storage(config.manifests)
     paths = _manifest_paths(manifests, config.dataset)
     if not paths:

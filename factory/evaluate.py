@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from factory.config import FactoryError
+from factory.devices import resolve_device
 from factory.sources import find_images, load_rgb
 from factory.storage import Storage
 
@@ -270,10 +271,10 @@ def evaluate(config: EvalConfig) -> EvalSummary:
 
     if config.crop_border < 0:
         raise FactoryError("--crop-border must be >= 0")
+    device = resolve_device(config.device)
     # The weights before the folders: a wrong --model fails before a large folder is walked.
     network = load_network(config.model, config.architecture)
     pairs = pair_folders(config.lr, config.hr)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = network.module.to(device).eval()
     lpips = None
     if config.lpips_weights:

@@ -56,6 +56,7 @@ from factory.checkpoints import (
 )
 from factory.color import bicubic_resize
 from factory.config import ConfigError, FactoryError, config_to_dict
+from factory.devices import resolve_device
 from factory.models import build_model, get_spec, make_config
 from factory.sources import RejectedImage, find_images, is_image_file, load_rgb
 
@@ -266,16 +267,12 @@ def _torch_seed(seed: int, *stream: int) -> int:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """--device for training: auto picks CUDA or the CPU (training on MPS is not supported here)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    device = resolve_device(name)
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r} (auto, cpu, cuda, cuda:N)")
+        raise ConfigError(f"unsupported device {name!r} for training (auto, cpu, cuda, cuda:N)")
     return device
 
 

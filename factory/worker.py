@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from factory import __version__
+from factory.devices import resolve_device
 from factory.manifests import rows_to_table, write_manifest
 from factory.plan import BICUBIC, PlannedCrop, ShardTask, reject_row
 from factory.shards import row_json
@@ -148,18 +149,6 @@ class ShardSummary:
     delta_e_sum: float  # sum of the pairs' ΔE (for running means)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def pair_seed(seed: int, keys: list[str]) -> int:
     """The generator seed of a batch: from the build seed and the batch's keys, so a pair's draw depends only on
     the command (not on which actor ran it, or when)."""
@@ -176,7 +165,7 @@ class ShardWorker:
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.device = torch.device(resolve_device(settings.device))
+        self.device = resolve_device(settings.device)
         if self.device.type == "cpu":
             from factory.color import tune_cpu_allocator
 
