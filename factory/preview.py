@@ -119,6 +119,12 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
     """Write the contact sheet of the first `config.count` pairs matching `config.where`."""
     if config.count < 1:
         raise FactoryError("--n must be at least 1")
+    out = Path(config.out)
+    if out.is_dir():
+        raise FactoryError(f"--out {out} is a folder; give the sheet's file name, e.g. {out / 'preview.png'}")
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format is None:
+        raise FactoryError(f"--out {out}: name the sheet with an image extension (.png, .jpg, .webp)")
     rows = select(config.manifests_root, config.where, limit=config.count).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
@@ -157,7 +163,7 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
         top += image_height + TEXT_HEIGHT + MARGIN
 
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", compress_level=6)
-    out = Path(config.out)
+    # PNG keeps the pixels being judged; another extension is the user's choice of a smaller, lossy sheet.
+    sheet.save(buffer, format=image_format, **({"compress_level": 6} if image_format == "PNG" else {}))
     Storage(out.parent).write_bytes_atomic(out.name, buffer.getvalue())
     return PreviewSummary(out=out, pairs=len(rows), cells=cells)

@@ -406,6 +406,8 @@ def _delta_e_by_dataset(manifests_root: Path) -> dict[str, list[float]]:
 
 def dataset_stats(config: StatsConfig) -> StatsReport:
     """`factory stats`: the statistics, and the figures when `config.plots` is set."""
+    if config.plots is not None and Path(config.plots).exists() and not Path(config.plots).is_dir():
+        raise FactoryError(f"--plots {config.plots} is a file; give a folder for the figures")
     report = compute_stats(config.manifests_root)
     if not report.datasets:
         raise FactoryError(f"no datasets under {config.manifests_root}")

@@ -193,6 +193,15 @@ def test_cli_preview_and_export(roots, tmp_path):
     assert len(list((tmp_path / "e" / "lr").iterdir())) == 6
     bad = runner.invoke(main, ["preview", *common, "--where", "delta_e <", "--out", str(tmp_path / "q.png")])
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and bad.output.count("\n") == 1
+    # --out: a folder or a name without an image extension is refused; .jpg writes a JPEG.
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "sheet.txt", "image extension")):
+        bad = runner.invoke(main, ["preview", *common, "--n", "2", "--out", str(out)])
+        assert bad.exit_code == 2 and message in bad.output and bad.output.count("\n") == 1, bad.output
+    assert (
+        runner.invoke(main, ["preview", *common, "--n", "2", "--out", str(tmp_path / "s.jpg")]).exit_code == 0
+    )
+    with Image.open(tmp_path / "s.jpg") as image:
+        assert image.format == "JPEG"
 
 
 @pytest.mark.slow

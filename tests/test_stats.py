@@ -15,6 +15,7 @@ from manifest_fixtures import PairSpec, make_dataset
 from PIL import Image
 
 from factory.cli import main
+from factory.config import FactoryError
 from factory.corruptions import CORRUPTIONS
 from factory.query import FilterConfig, filter_dataset
 from factory.stats import (
@@ -153,6 +154,9 @@ def test_plots_are_real_pngs(roots, tmp_path):
             extrema = image.convert("L").getextrema()
             assert extrema[1] - extrema[0] > 100  # something drawn, not a blank canvas
     assert not list((tmp_path / "figures").glob(".*"))  # no temporary files left
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(FactoryError, match="--plots .*a-file is a file"):
+        dataset_stats(StatsConfig(manifests_root=roots["manifests"], plots=tmp_path / "a-file"))
 
 
 def test_cli_json_and_text(roots):
