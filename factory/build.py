@@ -617,9 +617,8 @@ def build(config: BuildConfig) -> BuildResult:
     ):
         if value is not None and value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")
-    if (
-        config.address is None
-    ):  # the embedded Ray runs here: the device must exist here (a cluster's nodes may differ)
+    # The embedded Ray runs here, so the device must exist here; a cluster's nodes may have what the driver lacks.
+    if config.address is None:
         from factory.devices import resolve_device
 
         resolve_device(config.device)

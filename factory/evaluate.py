@@ -133,9 +133,8 @@ def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = 255.0) ->
     return math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
-SSIM_WINDOW = (
-    11  # side of SSIM's Gaussian window: the smallest image (after --crop-border) SSIM is defined on
-)
+# Side of SSIM's Gaussian window: the smallest image (after --crop-border) SSIM is defined on.
+SSIM_WINDOW = 11
 
 
 def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
