@@ -199,8 +199,8 @@ class VectorQuantizer(nn.Module):
 class VQVAE(nn.Module):
     """VQ-VAE with one 4x-downsampled latent grid; see the module docstring."""
 
-    downsampling = 4  # two stride-2 convolutions: inputs are padded to a multiple of this
-    size_multiple = downsampling  # training crops must be a multiple of this (only reconstruct pads)
+    # Two stride-2 convolutions: reconstruct pads inputs to a multiple of this, and training crops must be one.
+    size_multiple = 4
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
@@ -253,6 +253,6 @@ class VQVAE(nn.Module):
         """x: (N, 3, H, W) in [0, 1], any H, W -> x_hat: (N, 3, H, W) in [0, 1]. Deterministic; `generator` unused
         (nothing is sampled: the quantiser picks the nearest code)."""
         height, width = x.shape[-2:]
-        padded = reflect_pad_to_multiple(to_signed(x), self.downsampling)
+        padded = reflect_pad_to_multiple(to_signed(x), self.size_multiple)
         # Cast back: under a caller's bf16 autocast the decoder returns bf16, but x_hat keeps x's dtype.
         return to_unit(self.decode(self.encode(padded).latents)[..., :height, :width]).to(x.dtype)

@@ -126,8 +126,9 @@ class HierarchicalLatents:
 class VQVAE2(nn.Module):
     """Two-level VQ-VAE-2; see the module docstring."""
 
-    downsampling = 8  # the top level is 8x smaller than the input: inputs are padded to a multiple of this
-    size_multiple = downsampling  # training crops must be a multiple of this (only reconstruct pads)
+    # The top level is 8x smaller than the input: reconstruct pads inputs to a multiple of this, and training
+    # crops must be one.
+    size_multiple = 8
 
     def __init__(self, config: VQVAE2Config) -> None:
         super().__init__()
@@ -183,7 +184,7 @@ class VQVAE2(nn.Module):
         """x: (N, 3, H, W) in [0, 1], any H, W -> x_hat: (N, 3, H, W) in [0, 1]. Deterministic; `generator` unused
         (nothing is sampled: each quantiser picks the nearest code)."""
         height, width = x.shape[-2:]
-        padded = reflect_pad_to_multiple(to_signed(x), self.downsampling)
+        padded = reflect_pad_to_multiple(to_signed(x), self.size_multiple)
         latents = self.encode(padded)
         output = self.decode(latents.top.latents, latents.bottom.latents)[..., :height, :width]
         return to_unit(output).to(x.dtype)  # x's dtype even under a caller's bf16 autocast
