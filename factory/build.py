@@ -20,7 +20,6 @@ name and bytes are determined by the plan.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from factory import __version__
 from factory.config import FactoryError
 from factory.diversity import labels_card
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
-from factory.plan import BICUBIC, BuildPlan, ShardTask, effective_crop, plan_build
+from factory.plan import BICUBIC, BuildPlan, ShardTask, build_fingerprint, effective_crop, plan_build
 from factory.shards import row_json
 from factory.sources import SourceFile, list_sources
 from factory.storage import Storage
@@ -384,11 +383,6 @@ def build_settings(
     return settings
 
 
-def build_fingerprint(settings: dict[str, Any]) -> str:
-    """The digest of `build_settings`: a committed shard of another fingerprint is not reused."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
 def _what_differs(commit: dict, settings: dict[str, Any]) -> str:
     """The settings a committed shard was built with that differ from this build's, said for the user."""
     before = commit.get("build_settings")
@@ -699,7 +693,6 @@ def build(config: BuildConfig) -> BuildResult:
             out=config.out,
             manifests=config.manifests,
             max_pixels=config.max_pixels,
-            build_fingerprint=build_fingerprint(settings_of_build),
             build_settings=settings_of_build,
             threads=config.threads,
             bf16=config.bf16,

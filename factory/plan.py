@@ -7,6 +7,7 @@ rerun finds the same shards, keys and order, and a committed shard can be recogn
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ def pair_key(dataset: str, source: SourceFile, top: int, left: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source.relative).stem)[:40] or "image"
     identity = f"{Path(source.root).name}/{source.relative}"
     return f"{dataset}-{stem}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}-{top:05d}-{left:05d}"
+
+
+def build_fingerprint(settings: dict[str, Any]) -> str:
+    """The digest of a build's settings (`factory.build.build_settings`): with `plan_sha256` it decides whether a
+    committed shard belongs to this build."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def reject_row(dataset: str, source: SourceFile, error: RejectedImage) -> dict[str, str]:

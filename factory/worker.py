@@ -24,7 +24,7 @@ import numpy as np
 from factory import __version__
 from factory.devices import resolve_device
 from factory.manifests import rows_to_table, write_manifest
-from factory.plan import BICUBIC, PlannedCrop, ShardTask, reject_row
+from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reject_row
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
 from factory.storage import Storage
@@ -123,8 +123,7 @@ class WorkerSettings:
     out: str  # shard root (folder or URI)
     manifests: str  # manifest root (folder or URI)
     max_pixels: int | None  # decompression-bomb limit (None: Pillow's)
-    build_fingerprint: str  # recorded in each commit record, checked on resume
-    build_settings: dict  # what the fingerprint digests (factory.build.build_settings), recorded beside it
+    build_settings: dict  # factory.build.build_settings: recorded with their digest in each commit record
     threads: int | None  # torch intra-op threads and payload encoders (None: torch's default, one encoder)
     crash_marker: (
         str | None
@@ -232,7 +231,7 @@ class ShardWorker:
             "pairs": len(rows),
             "planned": len(task.crops),
             "plan_sha256": task.plan_sha256,
-            "build_fingerprint": settings.build_fingerprint,
+            "build_fingerprint": build_fingerprint(settings.build_settings),
             "build_settings": settings.build_settings,
             "rejects": rejects,
             "factory_version": __version__,
