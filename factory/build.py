@@ -7,7 +7,7 @@ Pipeline per crop y (the paper, Section 3.1 and 4.1): x = bicubic downsample of 
 quantised to 8 bits as the stored bicubic LR would be; x_deg = G(x) with the undertrained reconstructor G (or x itself
 for `--model bicubic`), quantised to 8 bits as stored; then, on the device, the paper's ΔE (CIEDE2000 between
 bicubic(y) as stored, i.e. x, and x_deg), and PSNR / SSIM of x_deg against x (torch ports of skimage's definitions, see
-`factory.worker.image_quality`). Everything is measured on the stored 8-bit pixels, so a manifest row equals what skimage
+`factory.quality.image_quality`). Everything is measured on the stored 8-bit pixels, so a manifest row equals what skimage
 computes on the pair read back from the shard.
 
 Structure: the driver plans shard tasks (a shard = a fixed list of crops; `factory.plan`), skips the shards whose
@@ -35,10 +35,11 @@ from factory.config import FactoryError
 from factory.diversity import labels_card
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
 from factory.plan import BICUBIC, BuildPlan, ShardTask, build_fingerprint, effective_crop, plan_build
+from factory.quality import image_quality
 from factory.shards import row_json
 from factory.sources import SourceFile, list_sources
 from factory.storage import Storage
-from factory.worker import ShardSummary, ShardWorker, WorkerSettings, image_quality
+from factory.worker import ShardSummary, ShardWorker, WorkerSettings
 
 __all__ = ["BuildConfig", "BuildResult", "build", "plan_build", "image_quality", "row_json", "ShardWorker"]
 
@@ -499,6 +500,26 @@ def _estimate_bytes(plan: BuildPlan, config: BuildConfig) -> int:
     return int(plan.crops * per_pair)
 
 
+def checkpoint_card(path: Path, sha256: str | None) -> dict[str, Any]:
+    """The card's `checkpoint` section: which checkpoint made the pairs, how it was trained (samples seen, steps,
+    batch, learning rate, recipe, data fingerprint) and the regime `factory train` measured when it saved it."""
+    from factory.checkpoints import read_checkpoint
+
+    payload = read_checkpoint(path, mmap=True)
+    return {
+        "path": str(path),
+        "sha256": sha256,
+        "model": payload["model_name"],
+        "preset": payload["preset"],
+        "epoch": int(payload["epoch"]),
+        "steps": int(payload["steps"]),
+        "data_fingerprint": payload["data_fingerprint"],
+        "seed": int(payload["seed"]),
+        "training": payload.get("training", {}),
+        "regime": payload.get("regime"),  # None: a checkpoint from before regimes were measured
+    }
+
+
 def _write_card(
     config: BuildConfig,
     plan: BuildPlan,
@@ -519,13 +540,13 @@ def _write_card(
         if manifests.exists(relative):
             columns.append(
                 read_manifest(manifests, relative).select(
-                    ["delta_e", "delta_e_p95", "psnr", "ssim", "label", "classifier_sha256"]
+                    ["delta_e", "delta_e_p95", "psnr", "ssim", "checkerboard", "label", "classifier_sha256"]
                 )
             )
     table = pa.concat_tables(columns) if columns else None
 
     def stats(name: str) -> dict[str, float] | None:
-        if table is None or table.num_rows == 0:
+        if table is None or table.num_rows == 0 or table[name].null_count == table.num_rows:
             return None
         values = table[name]
         quantiles = pc.quantile(values, q=[0.05, 0.5, 0.95]).to_pylist()
@@ -552,14 +573,7 @@ def _write_card(
             "(paper 4.3.2; 0 for the bicubic dataset)",
             "psnr_ssim": "degraded LR vs bicubic LR, torch ports of skimage's definitions (data_range 255)",
         },
-        "checkpoint": None
-        if checkpoint is None
-        else {
-            "path": str(checkpoint),
-            "sha256": checkpoint_sha256,
-            "model": config.model,
-            "epoch": config.epoch,
-        },
+        "checkpoint": None if checkpoint is None else checkpoint_card(checkpoint, checkpoint_sha256),
         "counts": {
             "pairs": result.pairs,
             "shards": len(plan.shards),
@@ -571,6 +585,7 @@ def _write_card(
         "delta_e_p95": stats("delta_e_p95"),
         "psnr": stats("psnr"),
         "ssim": stats("ssim"),
+        "checkerboard": stats("checkerboard"),
         # Class counts and diversity entropy H (Eq. 2) of the labels; None without --classifier (`factory label`
         # fills it in later).
         "labels": None

@@ -13,7 +13,9 @@ dicts: no pickled classes, so loading one cannot run code):
     epoch, steps      completed epochs and optimiser steps
     data_fingerprint  `data_fingerprint(...)` of the training images
     seed              the training seed
-    training          the training settings that define the run (batch size, lr, epoch size, ...), for resume
+    training          the training settings that define the run (batch size, lr, epoch size, image size, the
+                      recipe, held-out count) and samples_seen (epoch x epoch size)
+    regime            the reconstruction figures at this epoch on held-out LR images (factory.regime), or absent
     optimizer         optimiser state_dict (resume), or absent
     rng               torch RNG states (resume), or absent
 
@@ -54,6 +56,8 @@ class LoadedCheckpoint:
     data_fingerprint: str  # of the training data (see data_fingerprint)
     seed: int  # training seed
     path: Path  # where it was loaded from
+    training: dict  # the training settings and samples seen (see the module docstring)
+    regime: dict  # the regime figures measured when it was saved ({} for checkpoints that have none)
 
 
 def checkpoint_path(root: str | os.PathLike, model_name: str, epoch: int) -> Path:
@@ -127,6 +131,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     training: Mapping[str, Any] | None = None,
     rng: Mapping[str, torch.Tensor] | None = None,
+    regime: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: to a temporary file in the same folder, then `os.replace` onto `path`, so a
     reader (or a resumed run) never sees a half-written file. Returns `path`."""
@@ -149,6 +154,8 @@ def save_checkpoint(
         payload["optimizer"] = optimizer.state_dict()
     if rng is not None:
         payload["rng"] = dict(rng)
+    if regime is not None:
+        payload["regime"] = dict(regime)
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         torch.save(payload, file)
         file.flush()
@@ -257,4 +264,6 @@ def load_reconstructor(
         data_fingerprint=payload["data_fingerprint"],
         seed=int(payload["seed"]),
         path=path,
+        training=dict(payload.get("training", {})),
+        regime=dict(payload.get("regime", {})),
     )

@@ -82,8 +82,8 @@ def main(verbose: int) -> None:
     "--epoch-size",
     default=None,
     type=int,
-    help="Samples per epoch, drawn from the images (e.g. 45000 for the paper's epochs on a smaller folder) "
-    "[default: the number of images].",
+    help="Samples per epoch, drawn from the images as consecutive random permutations [default: 45000, the "
+    "paper's Tiny-ImageNet epoch, whatever the folder holds].",
 )
 @click.option(
     "--image-size",
@@ -91,20 +91,47 @@ def main(verbose: int) -> None:
     type=int,
     help="Side of the square training crops [default: the model's native size: 64 vae, 224 mae, 256 others].",
 )
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Images per optimiser step.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=int,
+    help="Images per optimiser step [default: the model's reference batch: vqvae 128, vqvae2 128, mae 64, vae 64, "
+    "ddim 64].",
+)
 @click.option(
     "--lr",
     default=None,
     type=float,
-    help="Learning rate [default: the model's reference rate: vqvae 2e-4, vqvae2 3e-4, mae 1.5e-4, vae 5e-3, "
+    help="Learning rate [default: the model's reference rate: vqvae 2e-4, vqvae2 3e-4, mae 3.75e-5, vae 5e-3, "
     "ddim 2e-5].",
+)
+@click.option(
+    "--regime-size",
+    default=256,
+    show_default=True,
+    type=int,
+    help="LR side at which each saved epoch's regime (PSNR, SSIM, ΔE, checkerboard index) is measured: the "
+    "build's (1024 crops / 4).",
+)
+@click.option(
+    "--heldout",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Images held out of training to measure the regime on (at most one in ten; none below 10 images).",
+)
+@click.option(
+    "--regime-data",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Measure the regime on these images (folder or file; repeatable) instead of a held-out split.",
 )
 @click.option(
     "--preset",
     default="paper",
     show_default=True,
-    type=click.Choice(["paper", "tiny"]),
-    help="Model size: paper (the reference implementations' sizes) or tiny (seconds on a CPU, for tests).",
+    help="Model preset: paper (the reference implementations' sizes), tiny (seconds on a CPU, for tests); vqvae and "
+    "vqvae2 also have embedded (paper sizes with dead-code restarts, the build's embedded default).",
 )
 @click.option(
     "--checkpoints",
@@ -150,6 +177,9 @@ def train_command(
     image_size,
     batch_size,
     lr,
+    regime_size,
+    heldout,
+    regime_data,
     preset,
     checkpoints,
     seed,
@@ -174,6 +204,9 @@ def train_command(
         image_size=image_size,
         batch_size=batch_size,
         lr=lr,
+        regime_size=regime_size,
+        heldout=heldout,
+        regime_data=tuple(regime_data),
         preset=preset,
         checkpoints=checkpoints,
         seed=seed,
@@ -585,11 +618,40 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
     "--n", "count", default=16, show_default=True, type=click.IntRange(min=1, max=1024), help="Pairs to show."
 )
 @click.option("--out", required=True, help="Contact sheet to write (PNG).")
+@click.option(
+    "--checkpoints",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Draw the paper's Figure 3 instead: one column per saved epoch of <checkpoints>/<model>/ (with --model), "
+    "then the input; no build needed.",
+)
+@click.option("--model", default=None, help="With --checkpoints: the reconstructor whose epochs to draw.")
+@click.option(
+    "--images",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="With --checkpoints: input images (folder or file; repeatable) [default: scikit-image's colour photos]. "
+    "Each is cut and downsampled as the build makes an LR image (see --size); --n of them are drawn.",
+)
+@click.option(
+    "--size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="With --checkpoints: LR side drawn.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="With --checkpoints: torch device (auto, cpu, cuda)."
+)
 @user_errors
-def preview_command(shards_root, manifests_root, where, count, out) -> None:
-    """A contact sheet: HR, bicubic LR and degraded LR per pair, with key, colour difference and label."""
+def preview_command(shards_root, manifests_root, where, count, out, checkpoints, model, images, size, device):
+    """A contact sheet: HR, bicubic LR and degraded LR per pair, with key, colour difference and label; or, with
+    --checkpoints and --model, the paper's Figure 3 (reconstructions per saved epoch)."""
     from pathlib import Path
 
+    if checkpoints is not None:
+        _epoch_preview(checkpoints, model, images, size, count, Path(out), device)
+        return
     from factory.preview import PreviewConfig, make_preview
 
     summary = make_preview(
@@ -598,6 +660,35 @@ def preview_command(shards_root, manifests_root, where, count, out) -> None:
         )
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs")
+
+
+def _epoch_preview(checkpoints, model, images, size, count, out, device) -> None:
+    """`factory preview --checkpoints`: the Figure-3 sheet of every saved epoch of `model`."""
+    from pathlib import Path
+
+    from factory.devices import resolve_device
+    from factory.preview import epoch_sheet
+    from factory.regime import reconstructions_by_epoch, regime_images
+    from factory.sources import find_images, list_sources
+
+    if model is None:
+        raise FactoryError("--checkpoints needs --model (the reconstructor whose epochs to draw)")
+    files = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
+    files = files or [Path(source.path) for source in list_sources()]
+    inputs = regime_images(files[:count], size)
+    if len(inputs) == 0:
+        raise FactoryError(f"no readable image among {len(files[:count])} input files")
+    device_name = str(resolve_device(device))
+    columns = [
+        (
+            f"epoch {epoch}\n" + (f"{r['psnr']:.1f} dB, {r['ssim']:.2f}" if r.get("images") else ""),
+            recon,
+        )
+        for epoch, r, recon in reconstructions_by_epoch(checkpoints, model, inputs, device_name)
+    ]
+    zoom = max(1, 128 // size)
+    epoch_sheet([*columns, ("input", inputs)], out, zoom=zoom)
+    click.echo(f"{out}: {len(inputs)} images x {len(columns)} epochs of {model}")
 
 
 @main.command("export")

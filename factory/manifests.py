@@ -36,7 +36,7 @@ LABEL_PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CORRUPTIONS)
 
 # One row per (degraded LR, HR) pair. Every pair is traceable: what it came from (source*, crop_*), what made it
 # (model, epoch, preset, checkpoint_sha256, seed, factory_version), where it lives (shard, payload sizes and sha256s)
-# and what it is like (delta_e*, psnr, ssim, label*).
+# and what it is like (delta_e*, psnr, ssim, checkerboard, label*).
 PAIR_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),  # stable, unique: the WebDataset __key__ (no '.')
@@ -61,6 +61,8 @@ PAIR_SCHEMA = pa.schema(
             "psnr", pa.float64(), nullable=False
         ),  # degraded LR against bicubic LR, dB (inf -> 100 for bicubic)
         pa.field("ssim", pa.float64(), nullable=False),  # degraded LR against bicubic LR
+        # factory.quality.checkerboard_index of degraded vs bicubic LR (~1: no periodic pattern; null: older builds)
+        pa.field("checkerboard", pa.float64()),
         pa.field("color_corrected", pa.bool_(), nullable=False),  # --color-correct applied to the degraded LR
         pa.field("shard", pa.string(), nullable=False),  # shard path relative to the shard root
         pa.field("codec", pa.string(), nullable=False),  # "png" or "zst"

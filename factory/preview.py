@@ -6,6 +6,11 @@ One row per pair (the first `n` matching, in manifest order): the HR crop (downs
 is larger), the bicubic LR (`factory.color.downsample` of the HR, quantised to 8 bits as the build does) and the
 degraded LR from the shard, both LR images enlarged with nearest-neighbour so their pixels stay visible. Under each
 row: key, ΔE, label (with its probability) and dataset.
+
+    factory preview --checkpoints checkpoints/ --model vqvae2 --out figure3.png
+
+draws the paper's Figure 3 instead (`epoch_sheet`): one row per image, one column per saved epoch of the model's
+checkpoints (titled with the regime `factory train` stored), then the input. It needs no build.
 """
 
 from __future__ import annotations
@@ -115,16 +120,60 @@ def _caption(row: dict) -> str:
     return f"{row['key']}   ΔE {row['delta_e']:.2f}   {label_text}   {row['dataset']}"
 
 
-def make_preview(config: PreviewConfig) -> PreviewSummary:
-    """Write the contact sheet of the first `config.count` pairs matching `config.where`."""
-    if config.count < 1:
-        raise FactoryError("--n must be at least 1")
-    out = Path(config.out)
+def _check_out(out: Path) -> str:
+    """The image format `out`'s extension names; a folder or an unknown extension is a one-line error."""
     if out.is_dir():
         raise FactoryError(f"--out {out} is a folder; give the sheet's file name, e.g. {out / 'preview.png'}")
     image_format = Image.registered_extensions().get(out.suffix.lower())
     if image_format is None:
         raise FactoryError(f"--out {out}: name the sheet with an image extension (.png, .jpg, .webp)")
+    return image_format
+
+
+def _save_sheet(sheet: Image.Image, out: Path, image_format: str) -> None:
+    buffer = io.BytesIO()
+    # PNG keeps the pixels being judged; another extension is the user's choice of a smaller, lossy sheet.
+    sheet.save(buffer, format=image_format, **({"compress_level": 6} if image_format == "PNG" else {}))
+    Storage(out.parent).write_bytes_atomic(out.name, buffer.getvalue())
+
+
+def epoch_sheet(columns: list[tuple[str, torch.Tensor]], out: Path, zoom: int = 1) -> Path:
+    """The paper's Figure 3 layout: one row per image, one column per (title, images (N, 3, h, w) uint8), all
+    columns holding the same N images (e.g. each saved epoch's reconstructions, then the input), enlarged by the
+    integer `zoom` (nearest neighbour, so pixels stay visible)."""
+    out = Path(out)
+    image_format = _check_out(out)
+    count, height, width = (
+        columns[0][1].shape[0],
+        columns[0][1].shape[-2] * zoom,
+        columns[0][1].shape[-1] * zoom,
+    )
+    font = _font(FONT_SIZE)
+    title_height = 2 * TEXT_HEIGHT + MARGIN
+    sheet = Image.new(
+        "RGB",
+        (MARGIN + len(columns) * (width + MARGIN), title_height + count * (height + MARGIN) + MARGIN),
+        BACKGROUND,
+    )
+    draw = ImageDraw.Draw(sheet)
+    for column, (title, images) in enumerate(columns):
+        left = MARGIN + column * (width + MARGIN)
+        for line, text in enumerate(title.split("\n")[:2]):
+            draw.text((left, MARGIN // 2 + line * TEXT_HEIGHT), text, fill=(0, 0, 0), font=font)
+        for row in range(count):
+            array = images[row].permute(1, 2, 0).numpy()
+            array = np.repeat(np.repeat(array, zoom, axis=0), zoom, axis=1)
+            sheet.paste(Image.fromarray(array), (left, title_height + row * (height + MARGIN)))
+    _save_sheet(sheet, out, image_format)
+    return out
+
+
+def make_preview(config: PreviewConfig) -> PreviewSummary:
+    """Write the contact sheet of the first `config.count` pairs matching `config.where`."""
+    if config.count < 1:
+        raise FactoryError("--n must be at least 1")
+    out = Path(config.out)
+    image_format = _check_out(out)
     rows = select(config.manifests_root, config.where, limit=config.count).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
@@ -162,8 +211,5 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
         draw.text((MARGIN, top + image_height + 3), _caption(row), fill=(0, 0, 0), font=font)
         top += image_height + TEXT_HEIGHT + MARGIN
 
-    buffer = io.BytesIO()
-    # PNG keeps the pixels being judged; another extension is the user's choice of a smaller, lossy sheet.
-    sheet.save(buffer, format=image_format, **({"compress_level": 6} if image_format == "PNG" else {}))
-    Storage(out.parent).write_bytes_atomic(out.name, buffer.getvalue())
+    _save_sheet(sheet, out, image_format)
     return PreviewSummary(out=out, pairs=len(rows), cells=cells)

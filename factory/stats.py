@@ -9,6 +9,11 @@ degradation labels, the degradation entropy H (paper Eq. 2) and the rejected inp
     delta_e_vs_epoch.png     mean ΔE against training epoch, one line per model (paper Figure 9)
     entropy_vs_epoch.png     entropy H against training epoch, one line per model (paper Figure 8)
     label_distribution.png   share of each degradation class, per dataset
+    regime_vs_epoch.png      the checkpoints' regime (PSNR, SSIM, ΔE, checkerboard index on held-out LR images, as
+                             `factory train` measured it and the card records it) against epoch, one line per model
+
+Per dataset it also gives the medians of the pairs' PSNR, SSIM and checkerboard index (degraded LR against bicubic
+LR) and the regime of the checkpoint that made them (from `_card.json`).
 
 The per-epoch figures pool the pairs of every dataset with the same (model, epoch, colour correction) and leave out
 datasets made by `factory filter` (their card names parent datasets): a filtered subset is not another epoch.
@@ -38,12 +43,29 @@ from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-STATS_COLUMNS = ("dataset", "model", "epoch", "color_corrected", "delta_e", "label")
+STATS_COLUMNS = (
+    "dataset",
+    "model",
+    "epoch",
+    "color_corrected",
+    "delta_e",
+    "psnr",
+    "ssim",
+    "checkerboard",
+    "label",
+)
+REGIME_PANELS = (  # (regime key, axis label) of regime_vs_epoch.png
+    ("psnr", "PSNR (dB)"),
+    ("ssim", "SSIM"),
+    ("delta_e", "mean ΔE (CIEDE2000)"),
+    ("checkerboard", "checkerboard index"),
+)
 FIGURE_NAMES = {
     "delta_e_histogram": "delta_e_histogram.png",
     "delta_e_vs_epoch": "delta_e_vs_epoch.png",
     "entropy_vs_epoch": "entropy_vs_epoch.png",
     "label_distribution": "label_distribution.png",
+    "regime_vs_epoch": "regime_vs_epoch.png",
 }
 FIGURE_DPI = 120
 
@@ -68,6 +90,10 @@ class DatasetStats:
     unlabelled: int  # pairs without a label yet
     entropy: float | None  # H over the labelled pairs (paper Eq. 2); None without labels or classifier
     rejects: int  # inputs recorded in _rejects.parquet
+    psnr_median: float | None = None  # medians over the pairs, degraded LR against bicubic LR
+    ssim_median: float | None = None
+    checkerboard_median: float | None = None  # None: pairs from before the index was recorded
+    regime: dict | None = None  # the card's checkpoint regime (factory.regime figures), None when absent
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,9 @@ class StatsReport:
             "dE mean",
             "dE median",
             "dE p95",
+            "PSNR",
+            "SSIM",
+            "ckb",
             "H",
             "rejects",
             "top labels",
@@ -119,6 +148,9 @@ class StatsReport:
                     _number(item.delta_e_mean),
                     _number(item.delta_e_median),
                     _number(item.delta_e_p95),
+                    _number(item.psnr_median),
+                    _number(item.ssim_median),
+                    _number(item.checkerboard_median),
                     _number(item.entropy),
                     str(item.rejects),
                     top_text,
@@ -129,6 +161,13 @@ class StatsReport:
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
             for line in lines
         )
+        text += (
+            "\n(PSNR, SSIM, ckb: medians over the pairs, degraded LR vs bicubic LR; ckb: checkerboard index)"
+        )
+        for item in self.datasets:
+            if item.regime and item.regime.get("images"):
+                figures = ", ".join(f"{label} {item.regime[key]:.3f}" for key, label in REGIME_PANELS)
+                text += f"\n{item.dataset}: checkpoint regime at epoch {item.epoch}: {figures}"
         for path in self.figures:
             text += f"\nwrote {path}"
         return text + "\n"
@@ -160,6 +199,23 @@ def _is_derived(folder: Path) -> bool:
     except (OSError, ValueError):
         logger.warning("unreadable dataset card %s", card)
         return False
+
+
+def _card_regime(folder: Path) -> dict | None:
+    """The regime of the checkpoint that made a dataset, as its card records it (None: no card or no regime)."""
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return None
+    try:
+        checkpoint = json.loads(card.read_text()).get("checkpoint") or {}
+    except (OSError, ValueError):
+        return None
+    return checkpoint.get("regime")
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return float(np.median(present)) if present else None
 
 
 def _rejects(folder: Path) -> int:
@@ -227,6 +283,10 @@ def compute_stats(manifests_root: str | os.PathLike) -> StatsReport:
                 unlabelled=unlabelled,
                 entropy=entropy_of(counts),
                 rejects=_rejects(root / name),
+                psnr_median=_median([rows["psnr"][index] for index in indices]),
+                ssim_median=_median([rows["ssim"][index] for index in indices]),
+                checkerboard_median=_median([rows["checkerboard"][index] for index in indices]),
+                regime=_card_regime(root / name),
             )
         )
 
@@ -314,6 +374,26 @@ def epoch_figure(
     return figure
 
 
+def regime_figure(regimes: Mapping[str, Sequence[tuple[int, dict]]]) -> Figure:
+    """Four panels (PSNR, SSIM, ΔE, checkerboard index): each model's checkpoint regime against its epoch."""
+    figure = Figure(figsize=(10.0, 6.5), layout="constrained")
+    axes = figure.subplots(2, 2)
+    epochs = sorted({epoch for points in regimes.values() for epoch, _ in points})
+    for panel, (key, label) in zip(axes.flat, REGIME_PANELS, strict=True):
+        for name, points in regimes.items():
+            ordered = sorted(points, key=lambda point: point[0])
+            panel.plot([e for e, _ in ordered], [r[key] for _, r in ordered], marker="o", label=name)
+        if epochs and min(epochs) > 0:
+            panel.set_xscale("log", base=2)
+        panel.set_xticks(epochs, [str(epoch) for epoch in epochs])
+        panel.set_xlabel("training epoch of the reconstructor")
+        panel.set_ylabel(label)
+        panel.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle("Regime of the checkpoints: reconstruction of held-out LR images (cf. paper Fig. 3)")
+    return figure
+
+
 def label_distribution_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure:
     """Heat map: rows are datasets, columns the degradation classes, cells the share of the dataset's labelled pairs."""
     names = list(counts)
@@ -386,6 +466,13 @@ def write_figures(report: StatsReport, manifests_root: Path, folder: Path) -> li
             written.append(_save(figure, folder / FIGURE_NAMES["entropy_vs_epoch"]))
         else:
             logger.warning("no entropy figure: no labelled pairs (or no classifier entropy) yet")
+    regimes: dict[str, dict[int, dict]] = {}
+    for item in report.datasets:
+        if item.regime and item.regime.get("images") and item.epoch is not None and not item.derived:
+            regimes.setdefault(item.model or item.dataset, {})[item.epoch] = item.regime
+    if regimes:
+        curves = {name: sorted(points.items()) for name, points in regimes.items()}
+        written.append(_save(regime_figure(curves), folder / FIGURE_NAMES["regime_vs_epoch"]))
     labelled = {item.dataset: item.labels for item in report.datasets if sum(item.labels.values())}
     if labelled:
         written.append(

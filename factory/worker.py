@@ -3,7 +3,8 @@ debugger can run it in-process with `--actors 0`).
 
 Per crop y (the paper, Sections 3.1 and 4.1): x = the colour module's bicubic of y by `scale`, stored as 8 bits;
 x_deg = G(x) (x itself for `bicubic`), stored as 8 bits; then, on the device, ΔE (CIEDE2000 of x = bicubic(y) vs x_deg)
-and PSNR / SSIM of x_deg against x, all on the stored 8-bit pixels so that a row equals skimage on the pair read back.
+PSNR / SSIM and the checkerboard index of x_deg against x (`factory.quality`), all on the stored 8-bit pixels so that
+a row equals skimage on the pair read back.
 """
 
 from __future__ import annotations
@@ -25,79 +26,10 @@ from factory import __version__
 from factory.devices import resolve_device
 from factory.manifests import rows_to_table, write_manifest
 from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reject_row
+from factory.quality import checkerboard_index, image_quality
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
 from factory.storage import Storage
-
-# --------------------------------------------------------------------------------------------------------------------
-# Quality metrics on the device
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def image_quality(degraded, reference):
-    """PSNR and SSIM of `degraded` against `reference`, both (N, 3, h, w) uint8 tensors, computed in float64 on
-    their device (float32 on MPS, which has no float64) -> (psnr (N,), ssim (N,)).
-
-    The definitions of skimage's `peak_signal_noise_ratio(reference, degraded, data_range=255)` (an infinite PSNR,
-    identical images, is stored as 100 dB) and `structural_similarity(..., channel_axis=2, data_range=255)` with its
-    defaults: 7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance, mean over the windows that fit inside the
-    image (skimage filters the whole image and crops 3 pixels off each border, which leaves exactly these windows),
-    then over the channels."""
-    import torch
-    import torch.nn.functional as F
-
-    dtype = torch.float32 if degraded.device.type == "mps" else torch.float64  # MPS has no float64
-    a = degraded.to(dtype)
-    b = reference.to(dtype)
-    mse = (a - b).pow(2).flatten(1).mean(dim=1)
-    psnr = torch.where(
-        mse > 0, 10.0 * torch.log10(255.0**2 / mse.clamp_min(1e-12)), torch.full_like(mse, 100.0)
-    )
-    window = 7
-    if min(a.shape[-2:]) < window:
-        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {tuple(a.shape[-2:])}")
-    count = window * window
-    covariance_norm = count / (count - 1)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def pooled_mean(t):
-        return F.avg_pool2d(t, window, stride=1)
-
-    mean_filter, sa, sb = pooled_mean, a, b  # the filter, and the tensors the window sums are taken over
-    if dtype == torch.float64:
-        # 8-bit pixels: every window sum of pixels or of their products is an integer below 2^22, and so is every
-        # partial sum of a 7-wide row or column: exact in float32, in any order. So the window sums are taken in
-        # float32 by seven shifted slices per axis and only then divided by the count in float64, which gives
-        # avg_pool2d's float64 means bit for bit, in avg_pool2d's memory layout (which decides the order of the
-        # SSIM mean below). Measured: PSNR + SSIM of 8 pairs of 256 in 89 ms, against 226 ms with float64 cumulative
-        # sums and more with avg_pool2d. tests/test_build.py checks the equality.
-        def window_sum(t):
-            for dim in (-1, -2):
-                size = t.shape[dim] - window + 1
-                total = t.narrow(dim, 0, size).clone()
-                for offset in range(1, window):
-                    total += t.narrow(dim, offset, size)
-                t = total
-            return t
-
-        def summed_mean(t):
-            channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-            layout = torch.channels_last if channels_last else torch.contiguous_format
-            return (window_sum(t).double() / count).contiguous(memory_format=layout)
-
-        mean_filter = summed_mean
-        sa, sb = degraded.float(), reference.float()  # 8-bit values and their products (<= 65,025): exact
-
-    mean_a, mean_b = mean_filter(sa), mean_filter(sb)
-    var_a = covariance_norm * (mean_filter(sa * sa) - mean_a * mean_a)
-    var_b = covariance_norm * (mean_filter(sb * sb) - mean_b * mean_b)
-    cov = covariance_norm * (mean_filter(sa * sb) - mean_a * mean_b)
-    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / (
-        (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
-    )
-    ssim = ssim_map.flatten(2).mean(dim=2).mean(dim=1)
-    return psnr, ssim
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # The worker
@@ -371,6 +303,7 @@ class ShardWorker:
             # Given x8 (already at the LR size), delta_e_uint8 skips its own bicubic of y: the same x8, computed once.
             difference = delta_e_uint8(x8, degraded8)
             psnr, ssim = image_quality(degraded8, x8)
+            checkerboard = checkerboard_index(degraded8, x8).cpu().tolist()
             labels = None
             if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
                 labels = self.labeler.manifest_columns(*self.labeler.predict(degraded8.float() / 255.0))
@@ -406,6 +339,7 @@ class ShardWorker:
                 "delta_e_p95": p95s[index],
                 "psnr": psnrs[index],
                 "ssim": ssims[index],
+                "checkerboard": checkerboard[index],
                 "color_corrected": corrected,
                 "shard": shard_path,
                 "codec": settings.codec,

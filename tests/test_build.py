@@ -423,22 +423,31 @@ def test_classifier_fills_the_label_columns(tmp_path: Path, hr_folder: Path):
 
 
 def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_path: Path, monkeypatch):
-    """Without --hr and --train-data, a missing VQ-VAE-2 checkpoint is trained on LR-sized crops (256 / 4 = 64), 40
-    steps an epoch at 1e-3 (factory.train's EMBEDDED_DEFAULT_* constants); with --hr, on train's defaults."""
+    """Without --hr and --train-data, a missing VQ-VAE-2 checkpoint is trained with the embedded default's recipe
+    (factory.train's EMBEDDED_DEFAULT_* constants): LR-sized crops (256 / 4 = 64), its steps an epoch, the `embedded`
+    preset, the regime measured at the LR size; with --hr, with train's defaults (the paper's epoch and recipe)."""
     import factory.train
     from factory.build import ensure_checkpoint
     from factory.sources import list_sources
+    from factory.train import (
+        EMBEDDED_DEFAULT_PRESET,
+        EMBEDDED_DEFAULT_RECIPE,
+        EMBEDDED_DEFAULT_STEPS_PER_EPOCH,
+    )
 
     seen = []
     monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
     embedded = BuildConfig(checkpoints=str(tmp_path / "checkpoints"))
     with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
         ensure_checkpoint(embedded, list_sources())
-    assert (seen[0].image_size, seen[0].epoch_size, seen[0].lr, seen[0].epochs) == (64, 640, 1e-3, 8)
+    steps = EMBEDDED_DEFAULT_STEPS_PER_EPOCH * EMBEDDED_DEFAULT_RECIPE.batch_size
+    assert (seen[0].image_size, seen[0].epoch_size, seen[0].epochs, seen[0].regime_size) == (64, steps, 8, 64)
+    assert (seen[0].recipe, seen[0].preset) == (EMBEDDED_DEFAULT_RECIPE, EMBEDDED_DEFAULT_PRESET)
     with pytest.raises(FactoryError, match="not written"):
         with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
         ensure_checkpoint(with_hr, list_sources())
-    assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr) == (None, None, None)
+    assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr, seen[1].recipe) == (None, None, None, None)
+    assert seen[1].preset == "paper" and seen[1].regime_size == 256
     # --no-progress (config_for's) silences training's bar too.
     assert seen[0].progress and not seen[1].progress
     with pytest.raises(FactoryError, match="not written"):  # --crop 200: LR 50, trained on whole 48x48 crops

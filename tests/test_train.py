@@ -16,8 +16,17 @@ from PIL import Image
 from factory.checkpoints import checkpoint_path, load_reconstructor, read_checkpoint
 from factory.cli import main
 from factory.config import FactoryError
-from factory.models import MODEL_NAMES
-from factory.train import TrainConfig, epoch_order, list_training_images, train
+from factory.models import MODEL_NAMES, PAPER_EPOCH_SIZE, get_spec
+from factory.regime import measure_regime, regime_images
+from factory.train import (
+    TrainConfig,
+    epoch_order,
+    list_training_images,
+    plan_run,
+    prepare_sample,
+    split_heldout,
+    train,
+)
 
 
 def model_available(name: str) -> bool:
@@ -39,6 +48,7 @@ def tiny_run(name: str, data: Path, checkpoints: Path, **changes) -> TrainConfig
         checkpoints=str(checkpoints),
         workers=0,
         progress=False,
+        regime_size=64,  # the regime of each saved epoch on 64x64 LR images: fast for every tiny model
     )
     settings.update(changes)
     return TrainConfig(**settings)
@@ -288,3 +298,109 @@ def test_decoded_images_cache_is_bounded_by_bytes_and_least_recently_used(tmp_pa
     cache.load(paths[2])  # 3 x 3,072 bytes > 7 KiB: the least recent (1) goes
     assert list(cache.images) == [str(paths[0]), str(paths[2])] and cache.bytes == 2 * 32 * 32 * 3
     assert int(cache.load(paths[1])[0, 0, 0]) == 1
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_defaults_are_the_papers_epoch_and_the_reference_recipe(name, photo_folder):
+    """With no overrides an epoch is the paper's 45,000 Tiny-ImageNet samples (Section 3.2), whatever the folder
+    holds, and batch, learning rate and optimiser are the model's reference recipe (its module's RECIPE)."""
+    plan = plan_run(TrainConfig(model=name, data=(str(photo_folder),)))
+    recipe = get_spec(name).recipe
+    assert plan.epoch_size == PAPER_EPOCH_SIZE == 45_000
+    assert (plan.batch_size, plan.lr) == (recipe.batch_size, recipe.lr)
+    assert plan.image_size == get_spec(name).native_size
+    expected = {
+        "vqvae": (128, 2e-4),
+        "vqvae2": (128, 3e-4),
+        "mae": (64, 3.75e-5),
+        "vae": (64, 5e-3),
+        "ddim": (64, 2e-5),
+    }
+    assert (recipe.batch_size, recipe.lr) == expected[name]
+    overridden = plan_run(
+        TrainConfig(model=name, data=(str(photo_folder),), epoch_size=100, batch_size=8, lr=1e-3)
+    )
+    assert (overridden.epoch_size, overridden.batch_size, overridden.lr) == (100, 8, 1e-3)
+
+
+def test_the_input_pipeline_upscales_tiny_imagenet_images_as_the_reference(photos):
+    """rosinality's Resize(256) + CenterCrop(256) on a 64x64 image is a 4x bilinear upscale (torchvision's default,
+    antialiased): VQ-VAE-2's recipe gives exactly torch's bilinear interpolation of the image."""
+    image = np.ascontiguousarray(photos["astronaut"][::8, ::8][:64, :64])
+    recipe = get_spec("vqvae2").recipe
+    sample = prepare_sample(image, 256, recipe, np.random.default_rng(0))
+    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255
+    expected = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", antialias=True)[0].clamp(
+        0, 1
+    )
+    assert sample.shape == (3, 256, 256) and torch.equal(sample, expected)
+    # MAE's RandomResizedCrop: a 224 square, a crop drawn per sample.
+    mae = get_spec("mae").recipe
+    first = prepare_sample(photos["coffee"], 224, mae, np.random.default_rng(1))
+    second = prepare_sample(photos["coffee"], 224, mae, np.random.default_rng(2))
+    assert first.shape == second.shape == (3, 224, 224) and not torch.equal(first, second)
+
+
+def test_heldout_split_is_left_out_of_training(tmp_path):
+    files = [tmp_path / f"{index:03d}.png" for index in range(100)]
+    training, heldout = split_heldout(files, 64)
+    assert len(heldout) == 10 and not set(heldout) & set(training) and len(training) == 90
+    assert split_heldout(files[:9], 64) == (files[:9], [])
+
+
+def test_checkpoint_regime_equals_a_recomputation_from_its_weights(photo_folder, tmp_path):
+    """The regime stored with a checkpoint is what factory.regime measures with the checkpoint's own weights on the
+    same images; the summary prints it and every checkpoint records its training (samples seen, batch, lr)."""
+    config = tiny_run("vqvae2", photo_folder, tmp_path / "checkpoints")
+    result = train(config)
+    plan = plan_run(config)
+    images = regime_images(plan.heldout, config.regime_size, config.regime_scale)
+    for epoch in (1, 2):
+        loaded = load_reconstructor(checkpoint_path(tmp_path / "checkpoints", "vqvae2", epoch))
+        stored = loaded.regime
+        assert stored["split"] == "training" and stored["size"] == 64 and stored["images"] == len(images) > 0
+        recomputed = measure_regime(loaded.model, images, seed=config.seed)
+        for key in ("psnr", "ssim", "delta_e", "checkerboard", "delta_b"):
+            assert stored[key] == pytest.approx(recomputed[key], abs=1e-4), key
+        assert loaded.training["samples_seen"] == epoch * 8
+        assert (loaded.training["batch_size"], loaded.training["lr"]) == (4, 1e-3)
+        assert result.regimes[epoch]["psnr"] == stored["psnr"]
+    assert any(line.startswith("epoch 2 regime: PSNR") for line in result.summary_lines())
+
+
+def test_figure_3_preview_has_one_column_per_saved_epoch(photo_folder, tmp_path):
+    from PIL import Image as PILImage
+
+    from factory.preview import MARGIN
+
+    train(
+        tiny_run("vqvae", photo_folder, tmp_path / "checkpoints", epochs=3, save_at=(1, 2, 3), epoch_size=4)
+    )
+    out = tmp_path / "figure3.png"
+    result = run_cli(
+        "preview",
+        "--checkpoints",
+        str(tmp_path / "checkpoints"),
+        "--model",
+        "vqvae",
+        "--images",
+        str(photo_folder),
+        "--n",
+        "2",
+        "--size",
+        "32",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 images x 3 epochs of vqvae" in result.output
+    sheet = PILImage.open(out)
+    zoom = 128 // 32
+    columns = 3 + 1  # one per saved epoch, then the input
+    assert sheet.width == MARGIN + columns * (32 * zoom + MARGIN)
+    missing = run_cli(
+        "preview", "--checkpoints", str(tmp_path / "none"), "--model", "vqvae", "--out", str(out)
+    )
+    assert missing.exit_code != 0 and "no checkpoints under" in missing.output

@@ -24,6 +24,37 @@ from torch import nn
 
 from factory.config import ConfigError, config_from_dict
 
+# The paper's epoch: "Tiny-ImageNet, which contained 45,000 images" (Section 3.2). `factory train` counts an epoch as
+# this many samples whatever the folder holds, so "epoch 8" is the same amount of optimisation on any data.
+PAPER_EPOCH_SIZE = 45_000
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A model's reference training recipe, as its reference implementation runs it (each model module's RECIPE
+    says where every value comes from). `factory train` uses it unless told otherwise."""
+
+    batch_size: int  # images per optimiser step
+    lr: float  # learning rate (constant: schedules are left out, the point is a model stopped early)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's (beta_1, beta_2)
+    weight_decay: float = (
+        0.0  # decoupled (AdamW); 0 makes AdamW exactly Adam. Not applied to biases and norms
+    )
+    # The input pipeline. "resize": the shorter side is resized to the native size with `interpolation` (so
+    # Tiny-ImageNet's 64x64 images are upscaled 4x to 256), then cut to a square by `crop` ("center", or "random");
+    # "random_resized": torchvision's RandomResizedCrop(native size, scale=`crop_scale`, ratio 3/4..4/3);
+    # "crop": a random square at the image's own scale (upscaled first only when smaller), which keeps a photo's
+    # pixel statistics (the build's embedded default).
+    pipeline: str = "resize"  # "resize", "random_resized" or "crop"
+    crop: str = "center"  # "center" or "random" (pipeline "resize" only)
+    interpolation: str = "bilinear"  # "bilinear" or "bicubic": torchvision's Resize default is bilinear
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area fraction range
+    flip: bool = False  # random horizontal flip with probability 1/2
+    downscale: int = (
+        1  # bicubic-downsample each image by this first (the build's scale: crops with LR statistics)
+    )
+    grad_clip: float | None = None  # clip the gradients' global norm to this (None: no clipping)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -32,36 +63,41 @@ class ModelSpec:
     model_class: type[nn.Module]  # constructed as model_class(config)
     presets: Mapping[str, Any]  # preset name -> Config instance ("paper", "tiny")
     native_size: int  # training / native input size from the paper (Section 3.2)
+    recipe: TrainingRecipe  # the reference training recipe (the model module's RECIPE)
 
 
 def _vqvae() -> ModelSpec:
     from factory.models import vqvae
 
-    return ModelSpec("vqvae", vqvae.VQVAEConfig, vqvae.VQVAE, vqvae.PRESETS, native_size=256)
+    return ModelSpec(
+        "vqvae", vqvae.VQVAEConfig, vqvae.VQVAE, vqvae.PRESETS, native_size=256, recipe=vqvae.RECIPE
+    )
 
 
 def _vqvae2() -> ModelSpec:
     from factory.models import vqvae2
 
-    return ModelSpec("vqvae2", vqvae2.VQVAE2Config, vqvae2.VQVAE2, vqvae2.PRESETS, native_size=256)
+    return ModelSpec(
+        "vqvae2", vqvae2.VQVAE2Config, vqvae2.VQVAE2, vqvae2.PRESETS, native_size=256, recipe=vqvae2.RECIPE
+    )
 
 
 def _mae() -> ModelSpec:
     from factory.models import mae
 
-    return ModelSpec("mae", mae.MAEConfig, mae.MAE, mae.PRESETS, native_size=224)
+    return ModelSpec("mae", mae.MAEConfig, mae.MAE, mae.PRESETS, native_size=224, recipe=mae.RECIPE)
 
 
 def _vae() -> ModelSpec:
     from factory.models import vae
 
-    return ModelSpec("vae", vae.VAEConfig, vae.VAE, vae.PRESETS, native_size=64)
+    return ModelSpec("vae", vae.VAEConfig, vae.VAE, vae.PRESETS, native_size=64, recipe=vae.RECIPE)
 
 
 def _ddim() -> ModelSpec:
     from factory.models import ddim
 
-    return ModelSpec("ddim", ddim.DDIMConfig, ddim.DDIM, ddim.PRESETS, native_size=256)
+    return ModelSpec("ddim", ddim.DDIMConfig, ddim.DDIM, ddim.PRESETS, native_size=256, recipe=ddim.RECIPE)
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.models import TrainingRecipe
+
 
 @dataclass(frozen=True)
 class DDIMConfig:
@@ -88,6 +90,20 @@ PRESETS = {
         sampling_steps=10,
     ),
 }
+
+# The reference training recipe: DDPM (Ho et al. 2020, Appendix B) for its 256x256 models, which DDIM reuses
+# (ermongroup/ddim trains with the same settings): Adam at 2e-5, batch 64, random horizontal flips, images resized
+# to 256 (Tiny-ImageNet's 64x64 upscaled 4x), gradients clipped to norm 1. Left out: the 5,000-step warm-up and the
+# EMA of the weights (decay 0.9999), whose averaged copy would lag the undertrained model the paper samples from.
+RECIPE = TrainingRecipe(
+    batch_size=64,
+    lr=2e-5,
+    pipeline="resize",
+    crop="center",
+    interpolation="bilinear",
+    flip=True,
+    grad_clip=1.0,
+)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from factory.config import ConfigError
+from factory.models import TrainingRecipe
 from factory.models.vqvae import reflect_pad_to_multiple
 
 # MAE normalises its inputs (and pixel targets) with the ImageNet statistics (torchvision's Normalize).
@@ -99,6 +100,22 @@ PRESETS = {
         decoder_heads=4,
     ),
 }
+
+# The reference training recipe: facebookresearch/mae main_pretrain.py with the README's pre-training settings, on one
+# GPU: batch 64 per GPU, AdamW betas (0.9, 0.95), weight decay 0.05 (not on biases and norms, timm's
+# add_weight_decay), lr = blr * batch / 256 with blr 1.5e-4 (so 3.75e-5), RandomResizedCrop(224, scale=(0.2, 1.0),
+# bicubic) + RandomHorizontalFlip. Left out: the 40-epoch warm-up and cosine decay (a run stopped at epoch 4-64 is
+# the point here; every model trains at a constant rate).
+RECIPE = TrainingRecipe(
+    batch_size=64,
+    lr=1.5e-4 * 64 / 256,
+    betas=(0.9, 0.95),
+    weight_decay=0.05,
+    pipeline="random_resized",
+    interpolation="bicubic",
+    crop_scale=(0.2, 1.0),
+    flip=True,
+)
 
 
 def sincos_position_embedding(dim: int, grid_height: int, grid_width: int) -> Tensor:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.models import TrainingRecipe
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -53,6 +55,13 @@ PRESETS = {
     "paper": VAEConfig(),
     "tiny": VAEConfig(hidden_dims=(8, 16, 32), latent_dim=16, tile_overlap=16),
 }
+
+# The reference training recipe: AntixK/PyTorch-VAE configs/vae.yaml: Adam at LR 0.005, weight decay 0, batch 64
+# (`train_batch_size`), 64x64 images (`patch_size`); its data module flips at random, centre-crops and resizes to 64
+# (Tiny-ImageNet's images already are 64x64). Left out: the per-epoch ExponentialLR (gamma 0.95).
+RECIPE = TrainingRecipe(
+    batch_size=64, lr=5e-3, pipeline="resize", crop="center", interpolation="bilinear", flip=True
+)
 
 
 def _down_block(in_channels: int, out_channels: int) -> nn.Sequential:

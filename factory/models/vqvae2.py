@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from factory.config import ConfigError
+from factory.models import TrainingRecipe
 from factory.models.vqvae import (
     Quantized,
     ResidualBlock,
@@ -47,6 +48,8 @@ class VQVAE2Config:
     codebook_size: int = 512  # K: vectors per codebook, both levels (`n_embed`)
     ema_decay: float = 0.99  # gamma of the moving-average codebook update (`decay`)
     latent_loss_weight: float = 0.25  # beta: weight of the commitment losses against the reconstruction loss
+    dead_code_threshold: float | None = None  # restart codes whose moving-average use falls below this (see
+    # factory.models.vqvae.VectorQuantizer); None, as in rosinality's reference
 
     def __post_init__(self) -> None:
         for name in ("channels", "residual_channels", "embedding_dim", "codebook_size"):
@@ -64,10 +67,17 @@ class VQVAE2Config:
 
 PRESETS = {
     "paper": VQVAE2Config(),
+    # The paper's sizes with dead-code restarts: the build's embedded default trains this one (factory/train.py).
+    "embedded": VQVAE2Config(dead_code_threshold=1.0),
     "tiny": VQVAE2Config(
         channels=32, residual_blocks=1, residual_channels=8, embedding_dim=16, codebook_size=64
     ),
 }
+
+# The reference training recipe: rosinality/vq-vae-2-pytorch train_vqvae.py. Batch 128 (`128 // n_gpu` per GPU),
+# Adam at 3e-4 (`--lr`, the default `--sched` None: constant), transforms Resize(256) + CenterCrop(256) (torchvision's
+# bilinear; Tiny-ImageNet's 64x64 images are upscaled 4x), no flip, normalised to [-1, 1] (done in `loss`).
+RECIPE = TrainingRecipe(batch_size=128, lr=3e-4, pipeline="resize", crop="center", interpolation="bilinear")
 
 
 def _residual_stack(channels: int, residual_blocks: int, residual_channels: int) -> list[nn.Module]:
@@ -138,12 +148,12 @@ class VQVAE2(nn.Module):
         self.top_encoder = _encoder(config.channels, config, downsampling=2)
         self.top_to_codebook = nn.Conv2d(config.channels, dim, 1)
         self.top_quantizer = VectorQuantizer(
-            config.codebook_size, dim, config.latent_loss_weight, config.ema_decay
+            config.codebook_size, dim, config.latent_loss_weight, config.ema_decay, config.dead_code_threshold
         )
         self.top_decoder = _decoder(dim, dim, config, upsampling=2)
         self.bottom_to_codebook = nn.Conv2d(dim + config.channels, dim, 1)
         self.bottom_quantizer = VectorQuantizer(
-            config.codebook_size, dim, config.latent_loss_weight, config.ema_decay
+            config.codebook_size, dim, config.latent_loss_weight, config.ema_decay, config.dead_code_threshold
         )
         self.upsample_top = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
         self.decoder = _decoder(2 * dim, 3, config, upsampling=4)
