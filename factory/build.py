@@ -637,7 +637,7 @@ def build(config: BuildConfig) -> BuildResult:
             f"nothing could be built: all {plan.sources} inputs were rejected ({_reasons(plan.rejects)})"
         )
 
-    all_sources = list_sources(config.hr, config.hr_list)
+    all_sources = list_sources(config.hr, config.hr_list).files
     checkpoint = ensure_checkpoint(config, all_sources)
     checkpoint_sha256 = None
     if checkpoint is not None:

@@ -433,16 +433,18 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
     monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
     embedded = BuildConfig(checkpoints=str(tmp_path / "checkpoints"))
     with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
-        ensure_checkpoint(embedded, list_sources())
+        ensure_checkpoint(embedded, list_sources().files)
     assert (seen[0].image_size, seen[0].epoch_size, seen[0].lr, seen[0].epochs) == (64, 640, 1e-3, 8)
     with pytest.raises(FactoryError, match="not written"):
         with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
-        ensure_checkpoint(with_hr, list_sources())
+        ensure_checkpoint(with_hr, list_sources().files)
     assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr) == (None, None, None)
     # --no-progress (config_for's) silences training's bar too.
     assert seen[0].progress and not seen[1].progress
     with pytest.raises(FactoryError, match="not written"):  # --crop 200: LR 50, trained on whole 48x48 crops
-        ensure_checkpoint(BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources())
+        ensure_checkpoint(
+            BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources().files
+        )
     assert seen[2].image_size == 48
 
 
