@@ -34,7 +34,14 @@ from tqdm import tqdm
 from factory import __version__
 from factory.config import FactoryError, error_line
 from factory.diversity import labels_card
-from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
+from factory.manifests import (
+    CARD_NAME,
+    PAIR_SCHEMA,
+    check_manifest_root,
+    manifest_files,
+    shard_stem,
+    write_manifest,
+)
 from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
 from factory.storage import Storage
 
@@ -85,6 +92,8 @@ def _object_store_manifests(manifests_root: str) -> pa.Table:
 def connect(manifests_root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the view `manifests` and no other access to the file system."""
     remote = "://" in os.fspath(manifests_root)
+    if not remote:
+        check_manifest_root(manifests_root)
     files = [] if remote else [str(path.resolve()) for path in manifest_files(manifests_root)]
     connection = duckdb.connect(
         ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from factory.config import FactoryError
 from factory.corruption_names import CORRUPTIONS
 from factory.diversity import degradation_entropy
-from factory.manifests import CARD_NAME, REJECTS_NAME
+from factory.manifests import CARD_NAME, REJECTS_NAME, check_manifest_root
 from factory.query import select
 from factory.storage import Storage
 
@@ -146,8 +146,7 @@ def entropy_of(counts: Mapping[str, int]) -> float | None:
 
 
 def _dataset_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise FactoryError(f"no manifest folder at {root}")
+    check_manifest_root(root)
     return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(("_", ".")))
 
 

@@ -180,7 +180,29 @@ def test_cli_formats(built):
     assert aggregate.output == "n\n16\n"
 
 
-def test_empty_manifest_folder(tmp_path):
+def test_a_root_without_manifests_is_an_error_naming_what_it_holds(built, tmp_path):
+    # Each of these answered nothing and exited 0, as if no pair matched.
+    runner = CliRunner()
+    dataset_folder = built["manifests"] / "mae-ep4"
+    for root, said in (
+        (tmp_path / "nonexistent", "no manifest folder at"),
+        (tmp_path, "it is empty"),
+        (dataset_folder, f"as one dataset's folder does; give its parent {built['manifests']}"),
+        (built["shards"], "as a shard root does"),
+    ):
+        result = runner.invoke(main, ["query", "delta_e < 5", "--manifests", str(root), "--format", "keys"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+        assert said in result.output
+        with pytest.raises(FactoryError, match=said):
+            select(root, None)
+
+
+def test_a_root_whose_datasets_hold_only_rejects_answers_no_rows(tmp_path):
+    from factory.manifests import REJECTS_NAME, write_rejects
+    from factory.storage import Storage
+
+    write_rejects(Storage(tmp_path), f"all-rejected/{REJECTS_NAME}", [])
     assert select(tmp_path, "delta_e < 1").num_rows == 0
     assert format_table(select(tmp_path, None), "keys") == ""
 
