@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from factory import __version__
 from factory.config import FactoryError, error_line
+from factory.corruption_names import CORRUPTIONS
 from factory.diversity import labels_card
 from factory.manifests import (
     CARD_NAME,
@@ -136,6 +137,37 @@ def _single_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise FactoryError(f"only SELECT queries are allowed, got {statements[0].type.name}")
 
 
+_LABEL_NAMED = re.compile(r"\blabel\b", re.IGNORECASE)
+# `label = 'x'`, `label != 'x'`, `label IN ('x', 'y')`: the class names a predicate compares the label with.
+_LABEL_COMPARED = re.compile(r"\blabel\s*(?:==?|!=|<>)\s*'((?:[^']|'')*)'", re.IGNORECASE)
+_LABEL_IN = re.compile(r"\blabel\s+(?:not\s+)?in\s*\(([^)]*)\)", re.IGNORECASE)
+_STRING_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _warn_about_labels(connection: duckdb.DuckDBPyConnection, expression: str) -> None:
+    """A query naming `label` answers nothing, silently, when no pair is labelled yet or the class is misspelled:
+    say so on stderr (a warning, since no rows may be the right answer)."""
+    if not _LABEL_NAMED.search(expression):
+        return
+    named = _LABEL_COMPARED.findall(expression)
+    for listed in _LABEL_IN.findall(expression):
+        named += _STRING_LITERAL.findall(listed)
+    unknown = sorted({name.replace("''", "'") for name in named} - set(CORRUPTIONS))
+    if unknown:
+        logger.warning(
+            "label %s is not one of the %d degradation classes: %s",
+            ", ".join(repr(name) for name in unknown),
+            len(CORRUPTIONS),
+            ", ".join(CORRUPTIONS),
+        )
+    try:
+        labelled = connection.sql(f"SELECT count(label) FROM {VIEW_NAME}").fetchall()[0][0]
+    except duckdb.Error:
+        return  # the query itself reports what is wrong
+    if labelled == 0:
+        logger.warning("the query names `label` but no pair has one yet; label them with `factory label`")
+
+
 def _run(connection: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     _single_select(connection, sql)
     try:
@@ -184,6 +216,8 @@ def select(
         sql += f" LIMIT {int(limit)}"
     connection = connect(manifests_root)
     try:
+        if where is not None:
+            _warn_about_labels(connection, where)
         return _as_pair_types(_run(connection, sql))
     finally:
         connection.close()
@@ -198,6 +232,7 @@ def query(manifests_root: str | os.PathLike, expression: str) -> pa.Table:
         return select(manifests_root, expression)
     connection = connect(manifests_root)
     try:
+        _warn_about_labels(connection, expression)
         return _run(connection, expression)
     finally:
         connection.close()

@@ -321,3 +321,28 @@ def test_filter_of_a_damaged_parent_leaves_nothing(tmp_path, photos):
     assert not (tmp_path / "out-manifests").exists() or not any(
         (tmp_path / "out-manifests").rglob("*.parquet")
     )
+
+
+def test_a_misspelled_label_class_is_said_on_stderr(built, caplog):
+    # Both answered 0 rows and said nothing: a typo looked like "no such pair".
+    for expression in ("label = 'gausian_noise'", "delta_e < 5 AND label IN ('fog', 'jpeg')"):
+        caplog.clear()
+        result = CliRunner().invoke(main, ["query", expression, "--manifests", str(built["manifests"])])
+        assert result.exit_code == 0, result.output
+        assert "is not one of the 15 degradation classes" in caplog.text
+    caplog.clear()
+    query(built["manifests"], "label = 'gaussian_noise' OR label IN ('fog', 'jpeg_compression')")
+    assert "degradation classes" not in caplog.text and "no pair has one" not in caplog.text
+
+
+def test_a_label_predicate_on_unlabelled_pairs_is_said_on_stderr(tmp_path, photos, caplog):
+    manifests = tmp_path / "manifests"
+    make_dataset(tmp_path / "shards", manifests, "bicubic", [PairSpec(0.5), PairSpec(1.5)], photos)
+    assert select(manifests, "label = 'gaussian_noise'").num_rows == 0
+    assert "no pair has one yet" in caplog.text
+    caplog.clear()
+    query(manifests, "SELECT count(*) FROM manifests WHERE label IS NOT NULL")
+    assert "no pair has one yet" in caplog.text
+    caplog.clear()
+    query(manifests, "delta_e < 1")
+    assert caplog.text == ""
