@@ -630,11 +630,12 @@ def build(config: BuildConfig) -> BuildResult:
             f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"
         )
     started = time.perf_counter()
-    plan = plan_build(config)
-    result = BuildResult(dataset=plan.dataset, plan=plan.describe(), rejects=list(plan.rejects))
-    # What a run checks before it writes anything (training a missing checkpoint included), the dry run checks too.
+    # What a run checks before it writes anything (training a missing checkpoint included), the dry run checks too;
+    # before the plan, which reads every input's header.
     checkpoint = checkpoint_to_use(config)
     _check_labels_and_colour(config)
+    plan = plan_build(config)
+    result = BuildResult(dataset=plan.dataset, plan=plan.describe(), rejects=list(plan.rejects))
     if config.dry_run:
         return _dry_run(config, plan, result, checkpoint)
     if plan.crops == 0:
