@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
 from factory.storage import atomic_path
 
@@ -136,6 +136,18 @@ def _what_it_holds(root: Path, folders: list[Path]) -> str:
         return "it is empty"
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
     return f"it holds {', '.join(names[:5])}{more}"
+
+
+def unreadable_manifests(root: str | os.PathLike) -> dict[Path, str]:
+    """The manifest files under a local `root` (pair manifests and rejects) whose Parquet footer cannot be read, with
+    why. Readers leave them out and carry on with the others: one damaged file must not hide every dataset."""
+    problems = {}
+    for path in [*manifest_files(root), *sorted(Path(root).glob(f"*/{REJECTS_NAME}"))]:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as error:
+            problems[path] = error_line(error)
+    return problems
 
 
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
