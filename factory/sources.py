@@ -60,7 +60,7 @@ class ImageListing:
     """What `walk_images` found under a root, every path as it is under the root given (links not resolved)."""
 
     files: list[Path]  # image files, sorted by their POSIX path relative to the root
-    skipped: list[tuple[Path, RejectedImage]]  # folders not listed, with why
+    skipped: list[tuple[Path, RejectedImage]]  # links and folders not listed, with why
 
 
 def walk_images(root: str | os.PathLike) -> ImageListing:
@@ -71,8 +71,8 @@ def walk_images(root: str | os.PathLike) -> ImageListing:
     Links to folders are followed, but each real folder (device, inode) is listed once: a link back to a folder above
     it (`up -> ..`) would otherwise be walked until the path is too long, with every file listed again at each level.
     Such a link is skipped with a `symlink_loop` reject; a second path to a folder listed already is skipped quietly,
-    as a file listed twice is kept once. Links to files are listed as they are: a dangling or self-referencing one
-    is found when its header is read (`probe_image`)."""
+    as a file listed twice is kept once. A link that leads nowhere, whatever its name (it may have been a folder), is
+    skipped with a `dangling_link` reject, or `symlink_loop` when it leads to itself (`self.png -> self.png`)."""
     root = Path(root)
     if not root.is_dir():
         raise FactoryError(f"not a folder of images: {root}")
@@ -106,7 +106,10 @@ def walk_images(root: str | os.PathLike) -> ImageListing:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if _is_folder(entry):
+            broken = _broken_link(entry)
+            if broken is not None:
+                listing.skipped.append((Path(entry.path), broken))
+            elif _is_folder(entry):
                 subfolders.append(Path(entry.path))
             elif is_image_file(entry.name):
                 listing.files.append(Path(entry.path))
@@ -117,11 +120,26 @@ def walk_images(root: str | os.PathLike) -> ImageListing:
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
-    """A folder, or a link to one; a dangling or looping link is not (it stays a file, rejected when read)."""
+    """A folder, or a link to one."""
     try:
         return entry.is_dir()
-    except OSError:  # ELOOP: DirEntry.is_dir only hides a missing target
+    except OSError:  # a link that turned into a loop since `_broken_link` looked
         return False
+
+
+def _broken_link(entry: os.DirEntry) -> RejectedImage | None:
+    """Why a link leads nowhere (its target is missing, or it leads back to itself); None for anything else."""
+    if not entry.is_symlink():
+        return None
+    try:
+        os.stat(entry.path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return RejectedImage("symlink_loop", f"{entry.path} links to itself: {error.strerror}")
+        return RejectedImage(
+            "dangling_link", f"{entry.path} links to {os.readlink(entry.path)}, which is missing"
+        )
+    return None
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:

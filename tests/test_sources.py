@@ -95,7 +95,7 @@ def write_awkward_inputs(folder: Path, image: np.ndarray) -> dict[str, str | Non
             "empty.png": "empty",
             "text.jpg": "not_an_image",
             "truncated.jpg": "truncated",
-            "unreadable.png": "unreadable",
+            "unreadable.png": "dangling_link",  # listed (the build's reason); read directly, it is "unreadable"
             "small.png": "too_small",
             "bomb.png": "decompression_bomb",
         }
@@ -281,13 +281,18 @@ def test_a_directory_cycle_is_listed_once_under_the_path_given(tmp_path: Path, p
     assert [path.relative_to(root).as_posix() for path in find_images(root)] == ["a/x.png"]
 
 
-def test_a_self_referencing_link_is_a_reject(tmp_path: Path, photo):
+def test_self_referencing_and_dangling_links_are_rejects(tmp_path: Path, photo):
     root = _folder_with_a_photo(tmp_path / "d", photo)
-    (root / "self.png").symlink_to("self.png")
-    sources = list_sources((str(root),)).files
-    assert [source.relative for source in sources] == ["a/x.png", "self.png"]
-    with pytest.raises(RejectedImage) as caught:
-        probe_image(sources[1].path)
+    (root / "self.png").symlink_to("self.png")  # it raised RuntimeError: Symlink loop
+    (root / "gone").symlink_to(tmp_path / "unmounted")  # a folder of photos, perhaps: not silently ignored
+    listing = list_sources((str(root),))
+    assert [source.relative for source in listing.files] == ["a/x.png"]
+    assert sorted((source.relative, error.reason) for source, error in listing.rejects) == [
+        ("gone", "dangling_link"),
+        ("self.png", "symlink_loop"),
+    ]
+    with pytest.raises(RejectedImage) as caught:  # named in an --hr-list, it is found when read
+        probe_image(root / "self.png")
     assert caught.value.reason == "symlink_loop"
 
 
@@ -298,7 +303,7 @@ def test_dry_run_records_a_loop_as_a_reject(tmp_path: Path, photo):
     (root / "a" / "up").symlink_to("..")
     (root / "self.png").symlink_to("self.png")
     result = build(BuildConfig(hr=(str(root),), model="bicubic", crop=64, dry_run=True, progress=False))
-    assert result.plan["sources"] == 2
+    assert result.plan["sources"] == 1
     assert sorted((row["source"], row["reason"]) for row in result.rejects) == [
         ("a/up", "symlink_loop"),
         ("self.png", "symlink_loop"),
