@@ -135,15 +135,17 @@ def _broken_link(entry: os.DirEntry) -> RejectedImage | None:
         os.stat(entry.path)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            return RejectedImage("symlink_loop", f"{entry.path} links to itself: {error.strerror}")
-        return RejectedImage(
-            "dangling_link", f"{entry.path} links to {os.readlink(entry.path)}, which is missing"
-        )
+            return RejectedImage("symlink_loop", f"{entry.path}: its links lead back to themselves")
+        if error.errno == errno.ENOENT:
+            return RejectedImage(
+                "dangling_link", f"{entry.path} links to {os.readlink(entry.path)}, which is missing"
+            )
+        return RejectedImage("unreadable", f"cannot follow the link {entry.path}: {error.strerror or error}")
     return None
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """The image files of `walk_images(root)`; a folder it skipped is logged as a warning."""
+    """The image files of `walk_images(root)`; each link or folder it skipped is logged as a warning."""
     listing = walk_images(root)
     for folder, error in listing.skipped:
         log.warning("skipped %s: %s", folder, error)
