@@ -83,25 +83,21 @@ def walk_images(root: str | os.PathLike) -> ImageListing:
         folder, above = pending.pop()
         try:
             status = folder.stat()
-            identity = (status.st_dev, status.st_ino)
-            if identity in above:
-                target = os.path.realpath(folder)
-                raise RejectedImage(
-                    "symlink_loop", f"{folder} links back to {target}, a folder that holds it"
-                )
-            if identity in listed:
-                continue
-            listed.add(identity)
             with os.scandir(folder) as scan:
                 entries = sorted(scan, key=lambda entry: entry.name)
-        except RejectedImage as error:
-            listing.skipped.append((folder, error))
-            continue
         except OSError as error:
-            listing.skipped.append(
-                (folder, RejectedImage("unreadable", f"cannot list {folder}: {error.strerror or error}"))
-            )
+            unreadable = RejectedImage("unreadable", f"cannot list {folder}: {error.strerror or error}")
+            listing.skipped.append((folder, unreadable))
             continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in above:
+            target = os.path.realpath(folder)
+            loop = RejectedImage("symlink_loop", f"{folder} links back to {target}, a folder that holds it")
+            listing.skipped.append((folder, loop))
+            continue
+        if identity in listed:
+            continue
+        listed.add(identity)
         subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
@@ -147,8 +143,8 @@ def _broken_link(entry: os.DirEntry) -> RejectedImage | None:
 def find_images(root: str | os.PathLike) -> list[Path]:
     """The image files of `walk_images(root)`; each link or folder it skipped is logged as a warning."""
     listing = walk_images(root)
-    for folder, error in listing.skipped:
-        log.warning("skipped %s: %s", folder, error)
+    for path, error in listing.skipped:
+        log.warning("skipped %s: %s", path, error)
     return listing.files
 
 
@@ -259,7 +255,7 @@ class SourceListing:
     """What `list_sources` found: the files to plan, and what was skipped while listing (the build records it)."""
 
     files: list[SourceFile]
-    rejects: list[tuple[SourceFile, RejectedImage]]  # folders not listed (`walk_images`), with why
+    rejects: list[tuple[SourceFile, RejectedImage]]  # links and folders not listed (`walk_images`), with why
 
 
 def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) -> SourceListing:
@@ -269,11 +265,11 @@ def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) 
     sources: list[SourceFile] = []
     rejects: list[tuple[SourceFile, RejectedImage]] = []
     for root in roots:
-        listing = walk_images(root)
-        for path in listing.files:
+        walked = walk_images(root)
+        for path in walked.files:
             sources.append(SourceFile(os.path.realpath(path), str(root), path.relative_to(root).as_posix()))
-        for folder, error in listing.skipped:
-            skipped = SourceFile(os.path.realpath(folder), str(root), folder.relative_to(root).as_posix())
+        for path, error in walked.skipped:
+            skipped = SourceFile(os.path.realpath(path), str(root), path.relative_to(root).as_posix())
             rejects.append((skipped, error))
     for list_file in list_files:
         listing = Path(list_file)
