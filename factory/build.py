@@ -422,19 +422,26 @@ def committed(
     return commit
 
 
-def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | None:
-    """The checkpoint file of `--model/--epoch`; trains it first when missing (unless --no-train)."""
+def checkpoint_to_use(config: BuildConfig) -> Path | None:
+    """The checkpoint file of `--model/--epoch`, there or to be trained (None for bicubic). An unknown model, or a
+    missing checkpoint under --no-train, is a one-line error."""
     if config.model == BICUBIC:
         return None
     from factory.checkpoints import checkpoint_path
     from factory.models import get_spec
 
-    get_spec(config.model)  # an unknown model is a one-line error before anything else
+    get_spec(config.model)
     path = checkpoint_path(config.checkpoints, config.model, config.epoch)
-    if path.is_file():
-        return path
-    if not config.train_missing:
+    if not path.is_file() and not config.train_missing:
         raise FactoryError(f"checkpoint {path} not found (train it with `factory train`, or drop --no-train)")
+    return path
+
+
+def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | None:
+    """The checkpoint file of `--model/--epoch`; trains it first when missing (unless --no-train)."""
+    path = checkpoint_to_use(config)
+    if path is None or path.is_file():
+        return path
     log.warning("checkpoint %s not found: training %s to epoch %d first", path, config.model, config.epoch)
     from factory.train import train_for_build
 
@@ -471,6 +478,7 @@ class BuildResult:
     delta_e_mean: float | None = None
     estimated_bytes: int | None = None  # dry run only
     actors: int | None = None  # dry run only
+    checkpoint_plan: str | None = None  # dry run only: the checkpoint used, or that it is trained first
 
     def summary_lines(self) -> list[str]:
         if self.estimated_bytes is not None:
@@ -480,6 +488,7 @@ class BuildResult:
                 f"  sources {plan['sources']}, usable images {plan['images']}, rejected {len(self.rejects)}",
                 f"  crops {plan['crops']} of {plan['crop']}x{plan['crop']} (grid, stride {plan['stride']}), "
                 f"shards {plan['shards']}, actors {self.actors}",
+                f"  checkpoint {self.checkpoint_plan}",
                 f"  estimated output {self.estimated_bytes / 1e6:,.1f} MB",
             ]
         reasons = Counter(row["reason"] for row in self.rejects)
@@ -636,39 +645,21 @@ def build(config: BuildConfig) -> BuildResult:
             f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"
         )
     started = time.perf_counter()
+    # What a run checks before it writes anything (training a missing checkpoint included), the dry run checks too;
+    # before the plan, which reads every input's header.
+    checkpoint = checkpoint_to_use(config)
+    _check_labels_and_colour(config)
     plan = plan_build(config)
     result = BuildResult(dataset=plan.dataset, plan=plan.describe(), rejects=list(plan.rejects))
     if config.dry_run:
-        import torch
-
-        result.estimated_bytes = _estimate_bytes(plan, config)
-        gpus = torch.cuda.device_count() if config.device != "cpu" else 0
-        result.actors = (
-            config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
-        )
-        return result
+        return _dry_run(config, plan, result, checkpoint)
     if plan.crops == 0:
         raise FactoryError(
             f"nothing could be built: all {plan.sources} inputs were rejected ({_reasons(plan.rejects)})"
         )
 
-    all_sources = list_sources(config.hr, config.hr_list)
-    checkpoint = ensure_checkpoint(config, all_sources)
-    checkpoint_sha256 = None
-    if checkpoint is not None:
-        from factory.checkpoints import load_reconstructor
-
-        # Load once here, on the CPU: a wrong or corrupt checkpoint is a one-line error before any actor starts.
-        checkpoint_sha256 = load_reconstructor(checkpoint, model_name=config.model).sha256
-    if config.classifier:
-        from factory.classifier import Labeler
-
-        Labeler.load(config.classifier)
-    if config.color_correct:
-        import factory.color
-
-        if not hasattr(factory.color, "color_correct"):
-            raise FactoryError("--color-correct needs factory.color.color_correct, which this version lacks")
+    checkpoint = ensure_checkpoint(config, list_sources(config.hr, config.hr_list).files)
+    checkpoint_sha256 = None if checkpoint is None else _load_checkpoint(config, checkpoint)
     shards, manifests = Storage(config.out), Storage(config.manifests)
     settings_of_build = build_settings(config, plan.dataset, plan.crop, checkpoint_sha256)
     with DatasetLock(manifests, plan.dataset):
@@ -748,6 +739,49 @@ def build(config: BuildConfig) -> BuildResult:
         _write_card(config, plan, shards, manifests, checkpoint, checkpoint_sha256, result.rejects, result)
         card = json.loads(manifests.read_bytes(f"{plan.dataset}/{CARD_NAME}"))
         result.delta_e_mean = (card.get("delta_e") or {}).get("mean")
+    return result
+
+
+def _check_labels_and_colour(config: BuildConfig) -> None:
+    """The classifier loads and colour correction exists: one-line errors before any work."""
+    if config.classifier:
+        from factory.classifier import Labeler
+
+        Labeler.load(config.classifier)
+    if config.color_correct:
+        import factory.color
+
+        if not hasattr(factory.color, "color_correct"):
+            raise FactoryError("--color-correct needs factory.color.color_correct, which this version lacks")
+
+
+def _load_checkpoint(config: BuildConfig, checkpoint: Path) -> str:
+    """Load the checkpoint once here, on the CPU, so that a wrong or corrupt one is a one-line error before any
+    actor starts; its sha256."""
+    from factory.checkpoints import load_reconstructor
+
+    return load_reconstructor(checkpoint, model_name=config.model).sha256
+
+
+def _dry_run(
+    config: BuildConfig, plan: BuildPlan, result: BuildResult, checkpoint: Path | None
+) -> BuildResult:
+    """The plan, the estimates, and which checkpoint the build would use or train first."""
+    import torch
+
+    result.estimated_bytes = _estimate_bytes(plan, config)
+    gpus = torch.cuda.device_count() if config.device != "cpu" else 0
+    result.actors = (
+        config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
+    )
+    if checkpoint is None:
+        result.checkpoint_plan = "none (bicubic: the LR is not degraded)"
+    elif checkpoint.is_file():
+        result.checkpoint_plan = f"{checkpoint} (sha256 {_load_checkpoint(config, checkpoint)[:12]})"
+    else:
+        result.checkpoint_plan = (
+            f"{checkpoint} is missing: {config.model} is trained to epoch {config.epoch} first"
+        )
     return result
 
 

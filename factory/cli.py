@@ -520,6 +520,40 @@ def label_command(**options) -> None:
 
 # --- manifest commands ---
 
+
+def order_options(command):
+    """--order-by, --random and --seed: the order of the matching pairs (preview and export take the first --n)."""
+    command = click.option("--seed", default=0, show_default=True, type=int, help="Seed of --random.")(
+        command
+    )
+    command = click.option(
+        "--random",
+        "random_order",
+        is_flag=True,
+        help="A random order drawn from --seed (the same seed gives the same order).",
+    )(command)
+    return click.option(
+        "--order-by",
+        "order_by",
+        default=None,
+        help='Manifest columns, each optionally ASC or DESC, e.g. "delta_e DESC" [default: manifest order].',
+    )(command)
+
+
+def exit_if_manifests_left_out(manifests_root: str) -> None:
+    """After a query or stats answer that left out unreadable manifests (each named in a warning): exit status 1,
+    since the answer covers only the others."""
+    if "://" in manifests_root:
+        return
+    from factory.manifests import unreadable_manifests
+
+    left_out = unreadable_manifests(manifests_root)
+    if left_out:
+        names = ", ".join(str(path) for path in left_out)
+        click.echo(f"error: left out {len(left_out)} unreadable manifest(s): {names}", err=True)
+        sys.exit(1)
+
+
 MANIFESTS_HELP = "Manifest root: every dataset under it is included."
 SHARDS_HELP = "Shard root (the manifests' `shard` column is relative to it)."
 WHERE_HELP = "SQL predicate over the manifest columns, e.g. \"delta_e < 5 AND label = 'gaussian_noise'\"."
@@ -536,8 +570,9 @@ WHERE_HELP = "SQL predicate over the manifest columns, e.g. \"delta_e < 5 AND la
     show_default=True,
     help="table: aligned text; csv; json: one JSON object a line; keys: one pair key a line.",
 )
+@order_options
 @user_errors
-def query_command(expression: str, manifests_root: str, output_format: str) -> None:
+def query_command(expression, manifests_root, output_format, order_by, random_order, seed) -> None:
     """Query the manifests of all datasets with SQL.
 
     EXPRESSION is a predicate over the manifest columns ("delta_e < 5 AND label = 'gaussian_noise'") or a whole
@@ -546,8 +581,17 @@ def query_command(expression: str, manifests_root: str, output_format: str) -> N
     """
     from factory.query import format_table, is_full_query, query
 
-    table = query(manifests_root, expression)
-    click.echo(format_table(table, output_format, summary=not is_full_query(expression)), nl=False)
+    predicate = not is_full_query(expression)
+    table = query(
+        manifests_root,
+        expression,
+        columns=["key"] if output_format == "keys" and predicate else None,  # keys: read no other column
+        order_by=order_by,
+        random_seed=seed if random_order else None,
+        skip_unreadable=True,
+    )
+    click.echo(format_table(table, output_format, summary=predicate), nl=False)
+    exit_if_manifests_left_out(manifests_root)
 
 
 @main.command("filter")
@@ -608,6 +652,7 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
         StatsConfig(manifests_root=Path(manifests_root), plots=Path(plots) if plots else None)
     )
     click.echo(report.to_json() if as_json else report.to_text(), nl=False)
+    exit_if_manifests_left_out(manifests_root)
 
 
 @main.command("preview")
@@ -643,8 +688,23 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
 @click.option(
     "--device", default="auto", show_default=True, help="With --checkpoints: torch device (auto, cpu, cuda)."
 )
+@order_options
 @user_errors
-def preview_command(shards_root, manifests_root, where, count, out, checkpoints, model, images, size, device):
+def preview_command(
+    shards_root,
+    manifests_root,
+    where,
+    count,
+    out,
+    order_by,
+    random_order,
+    seed,
+    checkpoints,
+    model,
+    images,
+    size,
+    device,
+):
     """A contact sheet: HR, bicubic LR and degraded LR per pair, with key, colour difference and label; or, with
     --checkpoints and --model, the paper's Figure 3 (reconstructions per saved epoch)."""
     from pathlib import Path
@@ -656,7 +716,13 @@ def preview_command(shards_root, manifests_root, where, count, out, checkpoints,
 
     summary = make_preview(
         PreviewConfig(
-            shards_root=shards_root, manifests_root=manifests_root, where=where, count=count, out=Path(out)
+            shards_root=shards_root,
+            manifests_root=manifests_root,
+            where=where,
+            count=count,
+            out=Path(out),
+            order_by=order_by,
+            random_seed=seed if random_order else None,
         )
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs")
@@ -674,7 +740,7 @@ def _epoch_preview(checkpoints, model, images, size, count, out, device) -> None
     if model is None:
         raise FactoryError("--checkpoints needs --model (the reconstructor whose epochs to draw)")
     files = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
-    files = files or [Path(source.path) for source in list_sources()]
+    files = files or [Path(source.path) for source in list_sources().files]
     inputs = regime_images(files[:count], size)
     if len(inputs) == 0:
         raise FactoryError(f"no readable image among {len(files[:count])} input files")
@@ -704,15 +770,29 @@ def _epoch_preview(checkpoints, model, images, size, count, out, device) -> None
 @click.option("--manifests", "manifests_root", default="manifests", show_default=True, help=MANIFESTS_HELP)
 @click.option("--where", default=None, help=WHERE_HELP + " Default: all pairs.")
 @click.option("--out", required=True, help="Folder to create (must not exist, or be empty).")
+@click.option(
+    "--n", "count", default=None, type=click.IntRange(min=1), help="Export the first N pairs [default: all]."
+)
+@order_options
 @user_errors
-def export_command(export_format, shards_root, manifests_root, where, out) -> None:
+def export_command(
+    export_format, shards_root, manifests_root, where, out, count, order_by, random_order, seed
+) -> None:
     """Export pairs as PNG folders that BasicSR / Real-ESRGAN paired datasets read as they are."""
     from pathlib import Path
 
     from factory.export import ExportConfig, export_basicsr
 
     summary = export_basicsr(
-        ExportConfig(shards_root=shards_root, manifests_root=manifests_root, where=where, out=Path(out))
+        ExportConfig(
+            shards_root=shards_root,
+            manifests_root=manifests_root,
+            where=where,
+            out=Path(out),
+            count=count,
+            order_by=order_by,
+            random_seed=seed if random_order else None,
+        )
     )
     click.echo(f"{summary.out}: {summary.pairs} pairs (hr/, lr/, {', '.join(summary.meta_info_files)})")
 

@@ -46,6 +46,9 @@ class ExportConfig:
     where: str | None  # SQL predicate over the manifest columns; None: all pairs
     out: Path  # folder to create (must not exist, or be empty)
     export_format: str = "basicsr"  # the only layout so far
+    count: int | None = None  # export the first this many matching pairs (None: all)
+    order_by: str | None = None  # manifest columns to order by, e.g. "delta_e DESC" (`query.order_clause`)
+    random_seed: int | None = None  # a random order drawn from this seed instead
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,13 @@ def export_basicsr(config: ExportConfig) -> ExportSummary:
         raise FactoryError(
             f"unknown export format {config.export_format!r}; known: {', '.join(EXPORT_FORMATS)}"
         )
-    rows = select(config.manifests_root, config.where).to_pylist()
+    rows = select(
+        config.manifests_root,
+        config.where,
+        limit=config.count,
+        order_by=config.order_by,
+        random_seed=config.random_seed,
+    ).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
     rows = unique_pairs(rows)  # a filtered dataset and its parent hold the same pairs: each is exported once

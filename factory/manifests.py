@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
 from factory.storage import atomic_path
 
@@ -108,6 +109,47 @@ def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[
     root = Path(root)
     pattern = f"{dataset}/*.parquet" if dataset else "*/*.parquet"
     return sorted(path for path in root.glob(pattern) if not path.name.startswith(("_", ".")))
+
+
+def check_manifest_root(root: str | os.PathLike) -> None:
+    """Refuse a local folder that is not a manifest root, since a query over it would answer nothing, silently. A
+    manifest root holds dataset folders, each with pair manifests, a rejects manifest or a card; the error says what
+    `root` holds instead (one dataset's folder, a shard root, something else)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FactoryError(f"no manifest folder at {root}")
+    folders = [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(("_", "."))]
+    if manifest_files(root) or any(
+        (folder / REJECTS_NAME).is_file() or (folder / CARD_NAME).is_file() for folder in folders
+    ):
+        return
+    raise FactoryError(f"no manifests under {root}: {_what_it_holds(root, folders)}")
+
+
+def _what_it_holds(root: Path, folders: list[Path]) -> str:
+    own = [path for path in root.glob("*.parquet") if not path.name.startswith(("_", "."))]
+    if own:
+        return f"it holds {len(own)} pair manifest(s) itself, as one dataset's folder does; give its parent {root.parent}"
+    shards = [path for folder in folders for path in folder.glob("*.tar")]
+    if shards:
+        return f"its folders hold {len(shards)} .tar shard(s), as a shard root does; give the manifest root"
+    names = sorted(path.name for path in root.iterdir())
+    if not names:
+        return "it is empty"
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"it holds {', '.join(names[:5])}{more}"
+
+
+def unreadable_manifests(root: str | os.PathLike) -> dict[Path, str]:
+    """The manifest files under a local `root` (pair manifests and rejects) whose Parquet footer cannot be read, with
+    why. Readers leave them out and carry on with the others: one damaged file must not hide every dataset."""
+    problems = {}
+    for path in [*manifest_files(root), *sorted(Path(root).glob(f"*/{REJECTS_NAME}"))]:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as error:
+            problems[path] = error_line(error)
+    return problems
 
 
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:

@@ -128,10 +128,11 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         log.warning(
             "no --hr given: building from scikit-image's bundled colour photos with %dx%d crops", crop, crop
         )
-    sources = list_sources(config.hr, config.hr_list)
+    listing = list_sources(config.hr, config.hr_list)
+    sources = listing.files
     if not sources:
         raise FactoryError(f"no image files found under {', '.join(config.hr + config.hr_list)}")
-    rejects: list[dict[str, str]] = []
+    rejects = [reject_row(dataset, source, error) for source, error in listing.rejects]
     shards: list[ShardTask] = []
     pending_sources: list[SourceFile] = []
     pending_crops: list[PlannedCrop] = []

@@ -1,11 +1,11 @@
 """A contact sheet of pairs: look at what a predicate selects before training on it.
 
-    factory preview --where "delta_e > 10" --n 16 --out worst.png
+    factory preview --where "delta_e > 10" --order-by "delta_e DESC" --n 16 --out worst.png
 
-One row per pair (the first `n` matching, in manifest order): the HR crop (downsampled to the display size when it
-is larger), the bicubic LR (`factory.color.downsample` of the HR, quantised to 8 bits as the build does) and the
-degraded LR from the shard, both LR images enlarged with nearest-neighbour so their pixels stay visible. Under each
-row: key, ΔE, label (with its probability) and dataset.
+One row per pair (the first `n` matching, in manifest order, or by `--order-by`, or `--random`): the HR crop
+(downsampled to the display size when it is larger), the bicubic LR (`factory.color.downsample` of the HR, quantised
+to 8 bits as the build does) and the degraded LR from the shard, both LR images enlarged with nearest-neighbour so
+their pixels stay visible. Under each row: key, ΔE, label (with its probability) and dataset.
 
     factory preview --checkpoints checkpoints/ --model vqvae2 --out figure3.png
 
@@ -45,8 +45,10 @@ class PreviewConfig:
     shards_root: str | Path  # shard root (folder or storage URI)
     manifests_root: str | Path  # manifest root (folder or storage URI): every dataset under it is searched
     where: str | None  # SQL predicate over the manifest columns; None: all pairs
-    count: int  # pairs to show (the first matching, in manifest order)
+    count: int  # pairs to show (the first matching, in manifest order unless ordered below)
     out: Path  # the PNG to write
+    order_by: str | None = None  # manifest columns to order by, e.g. "delta_e DESC" (`query.order_clause`)
+    random_seed: int | None = None  # a random order drawn from this seed instead
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def _check_out(out: Path) -> str:
     image_format = Image.registered_extensions().get(out.suffix.lower())
     if image_format is None:
         raise FactoryError(f"--out {out}: name the sheet with an image extension (.png, .jpg, .webp)")
+    if not out.parent.is_dir():  # making the folder would hide a typo in the path
+        raise FactoryError(f"--out {out}: no folder {out.parent}")
     return image_format
 
 
@@ -169,12 +173,18 @@ def epoch_sheet(columns: list[tuple[str, torch.Tensor]], out: Path, zoom: int = 
 
 
 def make_preview(config: PreviewConfig) -> PreviewSummary:
-    """Write the contact sheet of the first `config.count` pairs matching `config.where`."""
+    """Write the contact sheet of the first `config.count` pairs matching `config.where`, in the order asked."""
     if config.count < 1:
         raise FactoryError("--n must be at least 1")
     out = Path(config.out)
     image_format = _check_out(out)
-    rows = select(config.manifests_root, config.where, limit=config.count).to_pylist()
+    rows = select(
+        config.manifests_root,
+        config.where,
+        limit=config.count,
+        order_by=config.order_by,
+        random_seed=config.random_seed,
+    ).to_pylist()
     if not rows:
         raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
     order = {(row["dataset"], row["key"]): index for index, row in enumerate(rows)}
@@ -187,7 +197,7 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
         except ValueError as error:
             raise FactoryError(f"{row['shard']}: {row['key']}: {error}") from None
         by_index[order[(row["dataset"], row["key"])]] = (row, pair_views(hr, lr, row["scale"]))
-    views = [by_index[index] for index in range(len(rows))]  # back in manifest order
+    views = [by_index[index] for index in range(len(rows))]  # back in the order selected
 
     font, title_font = _font(FONT_SIZE), _font(FONT_SIZE + 2)
     cell_width = max(view[0].shape[1] for _, view in views)

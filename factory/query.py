@@ -33,8 +33,17 @@ from tqdm import tqdm
 
 from factory import __version__
 from factory.config import FactoryError, error_line
+from factory.corruption_names import CORRUPTIONS
 from factory.diversity import labels_card
-from factory.manifests import CARD_NAME, PAIR_SCHEMA, manifest_files, shard_stem, write_manifest
+from factory.manifests import (
+    CARD_NAME,
+    PAIR_SCHEMA,
+    check_manifest_root,
+    manifest_files,
+    shard_stem,
+    unreadable_manifests,
+    write_manifest,
+)
 from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
 from factory.storage import Storage
 
@@ -82,10 +91,23 @@ def _object_store_manifests(manifests_root: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
 
 
-def connect(manifests_root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the view `manifests` and no other access to the file system."""
+def connect(manifests_root: str | os.PathLike, skip_unreadable: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `manifests` and no other access to the file system.
+
+    An unreadable manifest (`unreadable_manifests`) is an error naming it; with `skip_unreadable` (commands whose
+    answer still means something without it: query, stats) a warning naming it, and the view holds the others."""
     remote = "://" in os.fspath(manifests_root)
-    files = [] if remote else [str(path.resolve()) for path in manifest_files(manifests_root)]
+    files = []
+    if not remote:
+        check_manifest_root(manifests_root)
+        left_out = unreadable_manifests(manifests_root)
+        if left_out and not skip_unreadable:
+            path, why = next(iter(left_out.items()))
+            more = f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else ""
+            raise FactoryError(f"unreadable manifest {path}: {why}{more}")
+        for path, why in left_out.items():
+            logger.warning("left out the unreadable manifest %s: %s", path, why)
+        files = [str(path.resolve()) for path in manifest_files(manifests_root) if path not in left_out]
     connection = duckdb.connect(
         ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
@@ -124,7 +146,38 @@ def _single_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
     if len(statements) != 1:
         raise FactoryError(f"expected one query, got {len(statements)} statements")
     if statements[0].type != duckdb.StatementType.SELECT:
-        raise FactoryError(f"only SELECT queries are allowed, got {statements[0].type.name}")
+        raise FactoryError(f"{statements[0].type.name} is not allowed: only one SELECT query")
+
+
+_LABEL_NAMED = re.compile(r"\blabel\b", re.IGNORECASE)
+# `label = 'x'`, `label != 'x'`, `label IN ('x', 'y')`: the class names a predicate compares the label with.
+_LABEL_COMPARED = re.compile(r"\blabel\s*(?:==?|!=|<>)\s*'((?:[^']|'')*)'", re.IGNORECASE)
+_LABEL_IN = re.compile(r"\blabel\s+(?:not\s+)?in\s*\(([^)]*)\)", re.IGNORECASE)
+_STRING_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _warn_about_labels(connection: duckdb.DuckDBPyConnection, expression: str) -> None:
+    """A query naming `label` answers nothing, silently, when no pair is labelled yet or the class is misspelled:
+    say so on stderr (a warning, since no rows may be the right answer)."""
+    if not _LABEL_NAMED.search(expression):
+        return
+    named = _LABEL_COMPARED.findall(expression)
+    for listed in _LABEL_IN.findall(expression):
+        named += _STRING_LITERAL.findall(listed)
+    unknown = sorted({name.replace("''", "'") for name in named} - set(CORRUPTIONS))
+    if unknown:
+        logger.warning(
+            "label %s is not one of the %d degradation classes: %s",
+            ", ".join(repr(name) for name in unknown),
+            len(CORRUPTIONS),
+            ", ".join(CORRUPTIONS),
+        )
+    try:
+        labelled = connection.sql(f"SELECT count(label) FROM {VIEW_NAME}").fetchall()[0][0]
+    except duckdb.Error:
+        return  # the query itself reports what is wrong
+    if labelled == 0:
+        logger.warning("the query names `label` but no pair has one yet; label them with `factory label`")
 
 
 def _run(connection: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
@@ -146,21 +199,62 @@ def _as_pair_types(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+_ORDER_TERM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(ASC|DESC))?\s*", re.IGNORECASE)
+
+
+def order_clause(order_by: str) -> str:
+    """`--order-by` ("delta_e DESC", "label, delta_e DESC") as SQL: manifest columns, each optionally followed by
+    ASC or DESC, and nothing else (it is pasted into the query, so no other SQL gets through)."""
+    terms = []
+    for term in order_by.split(","):
+        match = _ORDER_TERM.fullmatch(term)
+        if match is None or match.group(1) not in PAIR_SCHEMA.names:
+            raise FactoryError(
+                f"--order-by {order_by!r}: give manifest columns, each optionally followed by ASC or DESC "
+                "(e.g. 'delta_e DESC')"
+            )
+        terms.append(f"{_quote_identifier(match.group(1))} {(match.group(2) or 'ASC').upper()}")
+    return ", ".join(terms)
+
+
+def _refuse_statement(connection: duckdb.DuckDBPyConnection, predicate: str) -> None:
+    """A predicate that is a statement of its own (`COPY ... TO`, `ATTACH`, `INSTALL`) is refused by name; inside
+    `WHERE (...)` it would only be a syntax error."""
+    try:
+        statements = connection.extract_statements(predicate)
+    except duckdb.Error:
+        return  # not a statement: a predicate (or a malformed one, which the query reports)
+    if any(statement.type != duckdb.StatementType.SELECT for statement in statements):
+        word = predicate.split(None, 1)[0].upper()
+        raise FactoryError(
+            f"{word} is not allowed: give a predicate over the manifest columns, or one SELECT"
+        )
+
+
 def select(
     manifests_root: str | os.PathLike,
     where: str | None,
     columns: Sequence[str] | None = None,
     limit: int | None = None,
+    order_by: str | None = None,
+    random_seed: int | None = None,
+    skip_unreadable: bool = False,
 ) -> pa.Table:
     """The manifest rows (all datasets) matching the SQL predicate `where` (None: all rows), in manifest order.
 
     `columns`: manifest columns to return (None: all of PAIR_SCHEMA). Columns keep their PAIR_SCHEMA types.
-    `limit`: at most this many rows (the first in manifest order).
+    `limit`: at most this many rows (the first in the order asked for).
+    `order_by`: rows in this order instead (`order_clause`), ties by dataset and key.
+    `random_seed`: rows in a random order drawn from this seed instead (the same seed, the same order: it hashes
+    each pair's dataset and key, so it does not depend on how the manifests are split into files).
+    `skip_unreadable`: leave out unreadable manifests with a warning instead of failing (`connect`).
     """
     if where is not None and not where.strip():
         where = None
     if where is not None and is_full_query(where):
         raise FactoryError('--where takes a predicate (e.g. "delta_e < 5"), not a whole SELECT query')
+    if order_by is not None and random_seed is not None:
+        raise FactoryError("give --order-by or --random, not both")
     if columns is None:
         columns = PAIR_SCHEMA.names
     unknown = [name for name in columns if name not in PAIR_SCHEMA.names]
@@ -171,24 +265,50 @@ def select(
     if where is not None:
         # The newline ends a trailing `--` comment in the predicate so the parenthesis still closes it.
         sql += f" WHERE ({where}\n)"
+    if order_by is not None:
+        sql += f" ORDER BY {order_clause(order_by)}, dataset, key"
+    elif random_seed is not None:
+        sql += f" ORDER BY hash(dataset, key, {int(random_seed)}), dataset, key"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    connection = connect(manifests_root)
+    connection = connect(manifests_root, skip_unreadable)
     try:
+        if where is not None:
+            _refuse_statement(connection, where)
+            _warn_about_labels(connection, where)
         return _as_pair_types(_run(connection, sql))
     finally:
         connection.close()
 
 
-def query(manifests_root: str | os.PathLike, expression: str) -> pa.Table:
-    """A SQL predicate over the manifest columns (all rows matching, all columns), or a full SELECT over the view
-    `manifests` (aggregates, joins of the view with itself, ...)."""
+def query(
+    manifests_root: str | os.PathLike,
+    expression: str,
+    columns: Sequence[str] | None = None,
+    order_by: str | None = None,
+    random_seed: int | None = None,
+    skip_unreadable: bool = False,
+) -> pa.Table:
+    """A SQL predicate over the manifest columns (all rows matching; the other arguments as in `select`), or a full
+    SELECT over the view `manifests` (aggregates, joins of the view with itself, ...)."""
     if not expression.strip():
         raise FactoryError("empty query")
     if not is_full_query(expression):
-        return select(manifests_root, expression)
-    connection = connect(manifests_root)
+        return select(
+            manifests_root,
+            expression,
+            columns,
+            order_by=order_by,
+            random_seed=random_seed,
+            skip_unreadable=skip_unreadable,
+        )
+    if order_by is not None or random_seed is not None:
+        raise FactoryError(
+            "--order-by and --random order a predicate's rows; a whole query says ORDER BY itself"
+        )
+    connection = connect(manifests_root, skip_unreadable)
     try:
+        _warn_about_labels(connection, expression)
         return _run(connection, expression)
     finally:
         connection.close()

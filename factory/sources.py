@@ -16,7 +16,9 @@ default stride 512 every DF2K image (DIV2K ~2040x1356, Flickr2K ~2040x1080 to 20
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
 import struct
 import warnings
@@ -27,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.config import FactoryError
+
+log = logging.getLogger(__name__)
 
 # Lower-case suffixes of the files `find_images` lists (compared case-insensitively: `IMG_0001.JPG` counts).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -51,21 +55,97 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
+@dataclass(frozen=True)
+class ImageListing:
+    """What `walk_images` found under a root, every path as it is under the root given (links not resolved)."""
+
+    files: list[Path]  # image files, sorted by their POSIX path relative to the root
+    skipped: list[tuple[Path, RejectedImage]]  # links and folders not listed, with why
+
+
+def walk_images(root: str | os.PathLike) -> ImageListing:
     """Every image file under `root` (recursive, by extension, case-insensitive), sorted by path so that the same
     folder always gives the same order (the crop plan, and so the keys and shards, depend on it). Hidden files and
-    folders (names starting with '.') are skipped. A missing root is a FactoryError."""
+    folders (names starting with '.') are skipped. A missing root is a FactoryError.
+
+    Links to folders are followed, but each real folder (device, inode) is listed once: a link back to a folder above
+    it (`up -> ..`) would otherwise be walked until the path is too long, with every file listed again at each level.
+    Such a link is skipped with a `symlink_loop` reject; a second path to a folder listed already is skipped quietly,
+    as a file listed twice is kept once. A link that leads nowhere, whatever its name (it may have been a folder), is
+    skipped with a `dangling_link` reject, or `symlink_loop` when it leads to itself (`self.png -> self.png`)."""
     root = Path(root)
     if not root.is_dir():
         raise FactoryError(f"not a folder of images: {root}")
-    found = []
-    for directory, subdirectories, files in os.walk(root, followlinks=True):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and is_image_file(name):
-                found.append(Path(directory) / name)
+    listing = ImageListing([], [])
+    listed: set[tuple[int, int]] = set()
+    pending: list[tuple[Path, tuple[tuple[int, int], ...]]] = [(root, ())]  # (folder, identities above it)
+    while pending:
+        folder, above = pending.pop()
+        try:
+            status = folder.stat()
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            unreadable = RejectedImage("unreadable", f"cannot list {folder}: {error.strerror or error}")
+            listing.skipped.append((folder, unreadable))
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in above:
+            target = os.path.realpath(folder)
+            loop = RejectedImage("symlink_loop", f"{folder} links back to {target}, a folder that holds it")
+            listing.skipped.append((folder, loop))
+            continue
+        if identity in listed:
+            continue
+        listed.add(identity)
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            broken = _broken_link(entry)
+            if broken is not None:
+                listing.skipped.append((Path(entry.path), broken))
+            elif _is_folder(entry):
+                subfolders.append(Path(entry.path))
+            elif is_image_file(entry.name):
+                listing.files.append(Path(entry.path))
+        pending.extend((subfolder, (*above, identity)) for subfolder in reversed(subfolders))
     # Sort on the POSIX relative path so the order does not depend on the platform's separator.
-    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+    listing.files.sort(key=lambda path: path.relative_to(root).as_posix())
+    return listing
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that turned into a loop since `_broken_link` looked
+        return False
+
+
+def _broken_link(entry: os.DirEntry) -> RejectedImage | None:
+    """Why a link leads nowhere (its target is missing, or it leads back to itself); None for anything else."""
+    if not entry.is_symlink():
+        return None
+    try:
+        os.stat(entry.path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return RejectedImage("symlink_loop", f"{entry.path}: its links lead back to themselves")
+        if error.errno == errno.ENOENT:
+            return RejectedImage(
+                "dangling_link", f"{entry.path} links to {os.readlink(entry.path)}, which is missing"
+            )
+        return RejectedImage("unreadable", f"cannot follow the link {entry.path}: {error.strerror or error}")
+    return None
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """The image files of `walk_images(root)`; each link or folder it skipped is logged as a warning."""
+    listing = walk_images(root)
+    for path, error in listing.skipped:
+        log.warning("skipped %s: %s", path, error)
+    return listing.files
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
@@ -165,19 +245,32 @@ SKIMAGE_COLOR_FILES = (
 class SourceFile:
     """One HR input file."""
 
-    path: str  # absolute local path, read by the build's actors
+    path: str  # absolute, links resolved (a looping link stays as it is), read by the build's actors
     root: str  # the HR root as given on the command line (manifest `source_root`), or "skimage-data"
     relative: str  # POSIX path relative to `root` (manifest `source`)
 
 
-def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) -> list[SourceFile]:
+@dataclass
+class SourceListing:
+    """What `list_sources` found: the files to plan, and what was skipped while listing (the build records it)."""
+
+    files: list[SourceFile]
+    rejects: list[tuple[SourceFile, RejectedImage]]  # links and folders not listed (`walk_images`), with why
+
+
+def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) -> SourceListing:
     """The HR files of every `--hr` root (recursive, sorted) and every `--hr-list` file (one path per line, relative
     to the list's folder unless absolute; blank lines and '#' comments skipped), in the order given. Without either,
     the embedded default (scikit-image's colour photos). A file listed twice is kept once (the first time)."""
     sources: list[SourceFile] = []
+    rejects: list[tuple[SourceFile, RejectedImage]] = []
     for root in roots:
-        for path in find_images(root):
-            sources.append(SourceFile(str(path.resolve()), str(root), path.relative_to(root).as_posix()))
+        walked = walk_images(root)
+        for path in walked.files:
+            sources.append(SourceFile(os.path.realpath(path), str(root), path.relative_to(root).as_posix()))
+        for path, error in walked.skipped:
+            skipped = SourceFile(os.path.realpath(path), str(root), path.relative_to(root).as_posix())
+            rejects.append((skipped, error))
     for list_file in list_files:
         listing = Path(list_file)
         try:
@@ -189,7 +282,7 @@ def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) 
             if not entry or entry.startswith("#"):
                 continue
             path = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
-            sources.append(SourceFile(str(path.resolve()), str(list_file), entry))
+            sources.append(SourceFile(os.path.realpath(path), str(list_file), entry))
     if not roots and not list_files:
         import skimage.data
 
@@ -198,7 +291,7 @@ def list_sources(roots: tuple[str, ...] = (), list_files: tuple[str, ...] = ()) 
     unique: dict[str, SourceFile] = {}
     for source in sources:
         unique.setdefault(source.path, source)
-    return list(unique.values())
+    return SourceListing(list(unique.values()), rejects)
 
 
 def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
@@ -210,7 +303,8 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple
         if path.stat().st_size == 0:
             raise RejectedImage("empty", f"{path} is an empty file")
     except OSError as error:
-        raise RejectedImage("unreadable", f"cannot read {path}: {error.strerror or error}") from None
+        reason = "symlink_loop" if error.errno == errno.ELOOP else "unreadable"  # `self.png -> self.png`
+        raise RejectedImage(reason, f"cannot read {path}: {error.strerror or error}") from None
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():

@@ -31,13 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
 from factory.diversity import degradation_entropy
-from factory.manifests import CARD_NAME, REJECTS_NAME
+from factory.manifests import CARD_NAME, REJECTS_NAME, check_manifest_root
 from factory.query import select
 from factory.storage import Storage
 
@@ -185,8 +186,7 @@ def entropy_of(counts: Mapping[str, int]) -> float | None:
 
 
 def _dataset_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise FactoryError(f"no manifest folder at {root}")
+    check_manifest_root(root)
     return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(("_", ".")))
 
 
@@ -219,8 +219,14 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def _rejects(folder: Path) -> int:
+    """Rows of the dataset's rejects manifest; 0 when it has none, or an unreadable one (`unreadable_manifests`
+    names it)."""
     path = folder / REJECTS_NAME
-    return pq.read_metadata(path).num_rows if path.is_file() else 0
+    try:
+        return pq.read_metadata(path).num_rows if path.is_file() else 0
+    except (OSError, pa.ArrowException) as error:
+        logger.warning("left out the unreadable rejects manifest %s: %s", path, error_line(error))
+        return 0
 
 
 def _label_counts(labels: Sequence[str | None]) -> tuple[dict[str, int], int]:
@@ -251,7 +257,7 @@ def compute_stats(manifests_root: str | os.PathLike) -> StatsReport:
     """Statistics of every dataset under `manifests_root` (datasets with only rejects included)."""
     root = Path(manifests_root)
     folders = _dataset_folders(root)
-    table = select(root, None, columns=list(STATS_COLUMNS))
+    table = select(root, None, columns=list(STATS_COLUMNS), skip_unreadable=True)
     rows = table.to_pydict()
     by_dataset: dict[str, list[int]] = {}
     for index, name in enumerate(rows["dataset"]):
@@ -484,7 +490,7 @@ def write_figures(report: StatsReport, manifests_root: Path, folder: Path) -> li
 
 
 def _delta_e_by_dataset(manifests_root: Path) -> dict[str, list[float]]:
-    table = select(manifests_root, None, columns=["dataset", "delta_e"]).to_pydict()
+    table = select(manifests_root, None, columns=["dataset", "delta_e"], skip_unreadable=True).to_pydict()
     values: dict[str, list[float]] = {}
     for name, value in zip(table["dataset"], table["delta_e"], strict=True):
         values.setdefault(name, []).append(value)

@@ -322,6 +322,63 @@ def test_dry_run_writes_nothing(tmp_path: Path, hr_folder: Path):
     assert not Path(config.out).exists() and not Path(config.manifests).exists()
 
 
+def test_dry_run_checks_what_a_run_checks_before_writing(tmp_path: Path, hr_folder: Path):
+    # Each of these printed a plan and exited 0; the real run then failed (or trained for hours first).
+    runner = CliRunner()
+    out, manifests = tmp_path / "shards", tmp_path / "manifests"
+    base = [
+        "build",
+        "--hr",
+        str(hr_folder),
+        "--crop",
+        "128",
+        "--out",
+        str(out),
+        "--manifests",
+        str(manifests),
+    ]
+    base += ["--dry-run", "--no-progress"]
+    for extra, said in (
+        (["--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["--model", "bicubic", "--classifier", str(tmp_path / "missing.safetensors")], "no classifier at"),
+        (["--model", "vqvae2", "--checkpoints", str(tmp_path), "--no-train"], "not found"),
+    ):
+        result = runner.invoke(main, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert said in result.output and result.output.count("\n") == 1, result.output
+    assert not out.exists() and not manifests.exists()
+
+
+def test_dry_run_says_whether_the_checkpoint_is_there_or_trained_first(tmp_path: Path, hr_folder: Path):
+    from factory.checkpoints import checkpoint_path, save_checkpoint
+    from factory.models import build_model, make_config
+
+    config = config_for(
+        tmp_path, hr_folder, model="vqvae2", epoch=1, checkpoints=str(tmp_path / "ck"), dry_run=True
+    )
+    path = checkpoint_path(config.checkpoints, "vqvae2", 1)
+    missing = f"  checkpoint {path} is missing: vqvae2 is trained to epoch 1 first"
+    assert missing in build(config).summary_lines()
+    assert not path.exists()
+    model_config = make_config("vqvae2", "tiny")
+    model = build_model("vqvae2", config=model_config)
+    save_checkpoint(
+        path,
+        model_name="vqvae2",
+        preset="tiny",
+        config=model_config,
+        model=model,
+        epoch=1,
+        steps=0,
+        data_fingerprint="none",
+        seed=0,
+    )
+    lines = build(config).summary_lines()
+    assert any(line.startswith(f"  checkpoint {path} (sha256 ") for line in lines), lines
+    bicubic = build(config_for(tmp_path, hr_folder, dry_run=True)).summary_lines()
+    assert "  checkpoint none (bicubic: the LR is not degraded)" in bicubic
+
+
 def test_other_settings_into_an_existing_dataset_are_refused(tmp_path: Path, hr_folder: Path):
     """A resume with other settings is refused, naming what differs (the commit records keep the settings)."""
     from factory.classifier import ClassifierTrainConfig, build_network, save_classifier
@@ -439,19 +496,21 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
     monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
     embedded = BuildConfig(checkpoints=str(tmp_path / "checkpoints"))
     with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
-        ensure_checkpoint(embedded, list_sources())
+        ensure_checkpoint(embedded, list_sources().files)
     steps = EMBEDDED_DEFAULT_STEPS_PER_EPOCH * EMBEDDED_DEFAULT_RECIPE.batch_size
     assert (seen[0].image_size, seen[0].epoch_size, seen[0].epochs, seen[0].regime_size) == (64, steps, 8, 64)
     assert (seen[0].recipe, seen[0].preset) == (EMBEDDED_DEFAULT_RECIPE, EMBEDDED_DEFAULT_PRESET)
     with pytest.raises(FactoryError, match="not written"):
         with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
-        ensure_checkpoint(with_hr, list_sources())
+        ensure_checkpoint(with_hr, list_sources().files)
     assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr, seen[1].recipe) == (None, None, None, None)
     assert seen[1].preset == "paper" and seen[1].regime_size == 256
     # --no-progress (config_for's) silences training's bar too.
     assert seen[0].progress and not seen[1].progress
     with pytest.raises(FactoryError, match="not written"):  # --crop 200: LR 50, trained on whole 48x48 crops
-        ensure_checkpoint(BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources())
+        ensure_checkpoint(
+            BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources().files
+        )
     assert seen[2].image_size == 48
 
 

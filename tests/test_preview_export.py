@@ -280,3 +280,51 @@ def test_on_a_real_bicubic_build(tmp_path):
             np.asarray(Image.open(io.BytesIO((out / "lr" / f"{key}.png").read_bytes()))),
             stored(payloads, key, "lr"),
         )
+
+
+def test_preview_refuses_an_out_in_a_missing_folder(roots, tmp_path):
+    # It made the folder, so a typo in the path went unnoticed.
+    out = tmp_path / "nonexistent" / "dir" / "pv.png"
+    common = ["--shards", str(roots["shards"]), "--manifests", str(roots["manifests"])]
+    result = CliRunner().invoke(main, ["preview", *common, "--n", "2", "--out", str(out)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"no folder {out.parent}" in result.output
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_preview_and_export_take_the_first_in_the_order_asked(roots, tmp_path):
+    by_delta_e = sorted(roots["rows"], key=lambda row: -row["delta_e"])
+    worst = make_preview(
+        PreviewConfig(
+            roots["shards"],
+            roots["manifests"],
+            None,
+            count=3,
+            out=tmp_path / "w.png",
+            order_by="delta_e DESC",
+        )
+    )
+    assert [cell.key for cell in worst.cells] == [row["key"] for row in by_delta_e[:3]]
+    drawn = [
+        make_preview(
+            PreviewConfig(
+                roots["shards"], roots["manifests"], None, count=4, out=tmp_path / "r.png", random_seed=seed
+            )
+        ).cells
+        for seed in (5, 5, 6)
+    ]
+    assert (
+        [cell.key for cell in drawn[0]] == [cell.key for cell in drawn[1]] != [cell.key for cell in drawn[2]]
+    )
+    common = ["--shards", str(roots["shards"]), "--manifests", str(roots["manifests"])]
+    result = CliRunner().invoke(
+        main, ["export", *common, "--n", "2", "--order-by", "delta_e DESC", "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(path.stem for path in (tmp_path / "e" / "hr").iterdir()) == sorted(
+        row["key"] for row in by_delta_e[:2]
+    )
+    result = CliRunner().invoke(
+        main, ["preview", *common, "--random", "--seed", "1", "--out", str(tmp_path / "c.png")]
+    )
+    assert result.exit_code == 0, result.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -93,7 +95,7 @@ def write_awkward_inputs(folder: Path, image: np.ndarray) -> dict[str, str | Non
             "empty.png": "empty",
             "text.jpg": "not_an_image",
             "truncated.jpg": "truncated",
-            "unreadable.png": "unreadable",
+            "unreadable.png": "dangling_link",  # listed (the build's reason); read directly, it is "unreadable"
             "small.png": "too_small",
             "bomb.png": "decompression_bomb",
         }
@@ -227,17 +229,82 @@ def test_probe_reports_the_displayed_size(tmp_path: Path, photo):
 
 
 def test_list_sources_default_and_lists(tmp_path: Path, photo_folder: Path):
-    default = list_sources()
+    default = list_sources().files
     assert [source.relative for source in default] == list(SKIMAGE_COLOR_FILES)
     assert all(Path(source.path).is_file() and source.root == "skimage-data" for source in default)
     listing = tmp_path / "list.txt"
     listing.write_text("# HR files\nphotos/astronaut.jpg\n\nphotos/nested/coffee.png\n")
-    from_list = list_sources((), (str(listing),))
+    from_list = list_sources((), (str(listing),)).files
     assert [source.relative for source in from_list] == ["photos/astronaut.jpg", "photos/nested/coffee.png"]
-    from_folder = list_sources((str(photo_folder),))
+    from_folder = list_sources((str(photo_folder),)).files
     assert [source.relative for source in from_folder] == [
         p.relative_to(photo_folder).as_posix() for p in find_images(photo_folder)
     ]
-    assert len(list_sources((str(photo_folder), str(photo_folder)))) == len(
+    assert len(list_sources((str(photo_folder), str(photo_folder))).files) == len(
         from_folder
     )  # listed twice, kept once
+
+
+def _folder_with_a_photo(folder: Path, photo: np.ndarray) -> Path:
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.fromarray(photo).save(folder / "a" / "x.png")
+    return folder
+
+
+def test_links_back_up_the_tree_are_listed_once_not_walked_forever(tmp_path: Path, photo):
+    # Two links to the root: followed blindly, every level doubles the walk (the issue saw 6.7 GB after 120 s).
+    root = _folder_with_a_photo(tmp_path / "d", photo)
+    (root / "a" / "up").symlink_to("..")
+    (root / "b" / "up").symlink_to("..")
+    script = f"from factory.sources import find_images; print(len(find_images({str(root)!r})))"
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    listing = list_sources((str(root),))
+    assert [source.relative for source in listing.files] == ["a/x.png"]
+    assert sorted((source.relative, error.reason) for source, error in listing.rejects) == [
+        ("a/up", "symlink_loop"),
+        ("b/up", "symlink_loop"),
+    ]
+
+
+def test_a_directory_cycle_is_listed_once_under_the_path_given(tmp_path: Path, photo):
+    root = _folder_with_a_photo(tmp_path / "d", photo)
+    (root / "a" / "loop").symlink_to(root / "b")
+    (root / "b" / "back").symlink_to(root / "a")
+    listing = list_sources((str(root),))
+    assert [source.relative for source in listing.files] == ["a/x.png"]
+    assert listing.files[0].path == str((root / "a" / "x.png").resolve())
+    assert [(source.relative, error.reason) for source, error in listing.rejects] == [
+        ("a/loop/back", "symlink_loop")
+    ]
+    assert [path.relative_to(root).as_posix() for path in find_images(root)] == ["a/x.png"]
+
+
+def test_self_referencing_and_dangling_links_are_rejects(tmp_path: Path, photo):
+    root = _folder_with_a_photo(tmp_path / "d", photo)
+    (root / "self.png").symlink_to("self.png")  # it raised RuntimeError: Symlink loop
+    (root / "gone").symlink_to(tmp_path / "unmounted")  # a folder of photos, perhaps: not silently ignored
+    listing = list_sources((str(root),))
+    assert [source.relative for source in listing.files] == ["a/x.png"]
+    assert sorted((source.relative, error.reason) for source, error in listing.rejects) == [
+        ("gone", "dangling_link"),
+        ("self.png", "symlink_loop"),
+    ]
+    with pytest.raises(RejectedImage) as caught:  # named in an --hr-list, it is found when read
+        probe_image(root / "self.png")
+    assert caught.value.reason == "symlink_loop"
+
+
+def test_dry_run_records_a_loop_as_a_reject(tmp_path: Path, photo):
+    from factory.build import BuildConfig, build
+
+    root = _folder_with_a_photo(tmp_path / "d", photo)
+    (root / "a" / "up").symlink_to("..")
+    (root / "self.png").symlink_to("self.png")
+    result = build(BuildConfig(hr=(str(root),), model="bicubic", crop=64, dry_run=True, progress=False))
+    assert result.plan["sources"] == 1
+    assert sorted((row["source"], row["reason"]) for row in result.rejects) == [
+        ("a/up", "symlink_loop"),
+        ("self.png", "symlink_loop"),
+    ]

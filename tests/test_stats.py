@@ -186,3 +186,21 @@ def test_stats_needs_no_torch():
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
+
+
+def test_one_unreadable_manifest_is_named_and_the_other_datasets_are_described(tmp_path, photos):
+    # One damaged file stopped stats for every dataset.
+    from factory.manifests import REJECTS_NAME, manifest_files
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    make_dataset(shards, manifests, "good", [PairSpec(1), PairSpec(3)], photos, pairs_per_shard=1)
+    make_dataset(shards, manifests, "damaged", [PairSpec(2)], photos, rejects=1)
+    (damaged,) = manifest_files(manifests, "damaged")
+    damaged.write_bytes(b"not parquet")
+    (manifests / "damaged" / REJECTS_NAME).write_bytes(b"")
+    result = CliRunner().invoke(main, ["stats", "--manifests", str(manifests), "--json"])
+    assert result.exit_code == 1
+    by_name = {item["dataset"]: item for item in json.loads(result.stdout)["datasets"]}
+    assert by_name["good"]["pairs"] == 2 and by_name["good"]["delta_e_mean"] == pytest.approx(2.0)
+    assert by_name["damaged"]["pairs"] == 0
+    assert str(damaged) in result.stderr and str(manifests / "damaged" / REJECTS_NAME) in result.stderr
