@@ -781,7 +781,10 @@ def eval_command(
     help="Random crops per decoded pair.",
 )
 @click.option(
-    "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers per rank."
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="DataLoader workers per rank [default: what the cores and the shards allow, at most 4].",
 )
 @click.option(
     "--checkpoint-every",
