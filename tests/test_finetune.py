@@ -372,6 +372,21 @@ def test_a_second_trainer_on_the_same_out_is_refused_with_the_holders_pid(tmp_pa
     assert not (out / "_finetune.lock").exists()
 
 
+def _endless_run(shards: Path, out: Path) -> list[str]:
+    """`factory finetune` arguments of a run that trains until it is killed."""
+    options = "--arch edsr --preset tiny --workers 0 --iters 1000000 --batch-size 2 --patch-size 16".split()
+    return ["finetune", *options, "--shards", str(shards), "--out", str(out)]
+
+
+def _wait_for_lock(out: Path, process: subprocess.Popen, errors: Path) -> dict:
+    """The lock record of the trainer writing `out`, once it holds it."""
+    deadline = time.monotonic() + 120
+    while not (out / "_finetune.lock").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.1)
+    return json.loads((out / "_finetune.lock").read_text())
+
+
 # What torchrun does with a rank: a session of its own (so killing torchrun's process group does not reach it), and
 # the elastic agent's environment.
 LAUNCHER = """
@@ -390,21 +405,16 @@ RANK = "import sys; import factory.finetune; {patch}; from factory.cli import ma
 @pytest.mark.parametrize("watch", ["prctl", "thread"])
 def test_ranks_exit_when_their_launcher_is_killed(tmp_path, train_shards, watch):
     out = tmp_path / "run"
-    patch = (
-        "factory.finetune._set_parent_death_signal = lambda signal_number: False" if watch == "thread" else ""
-    )
-    rank_command = [sys.executable, "-c", RANK.format(patch=patch or "pass"), "finetune", "--arch", "edsr"]
-    rank_command += [
-        "--preset",
-        "tiny",
-        "--shards",
-        str(train_shards[0]),
-        "--iters",
-        "1000000",
-        "--workers",
-        "0",
+    patch = {
+        "prctl": "pass",
+        "thread": "factory.finetune._set_parent_death_signal = lambda signal_number: False",
+    }
+    rank_command = [
+        sys.executable,
+        "-c",
+        RANK.format(patch=patch[watch]),
+        *_endless_run(train_shards[0], out),
     ]
-    rank_command += ["--batch-size", "2", "--patch-size", "16", "--out", str(out)]
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, str(tmp_path / "rank.err"), *rank_command],
         stdout=subprocess.PIPE,
@@ -414,11 +424,7 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path, train_shards, watch)
     )
     rank_pid = int(launcher.stdout.readline())
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "_finetune.lock").is_file() and time.monotonic() < deadline:
-            assert _running(rank_pid), (tmp_path / "rank.err").read_text()[-3000:]
-            time.sleep(0.1)
-        assert json.loads((out / "_finetune.lock").read_text())["pid"] == rank_pid
+        assert _wait_for_lock(out, launcher, tmp_path / "rank.err")["pid"] == rank_pid
         # A second trainer on the same folder is refused while the rank trains.
         with pytest.raises(FactoryError, match=rf"another trainer is writing .* \(pid {rank_pid} on"):
             finetune(_config(train_shards[0], out, iterations=2))
@@ -436,6 +442,45 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path, train_shards, watch)
             launcher.wait()
     # The dead rank's lock is taken over by the next trainer.
     assert finetune(_config(train_shards[0], out, iterations=2, resume=False)).iterations == 2
+
+
+@pytest.mark.slow  # ~15 s on two busy cores: torchrun and two ranks start
+@pytest.mark.skipif(
+    sys.platform != "linux" or _console_script("torchrun") is None or _console_script("factory") is None,
+    reason="needs Linux, torchrun and the factory script",
+)
+def test_torchrun_ranks_exit_when_torchrun_is_killed(tmp_path, train_shards):
+    out, errors = tmp_path / "ddp", tmp_path / "torchrun.err"
+    command = [_console_script("torchrun"), "--standalone", "--nproc-per-node=2", _console_script("factory")]
+    command += _endless_run(train_shards[0], out)
+    with errors.open("w") as stderr:
+        torchrun = subprocess.Popen(
+            command,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    ranks: list[int] = []
+    try:
+        _wait_for_lock(out, torchrun, errors)
+        ranks = [
+            int(pid) for pid in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+        ]
+        assert len(ranks) == 2
+        os.killpg(torchrun.pid, signal.SIGKILL)  # the process group of torchrun, which the ranks are not in
+        torchrun.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in ranks)
+    finally:
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+            torchrun.wait()
 
 
 # --- one-line errors before training ---------------------------------------------------------------------------------
