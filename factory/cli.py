@@ -700,8 +700,13 @@ def eval_command(
         )
     )
     lpips = "n/a" if summary.lpips is None else f"{summary.lpips:.4f}"
+    rejected = ""
+    if summary.rejected:
+        first = summary.rejected[0]
+        rejected = f"; {len(summary.rejected)} rejected, e.g. {first.lr.name}: {first.reason}"
     click.echo(
-        f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} ({summary.csv})"
+        f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} "
+        f"({summary.csv}){rejected}"
     )
 
 
