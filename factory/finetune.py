@@ -597,11 +597,9 @@ def _train(trainer: _Trainer, start: int) -> FinetuneResult:
             for name, value in {"loss": loss.item(), **parts}.items():
                 window[name] = window.get(name, 0.0) + value
             patches = batch["lr"].shape[0] * trainer.world_size
-            window_steps, window_patches, run_patches = (
-                window_steps + 1,
-                window_patches + patches,
-                run_patches + patches,
-            )
+            window_steps += 1
+            window_patches += patches
+            run_patches += patches
             if iteration % config.log_every == 0 or iteration == config.iterations:
                 seconds = time.perf_counter() - window_start
                 line = _log_line(trainer, iteration, window, window_steps, window_patches, seconds)
