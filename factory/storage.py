@@ -7,6 +7,8 @@
 Commit protocol: write to a temporary name in the same folder, then move it onto the final name (`os.replace` on a
 local disk, which is atomic; copy + delete on S3, where a PUT is atomic by itself and the temporary object only
 shields readers from a failed upload). Everything the build writes goes through here.
+
+`OutputLock`: one writer per output at a time (the build's dataset, the fine-tuner's --out).
 """
 
 from __future__ import annotations

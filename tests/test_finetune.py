@@ -372,6 +372,25 @@ def test_a_second_trainer_on_the_same_out_is_refused_with_the_holders_pid(tmp_pa
     assert not (out / "_finetune.lock").exists()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_lock_of_an_unreaped_dead_trainer_is_taken_over(tmp_path, train_shards):
+    """A holder that died but was never reaped (a zombie: in a container, PID 1 may never reap orphans) is gone,
+    though os.kill(pid, 0) still finds it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while not Path(f"/proc/{holder.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            time.sleep(0.05)  # exited, not yet waited for
+        os.kill(holder.pid, 0)  # still found
+        (out / "_finetune.lock").write_text(
+            json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": 0})
+        )
+        assert finetune(_config(train_shards[0], out, iterations=2)).iterations == 2
+    finally:
+        holder.wait()
+
+
 def _endless_run(shards: Path, out: Path) -> list[str]:
     """`factory finetune` arguments of a run that trains until it is killed."""
     options = "--arch edsr --preset tiny --workers 0 --iters 1000000 --batch-size 2 --patch-size 16".split()
