@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from factory.plan import BICUBIC, BuildPlan, ShardTask, build_fingerprint, effec
 from factory.quality import image_quality
 from factory.shards import row_json
 from factory.sources import SourceFile, list_sources
-from factory.storage import Storage
+from factory.storage import OutputLock, Storage
 from factory.worker import ShardSummary, ShardWorker, WorkerSettings
 
 __all__ = ["BuildConfig", "BuildResult", "build", "plan_build", "image_quality", "row_json", "ShardWorker"]
@@ -289,71 +288,6 @@ def _requeue(
 # --------------------------------------------------------------------------------------------------------------------
 # Locking, resume, checkpoint, card
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class DatasetLock:
-    """`<manifests>/<dataset>/_build.lock`: refuses a second build into a dataset while one runs. A lock left by a
-    dead process on this host is taken over; on object stores (no atomic create) it is advisory."""
-
-    def __init__(self, storage: Storage, dataset: str):
-        self.storage = storage
-        self.relative = f"{dataset}/{LOCK_NAME}"
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-
-    def __enter__(self) -> DatasetLock:
-        self.storage.make_dirs(self.relative.rpartition("/")[0])
-        payload = json.dumps(self.record).encode()
-        for _ in range(3):
-            if self.storage.is_local:
-                try:
-                    handle = os.open(
-                        self.storage.path(self.relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644
-                    )
-                except FileExistsError:
-                    pass
-                else:
-                    with os.fdopen(handle, "wb") as file:
-                        file.write(payload)
-                    return self
-            elif not self.storage.exists(self.relative):
-                self.storage.write_bytes_atomic(self.relative, payload)
-                return self
-            holder = self._holder()
-            if holder is None:
-                continue  # released (or unreadable) between our attempts
-            same_host = holder.get("host") == self.record["host"]
-            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                log.warning(
-                    "taking over the lock of a build that is no longer running (pid %s)", holder["pid"]
-                )
-                self.storage.delete(self.relative)
-                continue
-            raise FactoryError(
-                f"another build is writing dataset {self.relative.split('/')[0]} (pid {holder.get('pid')} on "
-                f"{holder.get('host')}); wait for it, or delete {self.storage.uri(self.relative)} if it is gone"
-            )
-        raise FactoryError(f"could not take the lock {self.storage.uri(self.relative)}")
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.storage.read_bytes(self.relative))
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc_info) -> None:
-        holder = self._holder()
-        if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
-            self.storage.delete(self.relative)
 
 
 def build_settings(
@@ -662,7 +596,7 @@ def build(config: BuildConfig) -> BuildResult:
     checkpoint_sha256 = None if checkpoint is None else _load_checkpoint(config, checkpoint)
     shards, manifests = Storage(config.out), Storage(config.manifests)
     settings_of_build = build_settings(config, plan.dataset, plan.crop, checkpoint_sha256)
-    with DatasetLock(manifests, plan.dataset):
+    with OutputLock(manifests, f"{plan.dataset}/{LOCK_NAME}", "build", f"dataset {plan.dataset}"):
         shards.make_dirs(plan.dataset)
         manifests.make_dirs(plan.dataset)
         removed = shards.remove_temporaries(plan.dataset) + manifests.remove_temporaries(plan.dataset)

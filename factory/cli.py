@@ -871,8 +871,13 @@ def eval_command(
         )
     )
     lpips = "n/a" if summary.lpips is None else f"{summary.lpips:.4f}"
+    rejected = ""
+    if summary.rejected:
+        first = summary.rejected[0]
+        rejected = f"; {len(summary.rejected)} rejected, e.g. {first.lr.name}: {first.reason}"
     click.echo(
-        f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} ({summary.csv})"
+        f"{summary.images} images: PSNR {summary.psnr:.2f} dB, SSIM {summary.ssim:.4f}, LPIPS {lpips} "
+        f"({summary.csv}){rejected}"
     )
 
 
@@ -952,7 +957,10 @@ def eval_command(
     help="Random crops per decoded pair.",
 )
 @click.option(
-    "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers per rank."
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="DataLoader workers per rank [default: what the cores and the shards allow, at most 4].",
 )
 @click.option(
     "--checkpoint-every",

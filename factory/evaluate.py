@@ -16,18 +16,27 @@ Pairing: an LR file pairs with the HR file whose name matches after removing the
 (DIV2K mild / difficult / wild: `0801x4m.png` -> `0801.png`), `_x4` / `x4` (DIV2K bicubic `0801x4.png`), `_LR`;
 and HR suffixes `_HR` / `_GT`. NTIRE 2020 Real-World SR names its validation LR images like their ground truth
 (`0801.png` in both folders): the same-name rule covers it, as it does any two folders with matching names.
+
+Outputs (--out): `sr/<name>.png`, `metrics.csv` (one row per LR image; `reason` says why an image could not be
+evaluated, e.g. an unreadable file or sizes that do not pair, and its metrics stay empty) and `summary.json` (the
+means over the evaluated images, and the rejected ones). A bad image is recorded and the run goes on. A run writes
+a complete set or nothing: everything goes to a hidden folder in --out first and replaces the earlier run's outputs
+at the end, summary.json last, so a summary.json is only ever beside the sr/ and metrics.csv of its own run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +46,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.devices import resolve_device
 from factory.sources import find_images, load_rgb
-from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +78,22 @@ class ImagePair:
     hr: Path
 
 
+@dataclass(frozen=True)
+class RejectedPair:
+    name: str  # as in metrics.csv
+    lr: Path
+    reason: str  # one line
+
+
 @dataclass
 class EvalSummary:
-    images: int
-    psnr: float  # means over the images
+    images: int  # evaluated (rejected ones aside)
+    psnr: float  # means over the evaluated images
     ssim: float
     lpips: float | None  # None without LPIPS weights
     csv: Path
     outputs: Path
+    rejected: list[RejectedPair] = field(default_factory=list)  # images that could not be evaluated
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,10 +265,6 @@ class LPIPS(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    Storage(path.parent).write_bytes_atomic(path.name, data)
-
-
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1]."""
     return torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1)[None].float() / 255
@@ -263,6 +275,77 @@ def super_resolve(module: nn.Module, lr: np.ndarray, device: torch.device) -> np
     with torch.no_grad():
         sr = module(_to_tensor(lr, device))[0].clamp(0, 1)
     return (sr.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+# What makes one pair unusable, not the run: an unreadable or corrupt file (sources.RejectedImage, a FactoryError),
+# sizes that do not pair or leave too little for SSIM (FactoryError), an image the network cannot take (RuntimeError,
+# running out of memory included).
+_IMAGE_ERRORS = (FactoryError, OSError, ValueError, RuntimeError)
+_STAGING_PREFIX, _STAGING_SUFFIX = ".eval-", ".tmp"
+
+
+def _measure(
+    pair: ImagePair,
+    module: nn.Module,
+    scale: int,
+    lpips: LPIPS | None,
+    config: EvalConfig,
+    device: torch.device,
+    sr_folder: Path,
+) -> dict[str, float | None]:
+    """PSNR / SSIM (/ LPIPS) of one pair; its SR image is saved once they are taken."""
+    lr, hr = load_rgb(pair.lr), load_rgb(pair.hr)
+    sr = super_resolve(module, lr, device)
+    excess = (hr.shape[0] - sr.shape[0], hr.shape[1] - sr.shape[1])
+    if not all(0 <= pixels < scale for pixels in excess):
+        raise FactoryError(f"{pair.lr.name} x{scale} is {sr.shape[:2]}, {pair.hr.name} is {hr.shape[:2]}")
+    # HR not a multiple of the scale: cropped, as BasicSR's mod-crop does.
+    hr = hr[: sr.shape[0], : sr.shape[1]]
+    value_psnr, value_ssim = image_metrics(sr, hr, y_channel=config.y_channel, crop_border=config.crop_border)
+    value_lpips = None
+    if lpips is not None:
+        border = config.crop_border or None
+        crop = (slice(border, -border if border else None),) * 2
+        with torch.no_grad():
+            value_lpips = float(lpips(_to_tensor(sr[crop], device), _to_tensor(hr[crop], device))[0])
+    Image.fromarray(sr).save(sr_folder / f"{pair.name}.png", format="PNG")
+    return {"psnr": value_psnr, "ssim": value_ssim, "lpips": value_lpips}
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden folder in `out` the run writes into, removed however the run ends (the outputs moved out of it by
+    `_publish` first). One left by a killed run is removed here."""
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=out))
+    try:
+        (staging / "sr").mkdir()
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace an earlier run's outputs by this run's. summary.json goes first and comes back last: should the run
+    die in between, no summary.json stands beside outputs that are not its own."""
+    (out / "summary.json").unlink(missing_ok=True)
+    if (out / "sr").exists():
+        os.replace(out / "sr", staging / "sr.earlier")  # removed with the staging folder
+    os.replace(staging / "sr", out / "sr")
+    os.replace(staging / "metrics.csv", out / "metrics.csv")
+    os.replace(staging / "summary.json", out / "summary.json")
+
+
+def _write_records(rows: list[dict], card: dict, folder: Path) -> None:
+    """metrics.csv (one row per LR image, empty metrics for a rejected one) and summary.json."""
+    with open(folder / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["name", "psnr", "ssim", "lpips", "reason"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    (folder / "summary.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 def evaluate(config: EvalConfig) -> EvalSummary:
@@ -281,58 +364,47 @@ def evaluate(config: EvalConfig) -> EvalSummary:
     else:
         logger.warning("no --lpips-weights: the lpips column stays empty")
     out = Path(config.out)
-    rows = []
-    for pair in tqdm(pairs, desc="eval", unit="image"):
-        lr, hr = load_rgb(pair.lr), load_rgb(pair.hr)
-        sr = super_resolve(module, lr, device)
-        excess = (hr.shape[0] - sr.shape[0], hr.shape[1] - sr.shape[1])
-        if not all(0 <= pixels < network.scale for pixels in excess):
+    with _staging(out) as staging:
+        rows, rejected = [], []
+        for pair in tqdm(pairs, desc="eval", unit="image"):
+            row = {"name": pair.name, "psnr": None, "ssim": None, "lpips": None, "reason": ""}
+            try:
+                row.update(_measure(pair, module, network.scale, lpips, config, device, staging / "sr"))
+            except _IMAGE_ERRORS as error:
+                row["reason"] = error_line(error)
+                rejected.append(RejectedPair(pair.name, pair.lr, row["reason"]))
+                logger.warning("rejected %s: %s", pair.lr.name, row["reason"])
+            rows.append(row)
+        evaluated = [row for row in rows if not row["reason"]]
+        if not evaluated:
             raise FactoryError(
-                f"{pair.lr.name} x{network.scale} is {sr.shape[:2]}, {pair.hr.name} is {hr.shape[:2]}"
+                f"none of the {len(rows)} images could be evaluated; {rejected[0].lr.name}: {rejected[0].reason}"
             )
-        hr = hr[
-            : sr.shape[0], : sr.shape[1]
-        ]  # HR not a multiple of the scale: cropped, as BasicSR's mod-crop does
-        # Metrics first: an image they cannot be taken on (too small for --crop-border) stops before its output.
-        value_psnr, value_ssim = image_metrics(
-            sr, hr, y_channel=config.y_channel, crop_border=config.crop_border
+        summary = EvalSummary(
+            images=len(evaluated),
+            psnr=float(np.mean([row["psnr"] for row in evaluated])),
+            ssim=float(np.mean([row["ssim"] for row in evaluated])),
+            lpips=float(np.mean([row["lpips"] for row in evaluated])) if lpips is not None else None,
+            csv=out / "metrics.csv",
+            outputs=out / "sr",
+            rejected=rejected,
         )
-        buffer = io.BytesIO()
-        Image.fromarray(sr).save(buffer, format="PNG")
-        _write_atomic(out / "sr" / f"{pair.name}.png", buffer.getvalue())
-        value_lpips = None
-        if lpips is not None:
-            border = config.crop_border or None
-            crop = (slice(border, -border if border else None),) * 2
-            with torch.no_grad():
-                value_lpips = float(lpips(_to_tensor(sr[crop], device), _to_tensor(hr[crop], device))[0])
-        rows.append({"name": pair.name, "psnr": value_psnr, "ssim": value_ssim, "lpips": value_lpips})
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["name", "psnr", "ssim", "lpips"])
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "lpips": "" if row["lpips"] is None else row["lpips"]})
-    _write_atomic(out / "metrics.csv", text.getvalue().encode())
-    summary = EvalSummary(
-        images=len(rows),
-        psnr=float(np.mean([row["psnr"] for row in rows])),
-        ssim=float(np.mean([row["ssim"] for row in rows])),
-        lpips=float(np.mean([row["lpips"] for row in rows])) if lpips is not None else None,
-        csv=out / "metrics.csv",
-        outputs=out / "sr",
-    )
-    card = {
-        "model": str(config.model),
-        "architecture": network.architecture,
-        "scale": network.scale,
-        "lr": str(config.lr),
-        "hr": str(config.hr),
-        "y_channel": config.y_channel,
-        "crop_border": config.crop_border,
-        "images": summary.images,
-        "psnr": summary.psnr,
-        "ssim": summary.ssim,
-        "lpips": summary.lpips,
-    }
-    _write_atomic(out / "summary.json", (json.dumps(card, indent=2) + "\n").encode())
+        card = {
+            "model": str(config.model),
+            "architecture": network.architecture,
+            "scale": network.scale,
+            "lr": str(config.lr),
+            "hr": str(config.hr),
+            "y_channel": config.y_channel,
+            "crop_border": config.crop_border,
+            "images": summary.images,
+            "psnr": summary.psnr,
+            "ssim": summary.ssim,
+            "lpips": summary.lpips,
+            "rejected": [
+                {"name": image.name, "lr": image.lr.name, "reason": image.reason} for image in rejected
+            ],
+        }
+        _write_records(rows, card, staging)
+        _publish(staging, out)
     return summary

@@ -17,18 +17,29 @@ autocast on CUDA (no gradient scaler needed); full float32 on CPU.
 Output (--out): `checkpoints/iter_NNNNNNN.pt` (network, optimiser, iteration; read back with weights_only=True, the
 newest is resumed automatically), `log.jsonl` (loss and throughput), and `model.pth`, the fine-tuned weights in the
 official key layout of the architecture (loadable by `factory eval`, spandrel and the official repositories).
+
+One trainer per --out: rank 0 holds `<out>/_finetune.lock` (pid, host) for the whole run, a second trainer is refused
+with the holder's pid, and the lock of a holder that died on this host is taken over. Under torchrun every rank ends
+when its launcher does: torchrun starts each rank in a session of its own, so killing torchrun's process group alone
+would leave the ranks training into --out beside a rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed as dist
@@ -39,6 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from factory.config import FactoryError, config_to_dict, error_line
+from factory.shards import decode_image
 from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_atomic, save_weights
 from factory.sr.losses import (
     ESRGANLossConfig,
@@ -47,7 +59,8 @@ from factory.sr.losses import (
     discriminator_loss,
     generator_loss,
 )
-from factory.stream import PairedPatches
+from factory.storage import OutputLock, Storage
+from factory.stream import PairedPatches, iterate_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +68,9 @@ CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pt$")
 # Batches per rank and worker per epoch: long, as each epoch refills the shuffle buffer.
 STEPS_PER_EPOCH = 1000
 LOSSES: tuple[str, ...] = ("l1", "esrgan")
+LOCK_NAME = "_finetune.lock"  # in --out, while a trainer writes there
+MAX_DEFAULT_WORKERS = 4  # DataLoader workers per rank without --workers, however many cores there are
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -72,7 +88,7 @@ class FinetuneConfig:
     patch_size: int = 64  # LR patch side; the HR patch is scale x larger
     learning_rate: float = 1e-4  # Adam, constant
     patches_per_pair: int = 8  # random crops per decoded pair (decoding is the cost)
-    workers: int = 4  # DataLoader worker processes per rank
+    workers: int | None = None  # DataLoader worker processes per rank; None: what cores and shards allow
     checkpoint_every: int = 1000  # iterations between checkpoints (and at the end)
     log_every: int = 50  # iterations between loss / throughput lines
     amp: bool = True  # bfloat16 autocast on CUDA
@@ -193,6 +209,8 @@ def _check(config: FinetuneConfig) -> None:
     ):
         if getattr(config, name) < 1:
             raise FactoryError(f"{name} must be >= 1")
+    if config.workers is not None and config.workers < 0:
+        raise FactoryError("workers must be >= 0")
     if config.learning_rate <= 0:
         raise FactoryError("the learning rate must be positive")
     if config.loss not in LOSSES:
@@ -203,8 +221,200 @@ def _check(config: FinetuneConfig) -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# One trainer per output folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _set_parent_death_signal(signal_number: int) -> bool:
+    """Ask Linux to send `signal_number` to this process when its parent exits (prctl PR_SET_PDEATHSIG); False where
+    that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_with_launcher() -> None:
+    """End this rank when its launcher ends: the kernel's parent-death signal on Linux, elsewhere a daemon thread
+    that polls the parent. SIGTERM's default action ends the process; the lock it leaves is taken over by the next
+    trainer, and checkpoints are written atomically. (Should the launcher die while this process still imports torch,
+    before this runs, the rank is not stopped.)"""
+    parent = os.getppid()
+    if not _set_parent_death_signal(signal.SIGTERM):
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-launcher", daemon=True).start()
+    if os.getppid() != parent:  # died between the two calls: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _one_trainer(out: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Rank 0 holds `<out>/_finetune.lock` for the run. Every rank learns whether it got it, so that all stop with the
+    same one-line refusal rather than the others waiting for rank 0 in their first collective."""
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if rank == 0:
+            try:
+                stack.enter_context(OutputLock(Storage(out), LOCK_NAME, "trainer", str(out)))
+            except FactoryError as error:
+                refusal = str(error)
+        if world_size > 1:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal:
+            raise FactoryError(refusal)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The stream, checked before training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def default_workers(shard_counts: Sequence[int], world_size: int) -> int:
+    """DataLoader workers per rank without --workers. No more than the cores this process may use (its affinity: what
+    a scheduler or taskset granted) shared by the ranks on this machine, one core each left to training: more make
+    torch warn of a freeze. No more readers (ranks x workers) than any dataset has shards: more make readers share
+    shards. At most MAX_DEFAULT_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    by_cores = cores // ranks_here - 1
+    by_shards = min(shard_counts) // world_size
+    return max(0, min(MAX_DEFAULT_WORKERS, by_cores, by_shards))
+
+
+def _check_readers(dataset: PairedPatches, config: FinetuneConfig, world_size: int, workers: int) -> None:
+    """Every reader (rank x DataLoader worker) needs a pair of each dataset; one without any would stop its rank
+    mid-run, and the other ranks with it. Counted with manifests only: without, pairs are known as they are read."""
+    if dataset.selected_pairs is None:
+        return
+    readers = world_size * max(workers, 1)
+    for index, shards in enumerate(dataset.shard_keys):
+        pairs = sum(len(keys) for keys in shards.values())  # type: ignore[arg-type]
+        if pairs < readers:
+            of_dataset = f" of dataset {index}" if len(dataset.shard_keys) > 1 else ""
+            where = f" (--where {config.where!r})" if config.where else ""
+            per_rank = _count(workers, "worker") if workers else "1 reader"
+            raise FactoryError(
+                f"the manifests select {_count(pairs, 'pair')}{of_dataset}{where} for {readers} readers "
+                f"({_count(world_size, 'rank')} x {per_rank}), and every reader needs one; select more pairs or "
+                "give fewer --workers"
+            )
+
+
+def _check_patch_size(dataset: PairedPatches, patch_size: int) -> None:
+    """A patch larger than the LR images leaves every reader without a crop, which the workers would find out one
+    warning per pair before failing. A factory dataset has one crop size, so the first pair of each dataset folder
+    speaks for all of it (a pair of another size is still skipped, with a warning, as it is read)."""
+    for shards in dataset.shard_keys:
+        first_of_folder: dict[PurePosixPath, str] = {}
+        for url in sorted(shards):
+            first_of_folder.setdefault(PurePosixPath(url).parent, url)
+        for url in first_of_folder.values():
+            with contextlib.closing(iterate_pairs(url, shards[url])) as pairs:
+                first = next(pairs, None)
+            if first is None:
+                continue  # an empty or unreadable shard: its warning came from iterate_pairs
+            key, fields = first
+            try:
+                height, width = decode_image(*fields["lr"]).shape[:2]
+            except (ValueError, OSError):
+                continue  # a corrupt payload is skipped with a warning while training
+            if min(height, width) < patch_size:
+                raise FactoryError(
+                    f"--patch-size {patch_size} is larger than the LR images of {url} ({height}x{width}, e.g. "
+                    f"{key}); give --patch-size {min(height, width)} or less"
+                )
+
+
+def _stream(config: FinetuneConfig, scale: int, world_size: int) -> tuple[PairedPatches, int]:
+    """This rank's patch stream and its number of DataLoader workers, checked before any training."""
+    # One reader's epoch here; scaled by the readers below, as the workers depend on the shards the selection kept.
+    steps = min(STEPS_PER_EPOCH, config.iterations)
+    dataset = PairedPatches(
+        list(config.shards),  # with weights: one entry per dataset; without: the shards of one dataset
+        weights=list(config.dataset_weights) if config.dataset_weights is not None else None,
+        patch_size=config.patch_size,
+        scale=scale,
+        manifests=config.manifests,
+        where=config.where,
+        patches_per_pair=config.patches_per_pair,
+        seed=config.seed,
+        epoch_length=config.batch_size * steps,
+    )
+    workers = config.workers
+    if workers is None:
+        workers = default_workers([len(shards) for shards in dataset.shard_keys], world_size)
+        logger.info("%s per rank (cores and shards allow no more)", _count(workers, "DataLoader worker"))
+    _check_readers(dataset, config, world_size, workers)
+    _check_patch_size(dataset, config.patch_size)
+    # A fixed number of patches per rank and epoch, a whole number of batches per worker: every rank runs the same
+    # number of steps, whatever its shards hold.
+    dataset.epoch_length = config.batch_size * max(workers, 1) * steps
+    return dataset, workers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resuming
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_not_past(out: Path, config: FinetuneConfig) -> None:
+    """A run already at --iters has nothing to train: said before anything is loaded, and nothing is written (the
+    weights were written with the last checkpoint)."""
+    found = _checkpoints(out) if config.resume else {}
+    if not found or max(found) < config.iterations:
+        return
+    done = max(found)
+    relation = f", past --iters {config.iterations}" if done > config.iterations else f" of --iters {done}"
+    raise FactoryError(
+        f"{out} is already at iteration {done}{relation}: nothing to train, nothing written; give --iters above "
+        f"{done} to train on, or --no-resume to start over"
+    )
+
+
+def _option(name: str, value: object) -> str:
+    return f"no --{name}" if value is None else f"--{name} {value}"
+
+
+def _network_difference(state: dict, network: SRNetwork, config: FinetuneConfig) -> str:
+    """What makes a checkpoint's network another than this run's: an option that changed, else the first weight
+    that differs."""
+    saved = state.get("config") or {}
+    names = ["pretrained"] + (
+        ["preset"] if saved.get("pretrained") is None and config.pretrained is None else []
+    )
+    for name in names:
+        if name in saved and saved[name] != getattr(config, name):
+            return f"it was trained with {_option(name, saved[name])}, this run has {_option(name, getattr(config, name))}"
+    ours, theirs = network.module.state_dict(), state["network"]
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in theirs:
+            return f"it has no {key}"
+        if key not in ours:
+            return f"it has {key}, which this network lacks"
+        if theirs[key].shape != ours[key].shape:
+            return f"{key} is {tuple(theirs[key].shape)} there, {tuple(ours[key].shape)} here"
+    return "its weights do not load into this network"
+
+
 def _resume(
     out: Path,
+    config: FinetuneConfig,
     network: SRNetwork,
     optimizer: torch.optim.Optimizer,
     adversary: Adversary | None,
@@ -216,158 +426,208 @@ def _resume(
     found = _checkpoints(out)
     if not found:
         return 0
-    iteration = max(found)
+    path = found[max(found)]
     try:
-        state = torch.load(found[iteration], map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is reported in one line
-        raise FactoryError(f"cannot read checkpoint {found[iteration]}: {error_line(error)}") from None
+        raise FactoryError(f"cannot read checkpoint {path}: {error_line(error)}") from None
     if state.get("architecture") != network.architecture:
+        raise FactoryError(f"{path} is a {state.get('architecture')} checkpoint, not {network.architecture}")
+    try:
+        network.module.load_state_dict(state["network"])
+    except RuntimeError:  # missing, unexpected or differently shaped weights
         raise FactoryError(
-            f"{found[iteration]} is a {state.get('architecture')} checkpoint, not {network.architecture}"
-        )
-    network.module.load_state_dict(state["network"])
+            f"{path} holds another network than this run's: {_network_difference(state, network, config)}; "
+            "resume with its settings, or give another --out (or --no-resume)"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     if adversary is not None and "discriminator" in state:
         adversary.module.load_state_dict(state["discriminator"])
         adversary.optimizer.load_state_dict(state["discriminator_optimizer"])
-    logger.info("resumed from %s (iteration %d)", found[iteration], iteration)
+    logger.info("resumed from %s (iteration %d)", path, state["iteration"])
     return int(state["iteration"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trainer:
+    """What the training loop works with."""
+
+    config: FinetuneConfig
+    out: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    network: SRNetwork
+    model: nn.Module  # network.module, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    adversary: Adversary | None
+    dataset: PairedPatches
+    loader: DataLoader
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune on streamed patches (L1, or ESRGAN's objective); every rank runs the same number of steps."""
     _check(config)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun
+        _exit_with_launcher()
     rank, world_size, device = _distributed_setup()
     out = Path(config.out)
     try:
-        # The same initial weights on every rank (DDP also broadcasts rank 0's).
-        torch.manual_seed(config.seed)
-        if config.pretrained:
-            network = load_network(config.pretrained, config.architecture)
-        else:
-            network = build_network(config.architecture, config.preset)
-        network.module.to(device).train()
-        parameters = [parameter for parameter in network.module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.99))
-        adversary = _adversary(config, device) if config.loss == "esrgan" else None
-        start = _resume(out, network, optimizer, adversary, device) if config.resume else 0
-        if start >= config.iterations:
-            logger.info("already at iteration %d of %d", start, config.iterations)
-        model = network.module
-        if world_size > 1:
-            device_ids = [device.index] if device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
-            if adversary is not None:
-                adversary.discriminator = DistributedDataParallel(adversary.module, device_ids=device_ids)
-
-        workers = max(config.workers, 0)
-        readers = max(workers, 1)
-        dataset = PairedPatches(
-            list(config.shards),  # with weights: one entry per dataset; without: the shards of one dataset
-            weights=list(config.dataset_weights) if config.dataset_weights is not None else None,
-            patch_size=config.patch_size,
-            scale=network.scale,
-            manifests=config.manifests,
-            where=config.where,
-            patches_per_pair=config.patches_per_pair,
-            seed=config.seed,
-            # A fixed number of patches per rank and epoch, a whole number of batches per worker: every rank runs
-            # the same number of steps, whatever its shards hold.
-            epoch_length=config.batch_size * readers * min(STEPS_PER_EPOCH, config.iterations),
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            num_workers=workers,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            worker_init_fn=_one_thread,
-        )
-        use_amp = config.amp and device.type == "cuda"
-        history: list[dict] = []
-        log_path = out / "log.jsonl"
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        iteration = start
-        window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        run_start, run_patches = time.perf_counter(), 0
-        progress = tqdm(total=config.iterations, initial=start, disable=rank != 0, desc="finetune", unit="it")
-        while iteration < config.iterations:
-            dataset.set_epoch(iteration)  # a different data order after every epoch and after a resume
-            for batch in loader:
-                lr = batch["lr"].to(device, non_blocking=True)  # (B, 3, p, p)
-                hr = batch["hr"].to(device, non_blocking=True)  # (B, 3, scale*p, scale*p)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    sr = model(lr).float()
-                    if adversary is None:
-                        loss = F.l1_loss(sr, hr)
-                        parts = {"l1": loss.item()}
-                    else:
-                        loss, parts = generator_loss(
-                            sr, hr, adversary.vgg, adversary.discriminator, adversary.weights
-                        )
-                if not math.isfinite(loss.item()):
-                    raise FactoryError(f"the loss is {loss.item()} at iteration {iteration + 1}; lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if adversary is not None:
-                    # The generator step also left gradients on the discriminator: cleared before its own step.
-                    adversary.optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        discriminator_loss_value = discriminator_loss(sr, hr, adversary.discriminator)
-                    discriminator_loss_value.backward()
-                    adversary.optimizer.step()
-                    parts["discriminator"] = discriminator_loss_value.item()
-                iteration += 1
-                progress.update(1)
-                for name, value in {"loss": loss.item(), **parts}.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_steps += 1
-                run_patches += lr.shape[0] * world_size
-                if iteration % config.log_every == 0 or iteration == config.iterations:
-                    elapsed = time.perf_counter() - window_start
-                    line = {
-                        "iteration": iteration,
-                        **{name: total / window_steps for name, total in window.items()},
-                        "patches_per_second": window_steps * lr.shape[0] * world_size / max(elapsed, 1e-9),
-                    }
-                    history.append(line)
-                    progress.set_postfix(
-                        loss=f"{line['loss']:.4f}", patches_per_s=f"{line['patches_per_second']:.0f}"
-                    )
-                    if rank == 0:
-                        logger.info(
-                            "iteration %d  loss %.5f  L1 %.5f  %.1f patches/s",
-                            iteration,
-                            line["loss"],
-                            line["l1"],
-                            line["patches_per_second"],
-                        )
-                        with open(log_path, "a") as log:
-                            log.write(json.dumps(line) + "\n")
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
-                if rank == 0 and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
-                    _save_checkpoint(out, iteration, network, optimizer, config, adversary)
-                if iteration >= config.iterations:
-                    break
-        progress.close()
-        weights = out / "model.pth"
-        if rank == 0:
-            save_weights(network, weights)
-        if world_size > 1:
-            dist.barrier()  # every rank returns after the weights exist
-        elapsed = time.perf_counter() - run_start
-        return FinetuneResult(
-            weights=weights,
-            iterations=iteration,
-            final_loss=history[-1]["loss"] if history else float("nan"),
-            patches_per_second=run_patches / max(elapsed, 1e-9),
-            rank=rank,
-            history=history,
-        )
+        with _one_trainer(out, rank, world_size):
+            _check_not_past(out, config)
+            trainer, start = _prepare(config, out, rank, world_size, device)
+            return _train(trainer, start)
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _prepare(
+    config: FinetuneConfig, out: Path, rank: int, world_size: int, device: torch.device
+) -> tuple[_Trainer, int]:
+    """The checked stream, the network (the same initial weights on every rank; DDP also broadcasts rank 0's), its
+    optimiser and the adversary of --loss esrgan, resumed from the newest checkpoint: (trainer, its iteration)."""
+    torch.manual_seed(config.seed)
+    if config.pretrained:
+        network = load_network(config.pretrained, config.architecture)
+    else:
+        network = build_network(config.architecture, config.preset)
+    dataset, workers = _stream(config, network.scale, world_size)
+    network.module.to(device).train()
+    parameters = [parameter for parameter in network.module.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.99))
+    adversary = _adversary(config, device) if config.loss == "esrgan" else None
+    start = _resume(out, config, network, optimizer, adversary, device) if config.resume else 0
+    model = network.module
+    if world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+        if adversary is not None:
+            adversary.discriminator = DistributedDataParallel(adversary.module, device_ids=device_ids)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        worker_init_fn=_one_thread,
+    )
+    trainer = _Trainer(
+        config, out, rank, world_size, device, network, model, optimizer, adversary, dataset, loader
+    )
+    return trainer, start
+
+
+def _step(trainer: _Trainer, batch: dict, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimisation step (and the discriminator's, with --loss esrgan): (objective, its parts)."""
+    config, device, adversary = trainer.config, trainer.device, trainer.adversary
+    use_amp = config.amp and device.type == "cuda"
+    lr = batch["lr"].to(device, non_blocking=True)  # (B, 3, p, p)
+    hr = batch["hr"].to(device, non_blocking=True)  # (B, 3, scale*p, scale*p)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        sr = trainer.model(lr).float()
+        if adversary is None:
+            loss = F.l1_loss(sr, hr)
+            parts = {"l1": loss.item()}
+        else:
+            loss, parts = generator_loss(sr, hr, adversary.vgg, adversary.discriminator, adversary.weights)
+    if not math.isfinite(loss.item()):
+        raise FactoryError(f"the loss is {loss.item()} at iteration {iteration}; lower --lr")
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+    if adversary is not None:
+        # The generator step also left gradients on the discriminator: cleared before its own step.
+        adversary.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            discriminator_loss_value = discriminator_loss(sr, hr, adversary.discriminator)
+        discriminator_loss_value.backward()
+        adversary.optimizer.step()
+        parts["discriminator"] = discriminator_loss_value.item()
+    return loss, parts
+
+
+def _log_line(
+    trainer: _Trainer, iteration: int, window: dict[str, float], steps: int, patches: int, seconds: float
+) -> dict:
+    """The mean of each loss over the last `steps` iterations and the throughput of all ranks; rank 0 logs it and
+    appends it to log.jsonl."""
+    line = {
+        "iteration": iteration,
+        **{name: total / steps for name, total in window.items()},
+        "patches_per_second": patches / max(seconds, 1e-9),
+    }
+    if trainer.rank == 0:
+        logger.info(
+            "iteration %d  loss %.5f  L1 %.5f  %.1f patches/s",
+            iteration,
+            line["loss"],
+            line["l1"],
+            line["patches_per_second"],
+        )
+        with open(trainer.out / "log.jsonl", "a") as log:
+            log.write(json.dumps(line) + "\n")
+    return line
+
+
+def _train(trainer: _Trainer, start: int) -> FinetuneResult:
+    """Steps from `start` to --iters; checkpoints on rank 0, then the weights (before the last checkpoint, so that
+    a run whose last checkpoint exists has its model.pth)."""
+    config, rank = trainer.config, trainer.rank
+    if rank == 0:
+        trainer.out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    iteration = start
+    window: dict[str, float] = {}
+    window_steps, window_patches, window_start = 0, 0, time.perf_counter()
+    run_start, run_patches = time.perf_counter(), 0
+    progress = tqdm(total=config.iterations, initial=start, disable=rank != 0, desc="finetune", unit="it")
+    while iteration < config.iterations:
+        trainer.dataset.set_epoch(iteration)  # a different data order after every epoch and after a resume
+        for batch in trainer.loader:
+            loss, parts = _step(trainer, batch, iteration + 1)
+            iteration += 1
+            progress.update(1)
+            for name, value in {"loss": loss.item(), **parts}.items():
+                window[name] = window.get(name, 0.0) + value
+            patches = batch["lr"].shape[0] * trainer.world_size
+            window_steps += 1
+            window_patches += patches
+            run_patches += patches
+            if iteration % config.log_every == 0 or iteration == config.iterations:
+                seconds = time.perf_counter() - window_start
+                line = _log_line(trainer, iteration, window, window_steps, window_patches, seconds)
+                history.append(line)
+                progress.set_postfix(
+                    loss=f"{line['loss']:.4f}", patches_per_s=f"{line['patches_per_second']:.0f}"
+                )
+                window, window_steps, window_patches, window_start = {}, 0, 0, time.perf_counter()
+            if rank == 0 and iteration % config.checkpoint_every == 0 and iteration < config.iterations:
+                _save_checkpoint(
+                    trainer.out, iteration, trainer.network, trainer.optimizer, config, trainer.adversary
+                )
+            if iteration >= config.iterations:
+                break
+    progress.close()
+    weights = trainer.out / "model.pth"
+    if rank == 0:
+        save_weights(trainer.network, weights)
+        _save_checkpoint(
+            trainer.out, iteration, trainer.network, trainer.optimizer, config, trainer.adversary
+        )
+    if trainer.world_size > 1:
+        dist.barrier()  # every rank returns after the weights exist
+    return FinetuneResult(
+        weights=weights,
+        iterations=iteration,
+        final_loss=history[-1]["loss"] if history else float("nan"),
+        patches_per_second=run_patches / max(time.perf_counter() - run_start, 1e-9),
+        rank=rank,
+        history=history,
+    )

@@ -7,13 +7,19 @@
 Commit protocol: write to a temporary name in the same folder, then move it onto the final name (`os.replace` on a
 local disk, which is atomic; copy + delete on S3, where a PUT is atomic by itself and the temporary object only
 shields readers from a failed upload). Everything the build writes goes through here.
+
+`OutputLock`: one writer per output at a time (the build's dataset, the fine-tuner's --out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +27,8 @@ from typing import BinaryIO
 import pyarrow.fs as pafs
 
 from factory.config import FactoryError
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -152,3 +160,84 @@ class Storage:
         for name in leftovers:
             self.delete(f"{relative}/{name}" if relative else name)
         return len(leftovers)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host. A zombie does not: its process ended, but a parent that is gone left
+    it to PID 1, which in a container may never reap it, and os.kill(pid, 0) still finds it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, under another user
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): os.kill's answer stands
+
+
+class OutputLock:
+    """A lock file (pid, host, start time) that refuses a second writer of one output while the first runs: the
+    build's `<manifests>/<dataset>/_build.lock`, the fine-tuner's `<out>/_finetune.lock`. A lock left by a dead
+    process on this host is taken over; on object stores (no atomic create) it is advisory.
+
+    storage, relative: where the lock file goes. kind, target: what the refusal names, e.g. "build" and
+    "dataset bicubic" ("another build is writing dataset bicubic (pid 1234 on host)")."""
+
+    def __init__(self, storage: Storage, relative: str, kind: str, target: str):
+        self.storage = storage
+        self.relative = relative
+        self.kind, self.target = kind, target
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+
+    def __enter__(self) -> OutputLock:
+        self.storage.make_dirs(self.relative.rpartition("/")[0])
+        for _ in range(3):
+            if self._create():
+                return self
+            holder = self._holder()
+            if holder is None:
+                continue  # released (or unreadable) between our attempts
+            same_host = holder.get("host") == self.record["host"]
+            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                logger.warning(
+                    "taking over the lock of a %s that is no longer running (pid %s)",
+                    self.kind,
+                    holder["pid"],
+                )
+                self.storage.delete(self.relative)
+                continue
+            raise FactoryError(
+                f"another {self.kind} is writing {self.target} (pid {holder.get('pid')} on "
+                f"{holder.get('host')}); wait for it, or delete {self.storage.uri(self.relative)} if it is gone"
+            )
+        raise FactoryError(f"could not take the lock {self.storage.uri(self.relative)}")
+
+    def _create(self) -> bool:
+        """Write the lock file unless one exists: O_EXCL on a local disk (atomic), a check then a PUT elsewhere."""
+        payload = json.dumps(self.record).encode()
+        if not self.storage.is_local:
+            if self.storage.exists(self.relative):
+                return False
+            self.storage.write_bytes_atomic(self.relative, payload)
+            return True
+        try:
+            handle = os.open(self.storage.path(self.relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.relative))
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc_info) -> None:
+        holder = self._holder()
+        if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
+            self.storage.delete(self.relative)

@@ -4,6 +4,7 @@ equals the lpips package's with the same weights, and the NTIRE folder pairing r
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,73 @@ def test_lpips_equals_the_lpips_package(tmp_path, ntire2018):
     )
     assert result.exit_code == 0, result.output
     assert all(float(row["lpips"]) > 0 for row in csv.DictReader((tmp_path / "e" / "metrics.csv").open()))
+
+
+def test_a_bad_image_is_recorded_and_the_others_evaluated(tmp_path, ntire2018):
+    lr_folder, hr_folder = ntire2018
+    (lr_folder / "0805x4m.png").write_bytes(b"not an image")  # e.g. a truncated download
+    _write_png(hr_folder / "0805.png", np.zeros((64, 60, 3), dtype=np.uint8))
+    _write_png(lr_folder / "0806x4m.png", np.zeros((8, 8, 3), dtype=np.uint8))  # not the LR of its HR image
+    _write_png(hr_folder / "0806.png", np.zeros((64, 60, 3), dtype=np.uint8))
+    weights = save_weights(build_network("edsr", "tiny"), tmp_path / "edsr.pth")
+    out = tmp_path / "eval"
+    result = run_eval(weights, lr_folder, hr_folder, out)
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output and "2 rejected, e.g. 0805x4m.png: not_an_image" in result.output
+    rows = {row["name"]: row for row in csv.DictReader((out / "metrics.csv").open())}
+    assert sorted(rows) == ["0801", "0802", "0803", "0804", "0805", "0806"]
+    assert all(float(rows[name]["psnr"]) > 0 and rows[name]["reason"] == "" for name in ("0801", "0804"))
+    assert rows["0805"]["psnr"] == "" and "not_an_image" in rows["0805"]["reason"]
+    assert "0806x4m.png x4 is (32, 32), 0806.png is (64, 60)" in rows["0806"]["reason"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 4
+    assert [(image["name"], image["lr"]) for image in summary["rejected"]] == [
+        ("0805", "0805x4m.png"),
+        ("0806", "0806x4m.png"),
+    ]
+    assert sorted(path.name for path in (out / "sr").iterdir()) == [
+        f"080{index}.png" for index in range(1, 5)
+    ]
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()
+    }
+
+
+def test_a_run_replaces_the_earlier_outputs_whole_or_not_at_all(tmp_path, ntire2018, monkeypatch):
+    import factory.evaluate
+
+    lr_folder, hr_folder = ntire2018
+    out = tmp_path / "eval"
+    first = save_weights(build_network("edsr", "tiny"), tmp_path / "first.pth")
+    assert run_eval(first, lr_folder, hr_folder, out).exit_code == 0
+    earlier = _outputs(out)
+    assert len(earlier) == 4 + 2  # sr/*.png, metrics.csv, summary.json
+
+    # Another network, interrupted at its third image: the earlier run's outputs stay as they were, all of them.
+    torch.manual_seed(1)
+    second = save_weights(build_network("edsr", "tiny"), tmp_path / "second.pth")
+    calls = []
+    original = factory.evaluate.super_resolve
+
+    def interrupted(*arguments):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*arguments)
+
+    monkeypatch.setattr(factory.evaluate, "super_resolve", interrupted)
+    assert run_eval(second, lr_folder, hr_folder, out).exit_code == 130
+    assert _outputs(out) == earlier
+    monkeypatch.undo()
+
+    # A smaller LR folder: sr/ holds its images only, not the earlier run's beside them.
+    for name in ("0803x4m.png", "0804x4m.png"):
+        (lr_folder / name).unlink()
+    assert run_eval(second, lr_folder, hr_folder, out).exit_code == 0
+    now = _outputs(out)
+    assert sorted(now) == ["metrics.csv", "sr/0801.png", "sr/0802.png", "summary.json"]
+    assert now["sr/0801.png"] != earlier["sr/0801.png"]
+    assert json.loads(now["summary.json"])["model"] == str(second)

@@ -7,15 +7,20 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from sr_pairs import bicubic_lr, crops, write_pairs
 
+from factory.cli import main
 from factory.config import FactoryError
 from factory.finetune import FinetuneConfig, finetune
 from factory.sr import build_network, load_network, read_state_dict, save_weights
@@ -326,3 +331,247 @@ def test_paper_presets_have_the_published_sizes(architecture, published_millions
     )
     assert millions == pytest.approx(published_millions, abs=0.15)
     assert network.scale == 4
+
+
+# --- one trainer per output folder ----------------------------------------------------------------------------------
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs: os.kill(pid, 0) succeeds on a zombie too (an orphan waits for PID 1 to reap
+    it, which a container's init may never do), so a zombie counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_second_trainer_on_the_same_out_is_refused_with_the_holders_pid(tmp_path, train_shards):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "_finetune.lock").write_text(
+            json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": 0})
+        )
+        arguments = ["finetune", "--arch", "edsr", "--preset", "tiny", "--shards", str(train_shards[0])]
+        result = CliRunner().invoke(main, [*arguments, "--iters", "2", "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1
+        assert f"another trainer is writing {out} (pid {holder.pid} on" in result.output
+        assert not (out / "checkpoints").exists() and not (out / "model.pth").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is taken over, and released when the run ends.
+    assert finetune(_config(train_shards[0], out, iterations=2)).iterations == 2
+    assert not (out / "_finetune.lock").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_lock_of_an_unreaped_dead_trainer_is_taken_over(tmp_path, train_shards):
+    """A holder that died but was never reaped (a zombie: in a container, PID 1 may never reap orphans) is gone,
+    though os.kill(pid, 0) still finds it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while not Path(f"/proc/{holder.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            time.sleep(0.05)  # exited, not yet waited for
+        os.kill(holder.pid, 0)  # still found
+        (out / "_finetune.lock").write_text(
+            json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": 0})
+        )
+        assert finetune(_config(train_shards[0], out, iterations=2)).iterations == 2
+    finally:
+        holder.wait()
+
+
+def _endless_run(shards: Path, out: Path) -> list[str]:
+    """`factory finetune` arguments of a run that trains until it is killed."""
+    options = "--arch edsr --preset tiny --workers 0 --iters 1000000 --batch-size 2 --patch-size 16".split()
+    return ["finetune", *options, "--shards", str(shards), "--out", str(out)]
+
+
+def _wait_for_lock(out: Path, process: subprocess.Popen, errors: Path) -> dict:
+    """The lock record of the trainer writing `out`, once it holds it."""
+    deadline = time.monotonic() + 120
+    while not (out / "_finetune.lock").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.1)
+    return json.loads((out / "_finetune.lock").read_text())
+
+
+# What torchrun does with a rank: a session of its own (so killing torchrun's process group does not reach it), and
+# the elastic agent's environment.
+LAUNCHER = """
+import os, subprocess, sys
+rank = subprocess.Popen(
+    sys.argv[2:], start_new_session=True, env={**os.environ, "TORCHELASTIC_RUN_ID": "test"}, stderr=open(sys.argv[1], "w")
+)
+print(rank.pid, flush=True)
+rank.wait()
+"""
+# The rank: `factory finetune`, with prctl taken away when the fallback (a thread watching the parent) is tested.
+RANK = "import sys; import factory.finetune; {patch}; from factory.cli import main; main(sys.argv[1:])"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("watch", ["prctl", "thread"])
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path, train_shards, watch):
+    out = tmp_path / "run"
+    patch = {
+        "prctl": "pass",
+        "thread": "factory.finetune._set_parent_death_signal = lambda signal_number: False",
+    }
+    rank_command = [
+        sys.executable,
+        "-c",
+        RANK.format(patch=patch[watch]),
+        *_endless_run(train_shards[0], out),
+    ]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path / "rank.err"), *rank_command],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    rank_pid = int(launcher.stdout.readline())
+    try:
+        assert _wait_for_lock(out, launcher, tmp_path / "rank.err")["pid"] == rank_pid
+        # A second trainer on the same folder is refused while the rank trains.
+        with pytest.raises(FactoryError, match=rf"another trainer is writing .* \(pid {rank_pid} on"):
+            finetune(_config(train_shards[0], out, iterations=2))
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while _running(rank_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(rank_pid), f"rank {rank_pid} outlived its launcher ({watch})"
+    finally:
+        if _running(rank_pid):
+            os.kill(rank_pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    # The dead rank's lock is taken over by the next trainer.
+    assert finetune(_config(train_shards[0], out, iterations=2, resume=False)).iterations == 2
+
+
+@pytest.mark.slow  # ~15 s on two busy cores: torchrun and two ranks start
+@pytest.mark.skipif(
+    sys.platform != "linux" or _console_script("torchrun") is None or _console_script("factory") is None,
+    reason="needs Linux, torchrun and the factory script",
+)
+def test_torchrun_ranks_exit_when_torchrun_is_killed(tmp_path, train_shards):
+    out, errors = tmp_path / "ddp", tmp_path / "torchrun.err"
+    command = [_console_script("torchrun"), "--standalone", "--nproc-per-node=2", _console_script("factory")]
+    command += _endless_run(train_shards[0], out)
+    with errors.open("w") as stderr:
+        torchrun = subprocess.Popen(
+            command,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    ranks: list[int] = []
+    try:
+        _wait_for_lock(out, torchrun, errors)
+        ranks = [
+            int(pid) for pid in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+        ]
+        assert len(ranks) == 2
+        os.killpg(torchrun.pid, signal.SIGKILL)  # the process group of torchrun, which the ranks are not in
+        torchrun.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in ranks)
+    finally:
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+            torchrun.wait()
+
+
+# --- one-line errors before training ---------------------------------------------------------------------------------
+
+
+def test_resuming_with_another_preset_says_what_differs(tmp_path, train_shards):
+    finetune(_config(train_shards[0], tmp_path / "run", iterations=2))
+    with pytest.raises(FactoryError, match=r"iter_0000002.pt .*--preset tiny.*--preset paper") as caught:
+        finetune(_config(train_shards[0], tmp_path / "run", iterations=4, preset="paper"))
+    assert "\n" not in str(caught.value)
+
+
+def test_iters_below_the_checkpoint_is_refused_and_writes_nothing(tmp_path, train_shards):
+    out = tmp_path / "run"
+    finetune(_config(train_shards[0], out, iterations=4))
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(FactoryError, match=r"already at iteration 4, past --iters 2") as caught:
+        finetune(_config(train_shards[0], out, iterations=2))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(FactoryError, match=r"already at iteration 4 of --iters 4"):
+        finetune(_config(train_shards[0], out, iterations=4))
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_fewer_selected_pairs_than_readers_is_one_line_before_training(tmp_path, train_shards):
+    shards, manifests = train_shards
+    config = _config(shards, tmp_path / "run", manifests=str(manifests), where="delta_e < 0.1", workers=2)
+    with pytest.raises(FactoryError, match=r"select 1 pair .*for 2 readers \(1 rank x 2 workers\)") as caught:
+        finetune(config)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_patch_larger_than_the_lr_images_is_one_line_before_training(tmp_path, train_shards):
+    config = _config(train_shards[0], tmp_path / "run", patch_size=32, workers=2)  # the LR images are 24x24
+    with pytest.raises(
+        FactoryError, match=r"--patch-size 32 is larger than the LR images .* \(24x24"
+    ) as caught:
+        finetune(config)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_ranks", "shards", "world_size", "expected"),
+    [
+        (2, 1, 4, 1, 1),  # two cores: one for the trainer, one for a reader
+        (64, 8, 21, 8, 2),  # eight ranks on a 64-core node, DF2K's 21 shards: 21 // 8 readers' worth per rank
+        (64, 8, 100, 8, 4),  # at most 4
+        (2, 2, 4, 2, 0),  # a core per rank: the rank reads itself
+        (16, 1, 1, 1, 1),  # one shard: one worker reads it
+        (16, 2, 1, 2, 0),  # one shard, two ranks: each rank reads in its own process
+    ],
+)
+def test_default_workers_follow_the_cores_and_the_shards(
+    monkeypatch, cores, local_ranks, shards, world_size, expected
+):
+    from factory.finetune import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert default_workers([shards], world_size) == expected
+
+
+def test_the_default_workers_raise_no_warnings_on_two_cores(tmp_path, train_shards, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    arguments = ["finetune", "--arch", "edsr", "--preset", "tiny", "--shards", str(train_shards[0])]
+    arguments += ["--iters", "2", "--batch-size", "4", "--patch-size", "16", "--out", str(tmp_path / "run")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, arguments)  # no --workers: the default
+    assert result.exit_code == 0, result.output
+    assert "2 iterations" in result.output
+    # torch's "This DataLoader will create 4 worker processes in total. Our suggested max number of worker ..."
+    assert not [warning for warning in caught if "worker processes" in str(warning.message)]
