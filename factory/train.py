@@ -743,7 +743,7 @@ def train(config: TrainConfig) -> TrainResult:
 # Calibrated so that the pairs of `factory build --model vqvae2 --epoch 8` fall in the band of issue #14
 # (README, "The embedded default"); the other models keep their reference recipes.
 EMBEDDED_DEFAULT_STEPS_PER_EPOCH = 60
-EMBEDDED_DEFAULT_RECIPE = TrainingRecipe(batch_size=16, lr=1e-3, pipeline="crop", flip=True)
+EMBEDDED_DEFAULT_RECIPE = TrainingRecipe(batch_size=16, lr=1e-3, pipeline="crop", flip=True, downscale=4)
 EMBEDDED_DEFAULT_PRESET = "embedded"
 EMBEDDED_DEFAULT_RECIPE_MODELS = ("vqvae", "vqvae2")
 
