@@ -7,13 +7,15 @@ device and moved to the image's.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from factory.color import quantize
 
@@ -143,11 +145,15 @@ def poisson_noise(x: torch.Tensor, scale: float, gray: bool, generator: torch.Ge
 
 
 def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG round trip at integer `quality` through libjpeg (torchvision's encode/decode_jpeg, byte-identical to
-    Pillow's save/open at the same quality, 4:2:0), on the 8-bit image `color.quantize` makes.
+    """JPEG round trip at integer `quality` through libjpeg (Pillow's save and open, its default 4:2:0 chroma
+    subsampling) of the 8-bit image `color.quantize` makes. torchvision's encode/decode_jpeg give the same bytes
+    but are deprecated from torchvision 0.29.
 
     x: (1, 3, H, W) float in [0, 1] -> (1, 3, H, W) float, multiples of 1/255, on x's device.
     """
-    pixels = quantize(x[0]).cpu()
-    decoded = decode_jpeg(encode_jpeg(pixels, quality=int(quality)))
-    return (decoded.to(torch.float32) / 255.0).unsqueeze(0).to(x.device)
+    pixels = quantize(x[0]).permute(1, 2, 0).contiguous().cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
+    with Image.open(buffer) as decoded:
+        array = np.array(decoded.convert("RGB"))
+    return (torch.from_numpy(array).permute(2, 0, 1).to(torch.float32) / 255.0).unsqueeze(0).to(x.device)
