@@ -345,13 +345,11 @@ def test_bsrgan_correlated_noise_has_its_covariance():
 
 
 @pytest.fixture(scope="module")
-def hr_batch() -> torch.Tensor:
+def hr_batch(photos) -> torch.Tensor:
     """(8, 3, 128, 128) crops of the bundled photos in [0, 1]."""
-    from tests.conftest import skimage_photo
-
     crops = []
     for index in range(8):
-        photo = skimage_photo(("astronaut", "coffee", "chelsea", "rocket")[index % 4])
+        photo = photos[("astronaut", "coffee", "chelsea", "rocket")[index % 4]]
         top, left = 40 + 17 * index, 60 + 23 * index
         crops.append(torch.from_numpy(photo[top : top + 128, left : left + 128].copy()).permute(2, 0, 1))
     return torch.stack(crops).float() / 255.0
