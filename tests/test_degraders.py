@@ -464,3 +464,27 @@ def test_degrader_names_import_without_torch():
     code = "import sys, factory.degraders as d; assert 'torch' not in sys.modules; print(','.join(d.DEGRADER_NAMES))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "bicubic,realesrgan,bsrgan"
+
+
+def test_uint8_hr_is_the_same_as_its_float(hr_batch):
+    degrader = get_degrader("bsrgan")
+    as_uint8 = quantize(hr_batch[:2])
+    from_uint8, _ = degrader.degrade(as_uint8, [pair_generator(1, "u0"), pair_generator(1, "u1")])
+    from_float, _ = degrader.degrade(
+        as_uint8.float() / 255.0, [pair_generator(1, "u0"), pair_generator(1, "u1")]
+    )
+    assert torch.equal(from_uint8, from_float)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["realesrgan", "bsrgan"])
+def test_on_cuda_records_match_the_cpu_and_pairs_are_independent_of_the_batch(name, hr_batch):
+    degrader, hr = get_degrader(name), hr_batch.cuda()
+    keys = [f"pair-{index}" for index in range(8)]
+    batch, records = degrader.degrade(hr, [pair_generator(11, key) for key in keys])
+    alone, _ = degrader.degrade(hr[3:4], [pair_generator(11, keys[3])])
+    assert batch.device.type == "cuda" and torch.equal(quantize(alone[0]), quantize(batch[3]))
+    on_cpu, cpu_records = degrader.degrade(hr_batch, [pair_generator(11, key) for key in keys])
+    assert records == cpu_records  # parameters and noise come from the same CPU generators
+    assert (batch.cpu() - on_cpu).abs().mean() < 2 / 255  # the devices' FFTs and resizes round differently

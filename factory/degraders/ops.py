@@ -85,19 +85,16 @@ def mirror_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def fast_length(length: int) -> int:
-    """The smallest 2^a 3^b 5^c >= length: a transform size the FFT handles fast."""
-    best = 1 << max(0, (length - 1).bit_length())
-    power5 = 1
-    while power5 < best:
-        power35 = power5
-        while power35 < best:
-            candidate = power35
-            while candidate < length:
-                candidate *= 2
-            best = min(best, candidate)
-            power35 *= 3
-        power5 *= 5
-    return best
+    """The smallest length >= `length` with no prime factor above 11: a size pocketfft transforms fast."""
+    candidate = max(1, length)
+    while True:
+        rest = candidate
+        for prime in (2, 3, 5, 7, 11):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return candidate
+        candidate += 1
 
 
 def filter2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
