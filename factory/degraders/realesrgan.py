@@ -18,7 +18,7 @@ Where this differs from the reference, on purpose:
   DiffJPEG takes a real quality and is a torch re-implementation of the codec);
 - `gt_usm` (unsharp-mask the HR before degrading it, as RealESRNetModel does, True in the option file) is off by
   default: the factory stores the HR as it is, and an LR made from a sharpened HR would be sharper than its own HR.
-  Set it to reproduce the reference's LR exactly.
+  Set it (or load the option file, where it is True) to degrade a sharpened HR as the reference does.
 """
 
 from __future__ import annotations
