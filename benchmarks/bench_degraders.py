@@ -1,7 +1,7 @@
 """Classical degraders: pairs per CPU-second of one core at 1024x1024 HR, against a per-image numpy reference.
 
-    python -m benchmarks.bench_degraders            # 6 pairs each, prints a table and the JSON result
-    python -m benchmarks.bench_degraders --quick    # 2 pairs each
+    python -m benchmarks.bench_degraders            # 16 pairs each, prints a table and the JSON result
+    python -m benchmarks.bench_degraders --quick    # 4 pairs each
 
 `realesrgan` and `bsrgan` (factory.degraders, torch on the CPU, one intra-op thread) against a straightforward
 per-image implementation of the same draws in numpy, scipy.ndimage and Pillow (the records come from the same
@@ -199,7 +199,7 @@ def reference(name: str, hr: torch.Tensor, keys: list[str]) -> Callable[[], None
 
 def run(quick: bool = False) -> dict:
     """Pairs per CPU-second of one thread, for ours, the numpy reference and bicubic, on the same pairs."""
-    count = 2 if quick else 6
+    count = 4 if quick else 16
     hr = hr_crops(count)
     keys = [f"bench/{index}" for index in range(count)]
     threads = torch.get_num_threads()
@@ -224,7 +224,7 @@ def run(quick: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 pairs per side instead of 6")
+    parser.add_argument("--quick", action="store_true", help="4 pairs per side instead of 16")
     result = run(quick=parser.parse_args().quick)
     print(f"pairs per CPU-second, one thread, {HR_SIZE}x{HR_SIZE} HR -> {HR_SIZE // 4}x{HR_SIZE // 4} LR:")
     print(f"  bicubic (floor)      {result['bicubic_pairs_per_core_s']:8.2f}")
