@@ -1,0 +1,40 @@
+"""`bicubic`: the project's bicubic downsampling (`color.downsample`) as a degrader; it draws nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from factory.color import downsample
+from factory.config import config_from_dict
+from factory.degraders import Degraded
+
+
+@dataclasses.dataclass(frozen=True)
+class BicubicConfig:
+    scale: int = 4  # LR = HR / scale
+
+
+@dataclasses.dataclass(frozen=True)
+class BicubicDegrader:
+    """HR -> antialiased bicubic LR; its record is only its name and scale."""
+
+    config: BicubicConfig = BicubicConfig()
+    name: str = "bicubic"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> BicubicDegrader:
+        return cls(config_from_dict(BicubicConfig, dict(options)))
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def degrade(self, hr: torch.Tensor, generators: Sequence[torch.Generator]) -> Degraded:
+        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> (N, 3, H / scale, W / scale), unrounded."""
+        images = hr.to(torch.float32) / 255.0 if hr.dtype == torch.uint8 else hr
+        record = {"degrader": "bicubic", "scale": self.scale}
+        return Degraded(downsample(images, self.scale), [dict(record) for _ in range(images.shape[0])])
