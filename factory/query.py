@@ -116,9 +116,12 @@ def connect(manifests_root: str | os.PathLike, skip_unreadable: bool = False) ->
             connection.register(VIEW_NAME, _object_store_manifests(os.fspath(manifests_root)))
         elif files:
             file_list = "[" + ", ".join(_quote_string(path) for path in files) + "]"
-            # union_by_name: manifests written before an additive schema change still line up by column name.
+            # union_by_name: manifests written before an additive schema change still line up by column name; the
+            # union with an empty table of today's schema gives the columns they lack (e.g. checkerboard) as nulls.
+            connection.register("_pair_schema", PAIR_SCHEMA.empty_table())
             connection.execute(
-                f"CREATE VIEW {VIEW_NAME} AS SELECT * FROM read_parquet({file_list}, union_by_name = true)"
+                f"CREATE VIEW {VIEW_NAME} AS SELECT * FROM read_parquet({file_list}, union_by_name = true) "
+                "UNION ALL BY NAME SELECT * FROM _pair_schema"
             )
             connection.execute(f"SET allowed_paths = {file_list}")
         else:

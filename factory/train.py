@@ -287,11 +287,11 @@ class DecodedImages:
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
-        self.images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.images: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
     def load(self, path: Path, downscale: int = 1) -> np.ndarray:
         """The decoded image, bicubic-downsampled by `downscale` as the build makes its LR images (cached as such)."""
-        key = f"{path}\0{downscale}"
+        key = (str(path), downscale)
         if key in self.images:
             self.images.move_to_end(key)
             return self.images[key]

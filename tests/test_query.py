@@ -439,3 +439,23 @@ def test_one_unreadable_manifest_is_named_and_the_others_answer(tmp_path, photos
     assert str(damaged) in result.stderr and "unreadable" in result.stderr
     with pytest.raises(FactoryError, match=f"unreadable manifest {damaged}"):  # writers of new data refuse
         select(manifests, None)
+
+
+def test_manifests_from_before_a_new_column_are_read_with_it_null(tmp_path, photos):
+    """A dataset built before the checkerboard column existed still answers queries, stats and filters: the column
+    is there, null for its pairs (DuckDB's UNION ALL BY NAME against today's schema)."""
+    import pyarrow.parquet as pq
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    make_dataset(
+        shards, manifests, "old-ep8", [PairSpec(delta_e=1.0), PairSpec(delta_e=7.0)], photos, epoch=8
+    )
+    for path in manifest_files(manifests):
+        table = pq.read_table(path)
+        pq.write_table(
+            table.drop_columns(["checkerboard"]).replace_schema_metadata(table.schema.metadata), path
+        )
+    assert "checkerboard" not in pq.read_schema(manifest_files(manifests)[0]).names
+    everything = select(manifests, None)
+    assert everything.num_rows == 2 and everything.column("checkerboard").null_count == 2
+    assert select(manifests, "delta_e > 5 AND checkerboard IS NULL").num_rows == 1

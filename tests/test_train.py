@@ -296,8 +296,10 @@ def test_decoded_images_cache_is_bounded_by_bytes_and_least_recently_used(tmp_pa
     cache.load(paths[1])
     cache.load(paths[0])  # 0 becomes the most recent
     cache.load(paths[2])  # 3 x 3,072 bytes > 7 KiB: the least recent (1) goes
-    assert list(cache.images) == [str(paths[0]), str(paths[2])] and cache.bytes == 2 * 32 * 32 * 3
+    assert list(cache.images) == [(str(paths[0]), 1), (str(paths[2]), 1)] and cache.bytes == 2 * 32 * 32 * 3
     assert int(cache.load(paths[1])[0, 0, 0]) == 1
+    # Downscaled (the embedded default's LR-scale crops) is another entry: the project's bicubic, quantised.
+    assert cache.load(paths[2], downscale=4).shape == (8, 8, 3) and (str(paths[2]), 4) in cache.images
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
