@@ -568,7 +568,8 @@ class PairedPatches(IterableDataset):
             self.selected_pairs = None
         self.weights = np.asarray(weights, dtype=np.float64) / float(sum(weights))
         if epoch_length is None and len(self.shards) > 1:
-            pairs = sum(len(shard.keys) for shards in self.shards for shard in shards)
+            drawn = [shards for shards, weight in zip(self.shards, self.weights, strict=True) if weight > 0]
+            pairs = sum(len(shard.keys) for shards in drawn for shard in shards)
             epoch_length = -(-pairs * patches_per_pair // self.world_size)
         self.epoch_length = epoch_length
         self.patch_size, self.scale = patch_size, scale
@@ -618,10 +619,13 @@ class PairedPatches(IterableDataset):
             count.reasons[
                 f"{size} bytes, its commit record says {shard.shard_bytes}: cut, changed or another build's"
             ] = None
-        outcome, met, corrupt, finished = ReadOutcome(), 0, 0, False
+        outcome, met, corrupt, finished, done = ReadOutcome(), 0, 0, False, set()
         try:
             with contextlib.closing(iterate_pairs(shard.url, frozenset(wanted), outcome)) as pairs:
                 for key, fields in pairs:
+                    if key in done:  # a sample written twice is one pair
+                        continue
+                    done.add(key)
                     met += 1
                     pair = self._decode(shard, key, fields) if _payloads_match(shard, key, fields) else None
                     if pair is None:

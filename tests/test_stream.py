@@ -398,7 +398,8 @@ def test_fifty_epochs_draw_every_pair_equally_often(uneven, workers):
     assert max(drawn.values()) / min(drawn.values()) <= 1.1
 
 
-def test_a_where_selection_is_exact_per_epoch_and_uniform_over_a_run(uneven):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_where_selection_is_exact_per_epoch_and_uniform_over_a_run(uneven, workers):
     shards_root, manifests_root, pairs = uneven
     selected = {
         key for key, _ in pairs[:25]
@@ -406,13 +407,18 @@ def test_a_where_selection_is_exact_per_epoch_and_uniform_over_a_run(uneven):
     datasets = _ranks(
         str(shards_root / "bicubic"), manifests=manifests_root, where="delta_e < 2.45", patches_per_pair=8
     )
-    readers = _epoch(datasets, 2, epoch=0)
-    assert Counter(key for keys in readers for key in keys) == dict.fromkeys(selected, 8)  # 200 = 4 x 50
-    drawn = _run(datasets, 2, epochs=50)
+    readers = _epoch(datasets, workers, epoch=0)
+    assert Counter(key for keys in readers for key in keys) == dict.fromkeys(
+        selected, 8
+    )  # 200 = 4 x 50 or 2 x 100
+    drawn = _run(datasets, workers, epochs=50)
     assert set(drawn) == selected and max(drawn.values()) / min(drawn.values()) <= 1.1
 
 
-def test_two_weighted_datasets_keep_their_weights_and_a_uniform_rate_inside_each(tmp_path, small_pairs):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_weighted_datasets_keep_their_weights_and_a_uniform_rate_inside_each(
+    tmp_path, small_pairs, workers
+):
     first, second = small_pairs[:39], small_pairs[39:]  # 16/16/7 and 8/7 pairs
     write_pairs(tmp_path / "shards", tmp_path / "manifests", first, dataset="first", per_shard=16)
     write_pairs(tmp_path / "shards", tmp_path / "manifests", second, dataset="second", per_shard=8)
@@ -423,7 +429,7 @@ def test_two_weighted_datasets_keep_their_weights_and_a_uniform_rate_inside_each
         patches_per_pair=8,
     )
     assert datasets[0].epoch_length == 54 * 8 // 2  # as many patches as one pass over both
-    drawn = _run(datasets, 2, epochs=50)
+    drawn = _run(datasets, workers, epochs=50)
     counts = [[drawn[key] for key, _ in part] for part in (first, second)]
     # 21,600 patches: the share of the first has a standard deviation of 0.003, the ratio of 0.05 (1.6%).
     assert abs(sum(counts[0]) / sum(counts[1]) / 3 - 1) < 0.05
