@@ -396,7 +396,7 @@ def plan_pass(
 ) -> list[Piece]:
     """One reader's part of one pass over a dataset whose shards hold `sizes` pairs. Every reader draws the same
     shard order from `generator` (seeded alike everywhere), lays the pass's patches out in that order (pair after
-    pair, `patches_per_pair` each, shard order inside a shard) and takes the slice [reader x T / readers,
+    pair, `patches_per_pair` each, a shard's pairs in their order in it) and takes the slice [reader x T / readers,
     (reader + 1) x T / readers) of the T patches: every pair is cut exactly `patches_per_pair` times over all
     readers, a reader reads few shards, each front to back, and a pair on a slice boundary is decoded by both
     neighbours, each cutting its share.

@@ -1,4 +1,5 @@
-"""PairedPatches: alignment, where= selection, truncated shards, rank/worker splitting, mixing, DDP step counts."""
+"""PairedPatches: alignment, where= selection, truncated shards, exact epochs over ranks and workers, uniform runs,
+mixing, partial and stale shards, DDP step counts."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from factory.color import downsample
 from factory.config import FactoryError
 from factory.manifests import read_manifests
 from factory.query import FilterConfig, filter_dataset
-from factory.stream import PairedPatches, expand_urls, iterate_pairs
+from factory.stream import PairedPatches, expand_urls, iterate_pairs, plan_pass
 
 SCALE = 4
 
@@ -359,6 +360,41 @@ def _run(datasets: list[PairedPatches], workers: int, epochs: int) -> Counter:
     return Counter(
         key for epoch in range(epochs) for keys in _epoch(datasets, workers, epoch) for key in keys
     )
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 7], [5], [3, 1, 0, 9, 2], [1, 1]])
+@pytest.mark.parametrize("readers", [1, 3, 4, 8])
+@pytest.mark.parametrize("patches_per_pair", [1, 3])
+def test_the_readers_plans_cut_every_pair_exactly_and_pad_at_most_readers_x_batch_minus_one(
+    sizes, readers, patches_per_pair
+):
+    def plans(multiple):
+        return [
+            plan_pass(
+                sizes,
+                patches_per_pair=patches_per_pair,
+                readers=readers,
+                reader=reader,
+                generator=np.random.default_rng([7, 2]),  # the same seed in every reader, as the dataset does
+                multiple=multiple,
+            )
+            for reader in range(readers)
+        ]
+
+    cut = Counter()
+    for pieces in plans(None):
+        assert len({piece.shard for piece in pieces}) == len(
+            pieces
+        )  # each shard opened once, read front to back
+        assert all(list(piece.counts) == sorted(piece.counts) for piece in pieces)
+        cut.update({(piece.shard, pair): count for piece in pieces for pair, count in piece.counts.items()})
+    assert cut == {
+        (shard, pair): patches_per_pair for shard, size in enumerate(sizes) for pair in range(size)
+    }
+    if sum(sizes) * patches_per_pair >= readers:
+        padded = [sum(sum(piece.counts.values()) for piece in pieces) for pieces in plans(4)]
+        assert len(set(padded)) == 1 and padded[0] % 4 == 0
+        assert 0 <= sum(padded) - sum(cut.values()) <= readers * 4 - 1
 
 
 @pytest.mark.parametrize("manifests", [True, False])
