@@ -6,12 +6,15 @@ The same pairs both ways: 480x480 HR sub-images (the size BasicSR cuts DIV2K int
 their bicubic x4 LR (120x120). The baseline is BasicSR's PairedImageDataset as it works on folders of PNGs: for
 every patch, decode the HR and the LR file, random-crop 64 / 256, flip / rotate, convert both to float tensors.
 PairedPatches reads the same pairs from tar shards (png and zst codecs) and cuts `patches_per_pair` crops from
-each decoded pair. One process, one torch thread, no DataLoader workers: patches/s of one core.
+each decoded pair. One process, one torch thread, no DataLoader workers: patches/s of one core. The shards have
+manifests, as a build writes them: with them the consumer checks each payload against its sha256 as it reads it
+(`stream_zst_ppp16` and the rest); `stream_zst_ppp16_no_manifests` reads the same shards without that check.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import tarfile
@@ -24,7 +27,9 @@ import torch
 from PIL import Image
 
 from factory.color import downsample
+from factory.manifests import write_manifest
 from factory.shards import encode_image, payload_extension
+from factory.storage import Storage
 from factory.stream import PairedPatches, crop_patches, to_tensor
 
 HR_SIZE = 480
@@ -73,21 +78,66 @@ def write_folders(pairs, root: Path) -> None:
         Image.fromarray(lr).save(root / "lr" / f"{key}.png", compress_level=3)
 
 
-def write_shards(pairs, root: Path, codec: str, per_shard: int = 16) -> Path:
+def _row(key: str, shard: str, codec: str, hr: bytes, lr: bytes) -> dict:
+    """A manifest row with the payload columns right (what the consumer checks) and placeholders elsewhere."""
+    return {
+        "key": key,
+        "dataset": "bench",
+        "model": "bicubic",
+        "source": f"{key}.png",
+        "source_root": "skimage-data",
+        "source_sha256": "0" * 64,
+        "crop_top": 0,
+        "crop_left": 0,
+        "crop_height": HR_SIZE,
+        "crop_width": HR_SIZE,
+        "scale": SCALE,
+        "delta_e": 0.0,
+        "delta_e_p95": 0.0,
+        "psnr": 100.0,
+        "ssim": 1.0,
+        "color_corrected": False,
+        "shard": shard,
+        "codec": codec,
+        "hr_bytes": len(hr),
+        "lr_bytes": len(lr),
+        "hr_sha256": hashlib.sha256(hr).hexdigest(),
+        "lr_sha256": hashlib.sha256(lr).hexdigest(),
+        "seed": 0,
+        "factory_version": "bench",
+    }
+
+
+def write_shards(pairs, root: Path, codec: str, per_shard: int = 16) -> tuple[Path, Path]:
+    """Shards `<root>/shards-<codec>/bench/bench-NNNNNN.tar` and their manifests under `<root>/manifests-<codec>`:
+    (the dataset's shard folder, the manifest root)."""
     extension = payload_extension(codec)
-    folder = root / f"shards-{codec}"
+    folder = root / f"shards-{codec}" / "bench"
+    manifests = Storage(root / f"manifests-{codec}")
     folder.mkdir(parents=True)
     for start in range(0, len(pairs), per_shard):
-        with tarfile.open(folder / f"bench-{start // per_shard:06d}.tar", "w") as archive:
+        stem = f"bench-{start // per_shard:06d}"
+        rows = []
+        with tarfile.open(folder / f"{stem}.tar", "w") as archive:
             for key, hr, lr in pairs[start : start + per_shard]:
+                hr_payload, lr_payload = encode_image(hr, codec), encode_image(lr, codec)
+                rows.append(_row(key, f"bench/{stem}.tar", codec, hr_payload, lr_payload))
                 for name, data in (
-                    (f"{key}.hr.{extension}", encode_image(hr, codec)),
-                    (f"{key}.lr.{extension}", encode_image(lr, codec)),
+                    (f"{key}.hr.{extension}", hr_payload),
+                    (f"{key}.lr.{extension}", lr_payload),
                 ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
-    return folder
+        data = (folder / f"{stem}.tar").read_bytes()
+        commit = {
+            "shard": f"bench/{stem}.tar",
+            "shard_bytes": len(data),
+            "shard_sha256": hashlib.sha256(data).hexdigest(),
+            "pairs": len(rows),
+        }
+        write_manifest(manifests, f"bench/{stem}.parquet", rows, commit)
+    return folder, root / f"manifests-{codec}"
 
 
 def _rates(patches: int, wall_start: float, cpu_start: float) -> tuple[float, float]:
@@ -112,9 +162,12 @@ def basicsr_style(root: Path, keys: list[str], patches: int, seed: int = 0) -> t
     return _rates(patches, start, cpu_start)
 
 
-def paired_patches(folder: Path, patches: int, patches_per_pair: int) -> tuple[float, float]:
+def paired_patches(
+    folder: Path, manifests: Path | None, patches: int, patches_per_pair: int
+) -> tuple[float, float]:
     dataset = PairedPatches(
         str(folder),
+        manifests=manifests,
         patch_size=PATCH,
         scale=SCALE,
         patches_per_pair=patches_per_pair,
@@ -145,14 +198,23 @@ def run(quick: bool = False) -> dict:
         for codec in ("png", "zst"):
             for per_pair in (1, 16):
                 rates[f"stream_{codec}_ppp{per_pair}"] = paired_patches(
-                    shards[codec], stream_patches[per_pair], per_pair
+                    *shards[codec], stream_patches[per_pair], per_pair
                 )
+        rates["stream_zst_ppp16_no_manifests"] = paired_patches(
+            shards["zst"][0], None, stream_patches[16], 16
+        )
     # Per core = per CPU second of this one-thread process: fair on a machine other jobs share; wall rates beside.
     for name, (per_core, wall) in rates.items():
         results[f"{name}_patches_per_core_s"] = round(per_core, 1)
         results[f"{name}_patches_per_wall_s"] = round(wall, 1)
     baseline = rates["basicsr_folders"][0]
-    for name in ("stream_zst_ppp16", "stream_png_ppp16", "stream_zst_ppp1", "stream_png_ppp1"):
+    for name in (
+        "stream_zst_ppp16",
+        "stream_png_ppp16",
+        "stream_zst_ppp1",
+        "stream_png_ppp1",
+        "stream_zst_ppp16_no_manifests",
+    ):
         results[f"speedup_{name}"] = round(rates[name][0] / baseline, 2)
     return results
 

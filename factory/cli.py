@@ -920,6 +920,12 @@ def eval_command(
     help='SQL predicate over the manifest columns, e.g. "delta_e < 5" (needs --manifests).',
 )
 @click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="With --manifests, train on what a partial, corrupt or stale shard holds: one line per epoch with the "
+    "counts, not an error.",
+)
+@click.option(
     "--iters",
     "iterations",
     default=10_000,
@@ -1006,6 +1012,7 @@ def finetune_command(
     dataset_weights,
     manifests,
     where,
+    allow_partial,
     iterations,
     batch_size,
     patch_size,
@@ -1033,6 +1040,7 @@ def finetune_command(
             dataset_weights=_float_list(dataset_weights),
             manifests=manifests,
             where=where,
+            allow_partial=allow_partial,
             iterations=iterations,
             batch_size=batch_size,
             patch_size=patch_size,

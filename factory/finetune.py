@@ -18,6 +18,10 @@ Output (--out): `checkpoints/iter_NNNNNNN.pt` (network, optimiser, iteration; re
 newest is resumed automatically), `log.jsonl` (loss and throughput), and `model.pth`, the fine-tuned weights in the
 official key layout of the architecture (loadable by `factory eval`, spandrel and the official repositories).
 
+With --manifests every pair read is checked against the manifest (payload sha256s, the shard's size in its commit
+record): a partial, corrupt or stale shard stops the run with a one-line error naming it and the counts, unless
+--allow-partial, which trains on what is there and logs one line of counts per epoch and reader.
+
 One trainer per --out: rank 0 holds `<out>/_finetune.lock` (pid, host) for the whole run, a second trainer is refused
 with the holder's pid, and the lock of a holder that died on this host is taken over. Under torchrun every rank ends
 when its launcher does: torchrun starts each rank in a session of its own, so killing torchrun's process group alone
@@ -83,6 +87,8 @@ class FinetuneConfig:
     dataset_weights: tuple[float, ...] | None = None
     manifests: str | None = None  # manifest root: only committed shards are read, and `where` applies
     where: str | None = None  # SQL predicate over the manifest columns, e.g. "delta_e < 5"
+    # with manifests, a partial, corrupt or stale shard is one line per epoch and reader instead of an error
+    allow_partial: bool = False
     iterations: int = 10_000  # optimiser steps (every rank runs exactly this many)
     batch_size: int = 16  # patches per rank per step
     patch_size: int = 64  # LR patch side; the HR patch is scale x larger
@@ -355,6 +361,7 @@ def _stream(config: FinetuneConfig, scale: int, world_size: int) -> tuple[Paired
         patches_per_pair=config.patches_per_pair,
         seed=config.seed,
         epoch_length=config.batch_size * steps,
+        allow_partial=config.allow_partial,
     )
     workers = config.workers
     if workers is None:
@@ -576,6 +583,16 @@ def _log_line(
     return line
 
 
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches; the stream's refusal (a partial shard) raised in a DataLoader worker arrives wrapped
+    in the worker's traceback, and is passed on as its own one line."""
+    try:
+        yield from loader
+    except FactoryError as error:
+        original = str(error).rstrip().splitlines()[-1]
+        raise FactoryError(original.split("FactoryError: ", 1)[-1]) from None
+
+
 def _train(trainer: _Trainer, start: int) -> FinetuneResult:
     """Steps from `start` to --iters; checkpoints on rank 0, then the weights (before the last checkpoint, so that
     a run whose last checkpoint exists has its model.pth)."""
@@ -588,9 +605,12 @@ def _train(trainer: _Trainer, start: int) -> FinetuneResult:
     window_steps, window_patches, window_start = 0, 0, time.perf_counter()
     run_start, run_patches = time.perf_counter(), 0
     progress = tqdm(total=config.iterations, initial=start, disable=rank != 0, desc="finetune", unit="it")
+    steps_per_epoch = len(trainer.dataset) // (config.batch_size * max(trainer.loader.num_workers, 1))
     while iteration < config.iterations:
-        trainer.dataset.set_epoch(iteration)  # a different data order after every epoch and after a resume
-        for batch in trainer.loader:
+        # Epoch k goes on where epoch k - 1 stopped in the run of passes over the pairs; a run resumed from a
+        # checkpoint at a whole epoch goes on exactly where it was.
+        trainer.dataset.set_epoch(iteration // steps_per_epoch)
+        for batch in _batches(trainer.loader):
             loss, parts = _step(trainer, batch, iteration + 1)
             iteration += 1
             progress.update(1)

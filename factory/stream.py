@@ -7,19 +7,37 @@ Decoding a pair is the cost, so each decoded pair gives `patches_per_pair` rando
 shuffle buffer. `where` (the SQL predicate of `factory query`) is resolved once against the manifests: samples
 that don't match are skipped before decoding, shards without a match are never opened, and shards without a
 manifest (not committed) are never read. A shard root (`shards/`) stands for all its datasets; with manifests, the
-pairs a filtered dataset copied from its parent are then read once. Every (rank, DataLoader worker) reads its own
-disjoint set of shards; with `epoch_length` every rank yields exactly that many patches per epoch (cycling over its
-shards with a fresh order when they run out), so every DDP rank runs the same number of steps and none waits
-forever on the others.
+pairs a filtered dataset copied from its parent are then read once.
+
+An epoch is exact. With manifests the selected pairs are known before reading: one epoch cuts every one of them
+exactly `patches_per_pair` times, over all ranks and DataLoader workers ("readers"). The readers agree on a shard
+order drawn from (seed, epoch), lay the epoch's patches out in it and each takes its slice: a reader reads few
+shards, each front to back, and a pair on the boundary of two slices is decoded by both, each cutting its share
+(`plan_pass`). The one exception is padding: every reader yields as many patches, a whole number of batches
+(`batch_size`), which takes at most readers x batch_size - 1 extra crops of pairs already in the epoch, the
+convention of DistributedSampler. Then every rank runs as many steps. Without manifests an epoch is the same over
+the complete pairs of each shard's tar listing (read at construction: a local shard by seeking from header to
+header, any other URL by reading it through); pairs that turn out corrupt on reading are left out of it.
+With `epoch_length` (and when mixing datasets by weight) an epoch is that many patches per rank cut from an endless
+run of such passes, each epoch going on where the last stopped: over a run every pair is cut equally often, and
+mixing keeps its weights in expectation with a uniform rate inside each dataset.
+
+Nothing partial or stale trains in silence. With manifests every payload is checked against its sha256 as it is
+read, and each shard's size against its commit record; per shard and reader the pairs expected, read, missing and
+corrupt are counted. A shard that ends early, holds a payload of another sha256 or is another build's (its size
+differs from its commit record) is an error naming it and the counts; with `allow_partial` it is one summary line
+per epoch and reader. Without manifests the same counts, against the tar's own listing, are warnings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -27,7 +45,7 @@ import torch
 import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
 
-from factory.config import FactoryError
+from factory.config import FactoryError, error_line
 from factory.shards import decode_image
 
 logger = logging.getLogger(__name__)
@@ -150,17 +168,18 @@ def selected_rows_by_shard(
     return rows
 
 
-def _keys_to_read(matched: Mapping[str, list[dict]]) -> dict[str, frozenset[str]]:
-    """Shard URL -> the keys to read from it, each pair once: a shard root holds a filtered dataset beside its
-    parent, and the copy's rows repeat the parent's keys with the same bytes (`query.unique_pairs` keeps the first,
-    in URL order, and refuses one key with other bytes). Shards left with nothing to read are dropped."""
+def _rows_to_read(matched: Mapping[str, list[dict]]) -> dict[str, list[dict]]:
+    """Shard URL -> the rows to read from it, each pair once, in manifest order: a shard root holds a filtered
+    dataset beside its parent, and the copy's rows repeat the parent's keys with the same bytes
+    (`query.unique_pairs` keeps the first, in URL order, and refuses one key with other bytes). Shards left with
+    nothing to read are dropped."""
     from factory.query import unique_pairs
 
     rows = unique_pairs([{**row, "url": url} for url, shard_rows in matched.items() for row in shard_rows])
-    keys: dict[str, set[str]] = {}
+    kept: dict[str, list[dict]] = {}
     for row in rows:
-        keys.setdefault(row["url"], set()).add(row["key"])
-    return {url: frozenset(members) for url, members in keys.items()}
+        kept.setdefault(row["url"], []).append(row)
+    return kept
 
 
 def _match_shard(url: str, selection: Mapping[str, list[dict]]) -> list[dict] | None:
@@ -185,25 +204,34 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), field
 
 
-def _complete(key: str | None, fields: dict[str, tuple[str, bytes]], url: str) -> bool:
+@dataclass
+class ReadOutcome:
+    """How reading one shard went, for a caller that counts rather than warns."""
+
+    error: str | None = None  # why the shard ended early (a truncated or unreadable tar), None if it did not
+
+
+def _complete(
+    key: str | None, fields: dict[str, tuple[str, bytes]], url: str, outcome: ReadOutcome | None
+) -> bool:
     if key is None:
         return False
     missing = [name for name in IMAGE_FIELDS if name not in fields]
-    if missing:
+    if missing and outcome is None:  # a counting caller reports the pair as missing instead
         logger.warning(
             "skipping sample %s in %s: no %s (truncated or incomplete shard)", key, url, "/".join(missing)
         )
-        return False
-    return True
+    return not missing
 
 
 def iterate_pairs(
-    url: str, keys: frozenset[str] | None = None
+    url: str, keys: frozenset[str] | None = None, outcome: ReadOutcome | None = None
 ) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
     """(key, {"hr": (member name, bytes), "lr": ...}) for each complete sample of one shard, in shard order.
 
     Members of samples not in `keys` are skipped without being read into memory; a truncated or corrupt shard ends
-    with a warning after its last complete sample, never an exception."""
+    after its last complete sample, never with an exception: with a warning, or, given `outcome`, noted there (and
+    samples without both images are skipped without a warning: the caller counts them as missing)."""
     current_key: str | None = None
     wanted = False  # whether current_key is selected
     fields: dict[str, tuple[str, bytes]] = {}
@@ -214,7 +242,7 @@ def iterate_pairs(
                     continue
                 key, field = _split_name(member.name)
                 if key != current_key:
-                    if wanted and _complete(current_key, fields, url):
+                    if wanted and _complete(current_key, fields, url, outcome):
                         yield current_key, fields
                     current_key, fields = key, {}
                     wanted = keys is None or key in keys
@@ -223,9 +251,53 @@ def iterate_pairs(
                     fields[kind] = (field, archive.extractfile(member).read())
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         # Whatever was fully read stays usable: the pair being read is kept if both images arrived whole.
-        logger.warning("shard %s ends early (%s); keeping the complete samples before it", url, error)
-    if wanted and _complete(current_key, fields, url):
+        if outcome is None:
+            logger.warning("shard %s ends early (%s); keeping the complete samples before it", url, error)
+        else:
+            outcome.error = error_line(error)
+    if wanted and _complete(current_key, fields, url, outcome):
         yield current_key, fields
+
+
+@dataclass
+class ShardListing:
+    """What a shard's tar headers say: its samples in order, the complete ones (both images), and why it ends
+    early, if it does."""
+
+    samples: list[str]
+    complete: list[str]
+    problem: str | None = None
+
+
+def list_pairs(url: str) -> ShardListing:
+    """The samples of one shard from its tar headers: a local shard is listed by seeking from header to header (its
+    payloads are not read); any other URL is read through once. A member whose data is cut off, or a tar that stops
+    before its end-of-archive marker (a cut at a member boundary, which tar readers take for the end), is found."""
+    kinds: dict[str, set[str]] = {}  # key -> the images among its members, in shard order
+    local = os.path.isfile(url)
+    problem, last = None, None
+    try:
+        stream = open(url, "rb") if local else open_shard(url)  # noqa: SIM115 - closed by the with below
+        with stream, tarfile.open(fileobj=stream, mode="r:" if local else "r|*") as archive:
+            for member in archive:
+                last = member
+                key, field = _split_name(member.name)
+                kind = field.split(".", 1)[0]
+                if member.isfile() and kind in IMAGE_FIELDS:
+                    kinds.setdefault(key, set()).add(kind)
+                elif member.isfile():
+                    kinds.setdefault(key, set())
+            # Two zero blocks end a tar; a shard cut between members lacks them, and tarfile stops there quietly.
+            if local and os.path.getsize(url) - archive.offset < 2 * tarfile.BLOCKSIZE:
+                problem = "it ends without the end-of-archive marker (cut between members)"
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        problem = f"it ends early ({error_line(error)})"
+        cut = not local or (last is not None and last.offset_data + last.size > os.path.getsize(url))
+        if cut and last is not None and last.isfile():  # the member read last is the one cut off
+            key, field = _split_name(last.name)
+            kinds.get(key, set()).discard(field.split(".", 1)[0])
+    complete = [key for key, found in kinds.items() if found.issuperset(IMAGE_FIELDS)]
+    return ShardListing(samples=list(kinds), complete=complete, problem=problem)
 
 
 def crop_patches(
@@ -280,6 +352,150 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Epochs: which reader cuts which patches of which pair
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardPairs:
+    """What the consumer knows of one shard before reading it: the pairs to read and what to check them against."""
+
+    url: str
+    name: str  # in messages: the manifest's shard path (`<dataset>/<dataset>-NNNNNN.tar`), else the URL
+    keys: tuple[
+        str, ...
+    ]  # the selected pairs (manifests) or the complete ones of the tar listing, in shard order
+    sha256: Mapping[str, tuple[str, str]] | None = None  # key -> (HR, LR) payload sha256, from the manifest
+    shard_bytes: int | None = None  # the tar's size in its commit record (the manifest's Parquet metadata)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A reader's part of one shard in one pass: pair index in the shard -> patches to cut from it, ascending (the
+    shard is read front to back)."""
+
+    shard: int  # index into the dataset's shards
+    counts: dict[int, int]
+
+
+def reader_share(pairs: int, patches_per_pair: int, readers: int, reader: int) -> int:
+    """Patches reader `reader` of `readers` cuts in one pass before padding: its slice of the pass's patches."""
+    total = pairs * patches_per_pair
+    return (reader + 1) * total // readers - reader * total // readers
+
+
+def plan_pass(
+    sizes: Sequence[int],
+    *,
+    patches_per_pair: int,
+    readers: int,
+    reader: int,
+    generator: np.random.Generator,
+    multiple: int | None = None,
+) -> list[Piece]:
+    """One reader's part of one pass over a dataset whose shards hold `sizes` pairs. Every reader draws the same
+    shard order from `generator` (seeded alike everywhere), lays the pass's patches out in that order (pair after
+    pair, `patches_per_pair` each, a shard's pairs in their order in it) and takes the slice [reader x T / readers,
+    (reader + 1) x T / readers) of the T patches: every pair is cut exactly `patches_per_pair` times over all
+    readers, a reader reads few shards, each front to back, and a pair on a slice boundary is decoded by both
+    neighbours, each cutting its share.
+
+    multiple: pad every reader to the same count, the largest slice rounded up to this multiple (a batch), with
+    extra crops of its own pairs: at most readers x multiple - 1 in all (the convention of DistributedSampler, which
+    repeats samples so that every rank gets as many). None: no padding."""
+    total = sum(sizes) * patches_per_pair
+    start, stop = reader * total // readers, (reader + 1) * total // readers
+    pieces, offset = [], 0
+    for shard in generator.permutation(len(sizes)):
+        first, end = offset, offset + sizes[shard] * patches_per_pair
+        offset = end
+        low, high = max(start, first), min(stop, end)
+        if low >= high:
+            continue
+        counts = {}
+        for pair in range((low - first) // patches_per_pair, (high - 1 - first) // patches_per_pair + 1):
+            pair_start = first + pair * patches_per_pair
+            counts[pair] = min(high, pair_start + patches_per_pair) - max(low, pair_start)
+        pieces.append(Piece(int(shard), counts))
+    if multiple is not None and pieces:
+        largest = -(-total // readers)
+        padding = -(-largest // multiple) * multiple - (stop - start)
+        # Pairs drawn at random (after the shard order, which every reader must draw alike): always the first
+        # would favour the pairs that open a slice, and over a run every pair is padded equally often.
+        slots = [(piece, pair) for piece in pieces for pair in piece.counts]
+        for index in generator.choice(len(slots), size=padding, replace=padding > len(slots)):
+            piece, pair = slots[index]
+            piece.counts[pair] += 1
+    return pieces
+
+
+def _skip(pieces: list[Piece], patches: int) -> list[Piece]:
+    """The pieces without their first `patches` patches (where the previous epoch stopped in this pass)."""
+    kept = []
+    for piece in pieces:
+        counts = {}
+        for pair, count in piece.counts.items():
+            dropped = min(patches, count)
+            patches -= dropped
+            if count > dropped:
+                counts[pair] = count - dropped
+        if counts:
+            kept.append(Piece(piece.shard, counts))
+    return kept
+
+
+@dataclass
+class ShardTally:
+    """The pairs of one shard as one reader met them in one epoch: expected (its part), read (whole and, with
+    manifests, with the manifest's sha256), corrupt (another sha256, or undecodable), missing (never found)."""
+
+    expected: int = 0
+    read: int = 0
+    corrupt: int = 0
+    reasons: dict[str, None] = field(default_factory=dict)  # an ordered set
+
+    @property
+    def missing(self) -> int:
+        return self.expected - self.read - self.corrupt
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing or self.corrupt or self.reasons)
+
+    def counts(self) -> str:
+        return f"expected {self.expected}, read {self.read}, missing {self.missing}, corrupt {self.corrupt}"
+
+    def describe(self, name: str) -> str:
+        return f"{name}: {self.counts()}" + (f" ({'; '.join(self.reasons)})" if self.reasons else "")
+
+
+def _shard_size(url: str) -> int | None:
+    """The size of a local or object-store shard (None for pipes and http: not known before reading)."""
+    if os.path.isfile(url):
+        return os.path.getsize(url)
+    if _is_object_store(url):
+        import pyarrow.fs
+
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+            return filesystem.get_file_info(path).size
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _payloads_match(shard: ShardPairs, key: str, fields: dict[str, tuple[str, bytes]]) -> bool:
+    """Whether both payloads hash to the manifest's sha256 (True without manifests: nothing to compare with)."""
+    if shard.sha256 is None:
+        return True
+    hr_sha256, lr_sha256 = shard.sha256[key]
+    return (
+        hashlib.sha256(fields["hr"][1]).hexdigest() == hr_sha256
+        and hashlib.sha256(fields["lr"][1]).hexdigest() == lr_sha256
+    )
+
+
 class PairedPatches(IterableDataset):
     """Aligned (LR, HR) patches from WebDataset shards: {"lr": (3, p, p), "hr": (3, scale*p, scale*p), "key": str},
     float32 in [0, 1].
@@ -287,16 +503,19 @@ class PairedPatches(IterableDataset):
     urls: shard URLs of one dataset (see `expand_urls`), or, with `weights`, one such entry per dataset to mix.
     patch_size: LR patch side p (the HR patch is scale*p).
     scale: HR size / LR size of the pairs.
-    manifests: the manifest root; with it only committed shards (with a manifest) are read, and `where` applies.
+    manifests: the manifest root; with it only committed shards (with a manifest) are read, `where` applies, and
+        every payload is checked against its manifest sha256 as it is read.
     where: SQL predicate over the manifest columns (as `factory query`), e.g. "delta_e < 5 AND label != 'fog'".
     patches_per_pair: crops per decoded pair.
     augment: random flips and transposes (the 8 symmetries of the square).
     shuffle: shuffle-buffer size in patches (0: stream order).
     weights: sampling weight of each dataset in `urls` (mixing: each patch comes from dataset i with probability
         w_i / sum(w)).
-    epoch_length: patches per rank per epoch; the shards are cycled (new order each pass) to fill it, so every
-        rank yields exactly this many. None: one pass over this rank's shards (single process; with several ranks
-        and manifests, the selected pairs x patches_per_pair / world size, else an error: ranks would differ).
+    epoch_length: patches per rank per epoch, cut from an endless run of passes that goes on where the previous
+        epoch stopped. None: one exact pass (one dataset), or, with weights, as many patches as one pass over all.
+    batch_size: with epoch_length None, every reader is padded to the same whole number of batches of this size.
+    allow_partial: with manifests, a shard that is partial, corrupt or another build's is one summary line per
+        epoch, not an error.
     seed: base seed; the stream of (seed, epoch, rank, worker) is reproducible.
     rank, world_size: override torch.distributed / RANK, WORLD_SIZE.
     """
@@ -314,13 +533,17 @@ class PairedPatches(IterableDataset):
         shuffle: int = 256,
         weights: Sequence[float] | None = None,
         epoch_length: int | None = None,
+        batch_size: int = 1,
+        allow_partial: bool = False,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        if patch_size < 1 or scale < 1 or patches_per_pair < 1 or shuffle < 0:
-            raise FactoryError("patch_size, scale and patches_per_pair must be >= 1 and shuffle >= 0")
+        if patch_size < 1 or scale < 1 or patches_per_pair < 1 or shuffle < 0 or batch_size < 1:
+            raise FactoryError(
+                "patch_size, scale, patches_per_pair and batch_size must be >= 1 and shuffle >= 0"
+            )
         if where is not None and manifests is None:
             raise FactoryError("where= needs manifests= (the predicate is evaluated on the manifests)")
         if weights is None:
@@ -335,55 +558,42 @@ class PairedPatches(IterableDataset):
         position = distributed_position()
         self.rank = position[0] if rank is None else rank
         self.world_size = position[1] if world_size is None else world_size
-
-        # Resolve the manifests once: per shard URL, the keys to read (None: all); unselected shards are dropped.
-        self.selected_pairs: int | None = None
-        self.shard_keys: list[dict[str, frozenset[str] | None]] = []
         if manifests is not None:
-            selection = selected_rows_by_shard(manifests, where, scale)
-            self.selected_pairs = 0
-            for index, shards in enumerate(datasets):
-                matched = {url: _match_shard(url, selection) for url in shards}
-                kept = _keys_to_read({url: rows for url, rows in matched.items() if rows})
-                if not kept:
-                    raise FactoryError(
-                        f"the manifests under {manifests} select no pair in dataset {index} ({shards[0]}...)"
-                    )
-                self.selected_pairs += sum(len(keys) for keys in kept.values())  # type: ignore[arg-type]
-                self.shard_keys.append(kept)
+            self.shards = _manifest_shards(datasets, manifests, where, scale)
+            self.selected_pairs: int | None = sum(
+                len(shard.keys) for shards in self.shards for shard in shards
+            )
         else:
-            self.shard_keys = [dict.fromkeys(shards) for shards in datasets]
-            for index, shards in enumerate(datasets):
-                folders = sorted({PurePosixPath(url).parent.name for url in shards})
-                if len(folders) > 1:
-                    logger.warning(
-                        "dataset %d spans %d datasets (%s) and no manifests are given: every shard is read, "
-                        "uncommitted ones and a filtered copy's pairs (again) included; pass manifests= to read "
-                        "each committed pair once",
-                        index,
-                        len(folders),
-                        ", ".join(folders),
-                    )
+            self.shards = [_listed_shards(index, urls) for index, urls in enumerate(datasets)]
+            self.selected_pairs = None
         self.weights = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-
-        if epoch_length is None and self.world_size > 1:
-            if self.selected_pairs is None:
-                raise FactoryError(
-                    "with several ranks, give epoch_length (or manifests) so every rank runs as many steps"
-                )
-            epoch_length = self.selected_pairs * patches_per_pair // self.world_size
+        if epoch_length is None and len(self.shards) > 1:
+            drawn = [shards for shards, weight in zip(self.shards, self.weights, strict=True) if weight > 0]
+            pairs = sum(len(shard.keys) for shards in drawn for shard in shards)
+            epoch_length = -(-pairs * patches_per_pair // self.world_size)
         self.epoch_length = epoch_length
         self.patch_size, self.scale = patch_size, scale
         self.patches_per_pair, self.augment, self.shuffle = patches_per_pair, augment, shuffle
+        self.batch_size, self.allow_partial = batch_size, allow_partial
+        # Only the manifests say what a shard must hold; without them the tar's own listing is all there is.
+        self.strict = manifests is not None and not allow_partial
         self.seed, self.epoch = seed, 0
 
+    @property
+    def shard_keys(self) -> list[dict[str, frozenset[str]]]:
+        """Per dataset: shard URL -> the keys to read from it."""
+        return [{shard.url: frozenset(shard.keys) for shard in shards} for shards in self.shards]
+
     def set_epoch(self, epoch: int) -> None:
-        """A new epoch: a new shard order, crop positions and shuffle (call before iterating the DataLoader)."""
+        """A new epoch: a new shard order, crop positions and shuffle, and with epoch_length the next stretch of
+        the run of passes (call before iterating the DataLoader)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         if self.epoch_length is None:
-            raise TypeError("PairedPatches has no length without epoch_length")
+            raise TypeError(
+                "PairedPatches has no length without epoch_length (it depends on the DataLoader workers)"
+            )
         return self.epoch_length
 
     def _worker(self) -> tuple[int, int, int]:
@@ -392,74 +602,151 @@ class PairedPatches(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * workers + worker, self.world_size * workers, workers
 
-    def _dataset_patches(self, index: int, generator: np.random.Generator, cycle: bool) -> Iterator[Patch]:
-        """Patches of dataset `index` from this worker's shards, crop by crop."""
-        member, members, _ = self._worker()
-        shards = sorted(self.shard_keys[index])
-        if len(shards) >= members:
-            mine, sample_stride = shards[member::members], 1
-        else:
-            # Fewer shards than readers: every reader opens every shard and keeps every members-th sample
-            # (disjoint samples, not disjoint shards). More shards than ranks x workers avoids this.
-            logger.warning(
-                "%d shards for %d readers: splitting by sample, every reader reads every shard",
-                len(shards),
-                members,
+    def _read_piece(
+        self,
+        shard: ShardPairs,
+        wanted: dict[str, int],
+        generator: np.random.Generator,
+        tally: dict[str, ShardTally],
+    ) -> Iterator[Patch]:
+        """The patches of the pairs `wanted` (key -> patches to cut) of one shard, read front to back and no further
+        than the last of them; each payload checked against its manifest sha256 as it arrives. The tally of the
+        shard gets what was expected, read and corrupt (a piece cut short by the epoch's end counts what it met);
+        a partial shard is an error at once when strict."""
+        count = tally.setdefault(shard.name, ShardTally())
+        size = _shard_size(shard.url) if shard.shard_bytes is not None else None
+        if size is not None and size != shard.shard_bytes:
+            count.reasons[
+                f"{size} bytes, its commit record says {shard.shard_bytes}: cut, changed or another build's"
+            ] = None
+        outcome, met, corrupt, finished, done = ReadOutcome(), 0, 0, False, set()
+        try:
+            with contextlib.closing(iterate_pairs(shard.url, frozenset(wanted), outcome)) as pairs:
+                for key, fields in pairs:
+                    if key in done:  # a sample written twice is one pair
+                        continue
+                    done.add(key)
+                    met += 1
+                    pair = self._decode(shard, key, fields) if _payloads_match(shard, key, fields) else None
+                    if pair is None:
+                        corrupt += 1
+                    else:
+                        yield from self._crop(*pair, key, wanted[key], generator)
+                    if met == len(wanted):
+                        break
+            finished = True
+        finally:
+            count.expected += len(wanted) if finished else met
+            count.read += met - corrupt
+            count.corrupt += corrupt
+        if outcome.error is not None:
+            count.reasons[f"it ends early: {outcome.error}"] = None
+        if self.strict and count.partial:
+            member, _, workers = self._worker()
+            raise FactoryError(
+                f"shard {count.describe(shard.name)} in epoch {self.epoch} (rank {self.rank}, DataLoader worker "
+                f"{member - self.rank * workers}): rebuild it (factory verify says what differs), or pass "
+                "allow_partial=True (--allow-partial) to train on what is there"
             )
-            mine, sample_stride = shards, members
+
+    @staticmethod
+    def _decode(shard: ShardPairs, key: str, fields) -> tuple[np.ndarray, np.ndarray] | None:
+        """(LR, HR) of a pair, None when a payload does not decode (counted as corrupt)."""
+        try:
+            return decode_image(*fields["lr"]), decode_image(*fields["hr"])
+        except (ValueError, OSError) as error:
+            logger.debug("pair %s in %s does not decode: %s", key, shard.name, error)
+            return None
+
+    def _crop(
+        self, lr: np.ndarray, hr: np.ndarray, key: str, count: int, generator: np.random.Generator
+    ) -> list[Patch]:
+        return crop_patches(
+            lr,
+            hr,
+            key,
+            patch_size=self.patch_size,
+            scale=self.scale,
+            count=count,
+            augment=self.augment,
+            generator=generator,
+        )
+
+    def _dataset_patches(
+        self, index: int, start: int | None, generator: np.random.Generator, tally: dict[str, ShardTally]
+    ) -> Iterator[Patch]:
+        """This reader's patches of dataset `index`. start None: the exact pass of this epoch, padded to a whole
+        number of batches. Else endless: passes 0, 1, 2, ... one after another, from patch `start` of this
+        reader's part of them (each pass gives every reader a fixed share, so where an epoch starts is known
+        without reading the ones before)."""
+        reader, readers, _ = self._worker()
+        shards = self.shards[index]
+        sizes = [len(shard.keys) for shard in shards]
+        share = reader_share(sum(sizes), self.patches_per_pair, readers, reader)
+        if share == 0:
+            raise FactoryError(
+                f"dataset {index} has {sum(sizes)} pairs x {self.patches_per_pair} patches for {readers} readers: "
+                "this one has none; select more pairs or use fewer workers"
+            )
+        pass_number, skip = (self.epoch, 0) if start is None else divmod(start, share)
         while True:
+            # The same generator in every reader: they must agree on the shard order to split it.
+            order = np.random.default_rng([self.seed, index, pass_number])
+            multiple = self.batch_size if start is None else None
+            plan = plan_pass(
+                sizes,
+                patches_per_pair=self.patches_per_pair,
+                readers=readers,
+                reader=reader,
+                generator=order,
+                multiple=multiple,
+            )
             emitted = 0
-            seen = 0
-            for position in generator.permutation(len(mine)) if cycle else range(len(mine)):
-                url = mine[position]
-                for key, fields in iterate_pairs(url, self.shard_keys[index][url]):
-                    seen += 1
-                    if sample_stride > 1 and (seen - 1) % sample_stride != member:
-                        continue
-                    try:
-                        hr = decode_image(*fields["hr"])
-                        lr = decode_image(*fields["lr"])
-                    except (ValueError, OSError) as error:
-                        logger.warning("skipping pair %s in %s: %s", key, url, error)
-                        continue
-                    patches = crop_patches(
-                        lr,
-                        hr,
-                        key,
-                        patch_size=self.patch_size,
-                        scale=self.scale,
-                        count=self.patches_per_pair,
-                        augment=self.augment,
-                        generator=generator,
-                    )
-                    emitted += len(patches)
-                    yield from patches
-            if not cycle:
+            for piece in _skip(plan, skip):
+                shard = shards[piece.shard]
+                wanted = {shard.keys[pair]: count for pair, count in piece.counts.items()}
+                for patch in self._read_piece(shard, wanted, generator, tally):
+                    emitted += 1
+                    yield patch
+            if start is None:
                 return
-            if emitted == 0:
+            if emitted == 0 and skip == 0:
                 raise FactoryError(
-                    f"no usable pair in this reader's shards of dataset {index} ({len(mine)} shards): each was "
+                    f"no usable pair in this reader's part of dataset {index} ({len(plan)} shards): each was "
                     "skipped, and the warnings above say why (e.g. LR smaller than the patch size)"
                 )
+            pass_number, skip = pass_number + 1, 0
 
-    def _mixed(self, generator: np.random.Generator, cycle: bool) -> Iterator[Patch]:
-        """Patches drawn from dataset i with probability w_i (renormalised when a one-pass dataset runs out)."""
-        streams = {
-            index: self._dataset_patches(index, generator, cycle) for index in range(len(self.shard_keys))
-        }
-        weights = {index: self.weights[index] for index in streams if self.weights[index] > 0}
-        while weights:
-            indices = list(weights)
-            probabilities = np.array([weights[index] for index in indices])
-            index = (
-                indices[0]
-                if len(indices) == 1
-                else indices[generator.choice(len(indices), p=probabilities / probabilities.sum())]
+    def _mixed(
+        self, quota: int, generator: np.random.Generator, tally: dict[str, ShardTally]
+    ) -> Iterator[Patch]:
+        """`quota` patches, each from dataset i with probability w_i: how many from each is drawn per epoch
+        (multinomial), so every dataset's stream goes on where the previous epochs left it."""
+        member, _, workers = self._worker()
+        worker = member - self.rank * workers
+
+        def drawn(epoch: int) -> np.ndarray:
+            return np.random.default_rng([self.seed, epoch, self.rank, worker, 1]).multinomial(
+                quota, self.weights
             )
-            try:
-                yield next(streams[index])
-            except StopIteration:
-                del weights[index]
+
+        starts = sum(
+            (drawn(epoch) for epoch in range(self.epoch)), np.zeros(len(self.weights), dtype=np.int64)
+        )
+        counts = drawn(self.epoch)
+        streams = {
+            index: self._dataset_patches(index, int(starts[index]), generator, tally)
+            for index in range(len(self.shards))
+            if counts[index]
+        }
+        order = np.repeat(np.arange(len(counts)), counts)
+        generator.shuffle(order)
+        try:
+            for index in order:
+                yield next(streams[int(index)])
+        finally:
+            for stream in streams.values():
+                stream.close()
 
     def _shuffled(self, patches: Iterator[Patch], generator: np.random.Generator) -> Iterator[Patch]:
         """A shuffle buffer of up to `shuffle` patches: each emitted patch is a random one of the buffer, so the
@@ -480,20 +767,102 @@ class PairedPatches(IterableDataset):
         generator.shuffle(buffer)  # type: ignore[arg-type]
         yield from buffer
 
+    def _summarise(self, tally: dict[str, ShardTally], worker: int) -> None:
+        """One line per epoch and reader for the partial shards it met (allow_partial, or no manifests)."""
+        partial = {name: count for name, count in tally.items() if count.partial}
+        if not partial:
+            return
+        totals = ShardTally(
+            expected=sum(count.expected for count in tally.values()),
+            read=sum(count.read for count in tally.values()),
+            corrupt=sum(count.corrupt for count in tally.values()),
+        )
+        logger.warning(
+            "epoch %d, rank %d, DataLoader worker %d: %s of %s partial; %s",
+            self.epoch,
+            self.rank,
+            worker,
+            f"{len(partial)} shard{'s' if len(partial) > 1 else ''}",
+            totals.counts(),
+            "; ".join(count.describe(name) for name, count in partial.items()),
+        )
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
         member, _, workers = self._worker()
         worker = member - self.rank * workers
         generator = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        cycle = self.epoch_length is not None
-        quota = None
-        if self.epoch_length is not None:
+        tally: dict[str, ShardTally] = {}
+        if self.epoch_length is None:
+            patches = self._dataset_patches(0, None, generator, tally)
+        else:
             # This rank's epoch_length, split over its DataLoader workers (the same split on every rank).
             quota = self.epoch_length // workers + (1 if worker < self.epoch_length % workers else 0)
-            if quota == 0:
-                return
-        emitted = 0
-        for patch in self._shuffled(self._mixed(generator, cycle), generator):
-            yield {"lr": to_tensor(patch.lr), "hr": to_tensor(patch.hr), "key": patch.key}
-            emitted += 1
-            if quota is not None and emitted >= quota:
-                return
+            patches = self._mixed(quota, generator, tally)
+        try:
+            for patch in self._shuffled(patches, generator):
+                yield {"lr": to_tensor(patch.lr), "hr": to_tensor(patch.hr), "key": patch.key}
+        finally:
+            patches.close()
+            if not self.strict:
+                self._summarise(tally, worker)
+
+
+def _manifest_shards(
+    datasets: list[list[str]], manifests: str | os.PathLike, where: str | None, scale: int
+) -> list[list[ShardPairs]]:
+    """Per dataset, its shards with selected pairs: the keys (manifest order), their payload sha256s and the shard's
+    size in its commit record. Resolved once, by one query; unselected shards are dropped."""
+    from factory.manifests import read_commit
+    from factory.storage import Storage
+
+    selection = selected_rows_by_shard(manifests, where, scale)
+    storage = Storage(manifests)
+    result = []
+    for index, urls in enumerate(datasets):
+        matched = {url: _match_shard(url, selection) for url in urls}
+        kept = _rows_to_read({url: rows for url, rows in matched.items() if rows})
+        if not kept:
+            raise FactoryError(
+                f"the manifests under {manifests} select no pair in dataset {index} ({urls[0]}...)"
+            )
+        shards = []
+        for url, rows in sorted(kept.items()):
+            name = rows[0]["shard"]
+            commit = read_commit(storage, name.removesuffix(".tar") + ".parquet") or {}
+            digests = {row["key"]: (row["hr_sha256"], row["lr_sha256"]) for row in rows}
+            shards.append(ShardPairs(url, name, tuple(digests), digests, commit.get("shard_bytes")))
+        result.append(shards)
+    return result
+
+
+def _listed_shards(index: int, urls: list[str]) -> list[ShardPairs]:
+    """Without manifests: the complete pairs each shard's tar listing names, with a warning for a shard whose
+    listing finds a cut or samples without both images (they are left out of every epoch)."""
+    folders = sorted({PurePosixPath(url).parent.name for url in urls})
+    if len(folders) > 1:
+        logger.warning(
+            "dataset %d spans %d datasets (%s) and no manifests are given: every shard is read, uncommitted ones "
+            "and a filtered copy's pairs (again) included; pass manifests= to read each committed pair once",
+            index,
+            len(folders),
+            ", ".join(folders),
+        )
+    shards = []
+    for url in urls:
+        listing = list_pairs(url)
+        incomplete = len(listing.samples) - len(listing.complete)
+        if incomplete or listing.problem:
+            logger.warning(
+                "shard %s: %d samples in its tar listing, %d complete, %d without both images%s; the complete "
+                "ones are read",
+                url,
+                len(listing.samples),
+                len(listing.complete),
+                incomplete,
+                f"; {listing.problem}" if listing.problem else "",
+            )
+        if listing.complete:
+            shards.append(ShardPairs(url, url, tuple(listing.complete)))
+    if not shards:
+        raise FactoryError(f"no complete pair in the shards of dataset {index} ({urls[0]}...)")
+    return shards

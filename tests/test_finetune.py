@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -575,3 +577,40 @@ def test_the_default_workers_raise_no_warnings_on_two_cores(tmp_path, train_shar
     assert "2 iterations" in result.output
     # torch's "This DataLoader will create 4 worker processes in total. Our suggested max number of worker ..."
     assert not [warning for warning in caught if "worker processes" in str(warning.message)]
+
+
+def test_a_cut_shard_stops_training_in_one_line_and_allow_partial_trains_with_the_counts(
+    tmp_path, photos, caplog
+):
+    """A shard cut inside its second sample: with --manifests an error naming it and the counts (raised in a
+    DataLoader worker, yet one line); with --allow-partial the run trains on the pair there is and says so."""
+    import tarfile
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    (shard,) = write_pairs(shards, manifests, crops(photos, size=96, per_photo=1)[:4], per_shard=4)
+    with tarfile.open(shard) as archive:
+        second = [member for member in archive if member.name.endswith(".hr.npy.zst")][1]
+    shard.write_bytes(shard.read_bytes()[: second.offset_data + 100])
+    arguments = ["finetune", "--arch", "edsr", "--preset", "tiny", "--shards", str(shards / "bicubic")]
+    arguments += ["--manifests", str(manifests), "--iters", "2", "--batch-size", "4", "--patch-size", "16"]
+    arguments += ["--patches-per-pair", "4", "--seed", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--workers", "2", "--out", str(tmp_path / "strict")])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    # Each of the 2 workers reads 2 of the 4 pairs; whichever meets the cut first stops the run.
+    assert re.search(
+        r"error: shard bicubic/bicubic-000000.tar: expected 2, read [01], missing [12], corrupt 0 \(.*\) in "
+        r"epoch 0 \(rank 0, DataLoader worker [01]\).*--allow-partial",
+        result.output,
+    )
+    assert not (tmp_path / "strict" / "model.pth").exists()
+
+    with caplog.at_level(logging.WARNING, logger="factory.stream"):
+        partial = CliRunner().invoke(
+            main, [*arguments, "--workers", "0", "--allow-partial", "--out", str(tmp_path / "partial")]
+        )
+    assert partial.exit_code == 0, partial.output
+    (line,) = [record.getMessage() for record in caplog.records if record.name == "factory.stream"]
+    # 8 patches per epoch, 4 per pair: a whole pass (4 expected, 1 read), then the one pair of the next, where the
+    # epoch ends (what it did not reach is not counted).
+    assert "epoch 0, rank 0" in line and "bicubic/bicubic-000000.tar: expected 5, read 2, missing 3" in line
