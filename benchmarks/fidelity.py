@@ -3,6 +3,8 @@ reduced scale that a 2-core CPU runs in under 45 minutes.
 
     python -m benchmarks.fidelity --out fidelity.md [--classifier classifier.safetensors] [--steps-per-epoch 10]
 
+The figures of each model are kept in fidelity.json as soon as it is done; a rerun skips the models it holds.
+
 Scale. Each model trains with `factory.train` to epochs 4, 8, 16, 32 and 64 on a Tiny-ImageNet-like set made here:
 TINY_IMAGES 64x64 images, each a random square (64-256 px) of one of five bundled scikit-image photos resized to 64,
 as Tiny-ImageNet's images are ImageNet photos resized to 64. An epoch is `steps_per_epoch` steps of BATCH (160
@@ -18,9 +20,10 @@ Under the table each claim is marked holds / does not hold with the figure that 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +106,15 @@ def _dominant_label(classifier: str | None, reconstructions: torch.Tensor) -> st
     return Counter(labels).most_common(1)[0][0]
 
 
-def run(out: Path, steps_per_epoch: int, classifier: str | None, seed: int) -> tuple[list[Row], float]:
+def run(rows_file: Path, steps_per_epoch: int, classifier: str | None, seed: int) -> tuple[list[Row], float]:
+    """Train and measure every model not yet in `rows_file` (a rerun resumes model by model)."""
     started = time.perf_counter()
-    rows: list[Row] = []
+    saved = json.loads(rows_file.read_text()) if rows_file.is_file() else {"rows": [], "seconds": 0.0}
+    rows = [Row(**row) for row in saved["rows"]]
     images = heldout_lr_images()
     with tempfile.TemporaryDirectory() as scratch:
         data = make_tiny_imagenet(Path(scratch) / "tiny", TINY_IMAGES, seed)
-        for model in MODELS:
+        for model in [name for name in MODELS if name not in {row.model for row in rows}]:
             checkpoints = Path(scratch) / "checkpoints"
             config = TrainConfig(
                 model=model,
@@ -131,8 +136,10 @@ def run(out: Path, steps_per_epoch: int, classifier: str | None, seed: int) -> t
             for epoch, _, reconstructions in reconstructions_by_epoch(checkpoints, model, images, seed=seed):
                 regime = regime_of(reconstructions, images)
                 rows.append(Row(model, epoch, regime, _dominant_label(classifier, reconstructions)))
-            print(f"{model}: done after {time.perf_counter() - started:.0f} s", flush=True)
-    return rows, time.perf_counter() - started
+            seconds = saved["seconds"] + time.perf_counter() - started
+            rows_file.write_text(json.dumps({"rows": [asdict(row) for row in rows], "seconds": seconds}))
+            print(f"{model}: done after {seconds:.0f} s", flush=True)
+    return rows, saved["seconds"] + time.perf_counter() - started
 
 
 def _figure(rows: list[Row], model: str, epoch: int, key: str) -> float:
@@ -216,7 +223,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows, seconds = run(arguments.out, arguments.steps_per_epoch, arguments.classifier, arguments.seed)
+    rows_file = arguments.out.with_suffix(
+        ".json"
+    )  # every model's figures as soon as they exist: reruns resume
+    rows, seconds = run(rows_file, arguments.steps_per_epoch, arguments.classifier, arguments.seed)
     text = report(rows, seconds, arguments.steps_per_epoch)
     arguments.out.write_text(text)
     print(text)
