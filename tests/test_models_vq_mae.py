@@ -233,3 +233,77 @@ def test_moving_average_codebook_changes_only_in_training_loss(photo_batch):
     assert torch.equal(model.top_quantizer.codebook, before)
     model.loss(photo_batch)
     assert not torch.equal(model.top_quantizer.codebook, before)
+
+
+def rosinality_ema_step(codebook, cluster_size, codebook_sum, flat, decay=0.99, eps=1e-5):
+    """rosinality/vq-vae-2-pytorch `Quantize.forward`'s training update, written out from its definition (K x D
+    layout here): nearest codes, N <- decay N + (1 - decay) n, m <- decay m + (1 - decay) sum z, e = m / smoothed N."""
+    codes = torch.cdist(flat, codebook).argmin(dim=1)
+    one_hot = torch.nn.functional.one_hot(codes, len(codebook)).double()
+    cluster_size = decay * cluster_size + (1 - decay) * one_hot.sum(0)
+    codebook_sum = decay * codebook_sum + (1 - decay) * one_hot.t() @ flat
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + len(codebook) * eps) * total
+    return codebook_sum / smoothed[:, None], cluster_size, codebook_sum
+
+
+def test_moving_average_update_is_rosinalitys():
+    """Without restarts the codebook follows the reference's update exactly (its ones-initialised cluster sizes)."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(8, 4, 0.25, ema_decay=0.99).double()
+    expected = (quantizer.codebook.clone(), quantizer.cluster_size.clone(), quantizer.codebook_sum.clone())
+    assert torch.equal(
+        expected[1], torch.ones(8)
+    )  # rosinality: register_buffer("cluster_size", torch.ones(n_embed))
+    for _ in range(3):
+        z = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+        expected = rosinality_ema_step(*expected, flat)
+        quantizer(z, update_codebook=True)
+    torch.testing.assert_close(quantizer.codebook.double(), expected[0])
+    torch.testing.assert_close(quantizer.cluster_size.double(), expected[1])
+
+
+def test_dead_codes_restart_at_encoder_outputs_and_the_paper_preset_keeps_none():
+    """Jukebox's random restarts: a code whose moving-average use falls below the threshold moves onto one of the
+    batch's encoder outputs, with a fresh average (N = 1, m = e); used codes follow the reference update."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 4, 0.25, ema_decay=0.99, dead_code_threshold=0.995)
+    z = torch.randn(1, 4, 2, 2) * 0.01  # four outputs near the origin: a handful of codes win, the rest decay
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    used = torch.cdist(flat, quantizer.codebook).argmin(dim=1).unique()
+    quantizer(z, update_codebook=True)
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[used] = False
+    assert dead.any()
+    for code in dead.nonzero().flatten().tolist():
+        assert any(
+            torch.equal(quantizer.codebook[code], row) for row in flat
+        )  # restarted at an encoder output
+        assert quantizer.cluster_size[code] == 1.0
+        assert torch.equal(quantizer.codebook_sum[code], quantizer.codebook[code])
+    assert (quantizer.cluster_size[used] > 0.995).all()
+    # The paper preset is the reference's (no restarts); `embedded` restarts, which the build's default trains.
+    assert make_config("vqvae2", "paper").dead_code_threshold is None
+    assert make_config("vqvae2", "embedded").dead_code_threshold == 1.0
+    with pytest.raises(ConfigError, match="moving-average"):
+        make_config("vqvae", "paper", {"dead_code_threshold": 1.0})
+
+
+def test_embedded_preset_keeps_its_codebooks_in_use(photo_batch):
+    """The collapse the restarts fix: 40 Adam steps on a photo leave the reference's bottom codebook on a handful of
+    codes, the embedded preset's on many (perplexity: exp of the entropy of code use in the batch)."""
+    perplexities = {}
+    for preset in ("paper", "embedded"):
+        torch.manual_seed(0)
+        model = build_model(
+            "vqvae2", config=make_config("vqvae2", preset, {"channels": 32, "codebook_size": 64})
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(40):
+            loss, logs = model.loss(photo_batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        perplexities[preset] = logs["perplexity_bottom"]
+    assert perplexities["paper"] < 4 and perplexities["embedded"] > 2 * perplexities["paper"]

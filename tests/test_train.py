@@ -406,3 +406,22 @@ def test_figure_3_preview_has_one_column_per_saved_epoch(photo_folder, tmp_path)
         "preview", "--checkpoints", str(tmp_path / "none"), "--model", "vqvae", "--out", str(out)
     )
     assert missing.exit_code != 0 and "no checkpoints under" in missing.output
+
+
+def test_a_run_that_trains_says_so_first_with_steps_and_an_estimate(photo_folder, tmp_path, caplog):
+    """One line before the first step: the steps it will take and a time estimate from timed steps; none when every
+    checkpoint is already there."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="factory.train"):
+        train(tiny_run("vqvae2", photo_folder, tmp_path / "checkpoints"))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("training ")]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "training vqvae2 (tiny) epochs 1-2: 4 steps of 4 (8 samples an epoch, lr 0.001), about "
+    )
+    assert "s a step, 2 timed" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="factory.train"):
+        train(tiny_run("vqvae2", photo_folder, tmp_path / "checkpoints"))
+    assert not [record for record in caplog.records if record.getMessage().startswith("training ")]
