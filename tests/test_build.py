@@ -28,6 +28,7 @@ from factory.cli import main
 from factory.color import downsample, quantize
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_manifests, verify
+from factory.quality import checkerboard_index
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,6 +147,15 @@ def test_model_build_metrics_equal_skimage_on_stored_pairs(tmp_path: Path, hr_fo
         steps=0,
         data_fingerprint="none",
         seed=0,
+        training={"batch_size": 4, "lr": 1e-3, "samples_seen": 8},
+        regime={
+            "psnr": 12.5,
+            "ssim": 0.2,
+            "delta_e": 20.0,
+            "checkerboard": 30.0,
+            "delta_b": -1.0,
+            "images": 3,
+        },
     )
     build_config = config_for(
         tmp_path,
@@ -179,6 +189,19 @@ def test_model_build_metrics_equal_skimage_on_stored_pairs(tmp_path: Path, hr_fo
             structural_similarity(x, lr, channel_axis=2, data_range=255), abs=1e-6
         )
         assert row["psnr"] < 100  # the untrained model really degrades
+        assert row["checkerboard"] == pytest.approx(
+            float(
+                checkerboard_index(
+                    torch.tensor(lr).permute(2, 0, 1)[None], torch.tensor(x).permute(2, 0, 1)[None]
+                )
+            )
+        )
+    # The card carries the checkpoint's training record and regime as the checkpoint stores them.
+    card = json.loads((Path(build_config.manifests) / "vqvae2-ep1" / CARD_NAME).read_text())
+    assert (
+        card["checkpoint"]["regime"]["psnr"] == 12.5 and card["checkpoint"]["training"]["samples_seen"] == 8
+    )
+    assert card["checkpoint"]["sha256"] == file_sha256(path) and card["checkerboard"]["median"] > 0
 
 
 def test_image_quality_matches_skimage_on_random_images():

@@ -204,3 +204,29 @@ def test_one_unreadable_manifest_is_named_and_the_other_datasets_are_described(t
     assert by_name["good"]["pairs"] == 2 and by_name["good"]["delta_e_mean"] == pytest.approx(2.0)
     assert by_name["damaged"]["pairs"] == 0
     assert str(damaged) in result.stderr and str(manifests / "damaged" / REJECTS_NAME) in result.stderr
+
+
+def test_the_checkpoint_regime_from_the_card_is_shown_and_plotted(tmp_path, photos):
+    """A dataset's card records the regime of the checkpoint that made it (factory build copies it from the
+    checkpoint); stats reports it per dataset, with the medians of the pairs' PSNR, SSIM and checkerboard index,
+    and draws regime_vs_epoch.png from it."""
+    from factory.stats import StatsConfig, dataset_stats
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    regimes = {}
+    for epoch in (4, 8):
+        name = f"vqvae2-ep{epoch}"
+        make_dataset(
+            shards, manifests, name, [PairSpec(delta_e=1.0), PairSpec(delta_e=3.0)], photos, epoch=epoch
+        )
+        regimes[name] = {"psnr": 20.0 + epoch, "ssim": 0.5 + epoch / 100, "delta_e": 9.0 - epoch / 2}
+        regimes[name].update(checkerboard=1.5, delta_b=0.4, images=7, split="held-out", size=64)
+        card = {"checkpoint": {"model": "vqvae2", "epoch": epoch, "regime": regimes[name]}}
+        (manifests / name / "_card.json").write_text(json.dumps(card))
+    report = dataset_stats(StatsConfig(manifests_root=manifests, plots=tmp_path / "figures"))
+    for item in report.datasets:
+        assert item.regime == regimes[item.dataset]
+        assert item.psnr_median is not None and item.ssim_median is not None
+    assert (tmp_path / "figures" / "regime_vs_epoch.png").is_file()
+    text = report.to_text()
+    assert "vqvae2-ep8: checkpoint regime at epoch 8: PSNR (dB) 28.000, SSIM 0.580" in text
