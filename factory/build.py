@@ -630,6 +630,62 @@ def degradation_options(config: BuildConfig) -> dict[str, Any]:
     return options
 
 
+def _uncommitted(
+    shards: Storage, manifests: Storage, plan: BuildPlan, settings: dict[str, Any], result: BuildResult
+) -> tuple[list[ShardTask], list[dict[str, str]]]:
+    """The shards still to build, and the rejects the committed ones recorded; counts the committed ones in
+    `result.skipped_shards` (resume)."""
+    todo, shard_rejects = [], []
+    for task in plan.shards:
+        commit = committed(shards, manifests, plan.dataset, task, settings)
+        if commit is None:
+            todo.append(task)
+        else:
+            result.skipped_shards += 1
+            shard_rejects.extend(commit.get("rejects", []))
+    if result.skipped_shards:
+        log.warning(
+            "%d of %d shards already committed; building the other %d",
+            result.skipped_shards,
+            len(plan.shards),
+            len(todo),
+        )
+    return todo, shard_rejects
+
+
+def worker_settings(
+    config: BuildConfig,
+    plan: BuildPlan,
+    checkpoint: Path | None,
+    settings_of_build: dict[str, Any],
+    options: dict[str, Any],
+) -> WorkerSettings:
+    """What every worker gets: the build's options as plain values, and its settings to record in each commit."""
+    return WorkerSettings(
+        dataset=plan.dataset,
+        model=config.model,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        epoch=config.epoch if reconstructs(config.model) else None,
+        scale=config.scale,
+        crop=plan.crop,
+        codec=config.codec,
+        batch_size=config.batch_size,
+        device=config.device,
+        seed=config.seed,
+        color_correct=config.color_correct,
+        classifier=config.classifier,
+        out=config.out,
+        manifests=config.manifests,
+        max_pixels=config.max_pixels,
+        build_settings=settings_of_build,
+        threads=config.threads,
+        bf16=config.bf16,
+        degradation_options=options,
+        crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
+        shard_delay=float(os.environ.get(SHARD_DELAY_ENVIRONMENT) or 0.0),
+    )
+
+
 def build(config: BuildConfig) -> BuildResult:
     """Plan, (train the checkpoint if missing,) build every uncommitted shard, write rejects and the card."""
     check_counts(config)
@@ -663,44 +719,8 @@ def build(config: BuildConfig) -> BuildResult:
         removed = shards.remove_temporaries(plan.dataset) + manifests.remove_temporaries(plan.dataset)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted build", removed)
-        todo, shard_rejects = [], []
-        for task in plan.shards:
-            commit = committed(shards, manifests, plan.dataset, task, settings_of_build)
-            if commit is None:
-                todo.append(task)
-            else:
-                result.skipped_shards += 1
-                shard_rejects.extend(commit.get("rejects", []))
-        if result.skipped_shards:
-            log.warning(
-                "%d of %d shards already committed; building the other %d",
-                result.skipped_shards,
-                len(plan.shards),
-                len(todo),
-            )
-        settings = WorkerSettings(
-            dataset=plan.dataset,
-            model=config.model,
-            checkpoint=None if checkpoint is None else str(checkpoint),
-            epoch=config.epoch if reconstructs(config.model) else None,
-            scale=config.scale,
-            crop=plan.crop,
-            codec=config.codec,
-            batch_size=config.batch_size,
-            device=config.device,
-            seed=config.seed,
-            color_correct=config.color_correct,
-            classifier=config.classifier,
-            out=config.out,
-            manifests=config.manifests,
-            max_pixels=config.max_pixels,
-            build_settings=settings_of_build,
-            threads=config.threads,
-            bf16=config.bf16,
-            degradation_options=options,
-            crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
-            shard_delay=float(os.environ.get(SHARD_DELAY_ENVIRONMENT) or 0.0),
-        )
+        todo, shard_rejects = _uncommitted(shards, manifests, plan, settings_of_build, result)
+        settings = worker_settings(config, plan, checkpoint, settings_of_build, options)
         built_pairs = 0
         run_started = time.perf_counter()
         shard_spans: list[tuple[float, float]] = []  # (started, finished) of each shard, epoch seconds
