@@ -43,25 +43,32 @@ def hr_folder(tmp_path: Path, photos) -> Path:
 
 
 @pytest.fixture
-def mae_checkpoints(tmp_path: Path) -> Path:
-    """An (untrained) MAE tiny checkpoint at epoch 1: its masks are drawn whatever its weights."""
+def checkpoints(tmp_path: Path) -> Path:
+    """Tiny checkpoints at epoch 1 of MAE (it samples its masks) and VQ-VAE-2 (deterministic), random weights."""
     from factory.checkpoints import checkpoint_path, save_checkpoint
     from factory.models import build_model, make_config
 
-    torch.manual_seed(0)
-    config = make_config("mae", "tiny")
     root = tmp_path / "checkpoints"
-    save_checkpoint(
-        checkpoint_path(root, "mae", 1),
-        model_name="mae",
-        preset="tiny",
-        config=config,
-        model=build_model("mae", config=config),
-        epoch=1,
-        steps=0,
-        data_fingerprint="none",
-        seed=0,
-    )
+    for name in ("mae", "vqvae2"):
+        torch.manual_seed(0)
+        config = make_config(name, "tiny")
+        model = build_model(name, config=config)
+        with (
+            torch.no_grad()
+        ):  # off the initialisation, so the LR depends on the input (an untrained one is flat)
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        save_checkpoint(
+            checkpoint_path(root, name, 1),
+            model_name=name,
+            preset="tiny",
+            config=config,
+            model=model,
+            epoch=1,
+            steps=0,
+            data_fingerprint="none",
+            seed=0,
+        )
     return root
 
 
@@ -89,14 +96,20 @@ def shard_bytes(config: BuildConfig, dataset: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(
     "model, dataset, epoch",
-    [("realesrgan", "realesrgan", None), ("bsrgan", "bsrgan", None), ("mae", "mae-ep1", 1)],
+    [
+        ("realesrgan", "realesrgan", None),
+        ("bsrgan", "bsrgan", None),
+        ("mae", "mae-ep1", 1),
+        ("vqvae2", "vqvae2-ep1", 1),
+    ],
 )
 def test_a_pair_does_not_depend_on_batch_size_or_actors(
-    tmp_path: Path, hr_folder: Path, mae_checkpoints: Path, model: str, dataset: str, epoch: int | None
+    tmp_path: Path, hr_folder: Path, checkpoints: Path, model: str, dataset: str, epoch: int | None
 ):
     """Batch 1 in-process, batch 8 in-process, batch 8 on two Ray actors: the same shards, byte for byte; a
-    resume with another batch size is the same build."""
-    common = dict(epoch=epoch, checkpoints=str(mae_checkpoints), train_missing=False)
+    resume with another batch size is the same build. VQ-VAE-2 draws nothing, but batched it would sum in
+    another order (factory.degraders.reconstructor)."""
+    common = dict(epoch=epoch, checkpoints=str(checkpoints), train_missing=False)
     one = config_for(tmp_path / "one", hr_folder, model, batch_size=1, **common)
     eight = config_for(tmp_path / "eight", hr_folder, model, batch_size=8, **common)
     actors = config_for(tmp_path / "actors", hr_folder, model, batch_size=8, actors=2, **common)
@@ -107,17 +120,18 @@ def test_a_pair_does_not_depend_on_batch_size_or_actors(
     assert verify(actors.out, actors.manifests).ok
 
     rows = read_manifests(one.manifests, dataset).to_pylist()
-    assert len({row["lr_sha256"] for row in rows}) == 6  # every pair drew its own degradation
-    flat = get_degrader(model, {"checkpoint": _checkpoint(mae_checkpoints)} if epoch else {}).flat_columns
+    if model != "vqvae2":  # every pair drew its own degradation (VQ-VAE-2 draws nothing)
+        assert len({row["lr_sha256"] for row in rows}) == 6
+    flat = get_degrader(model, {"checkpoint": _checkpoint(checkpoints, model)} if epoch else {}).flat_columns
     for row in rows:
         record = json.loads(row["degradation"])
         assert record["degrader"] == model
         assert {name: row[name] for name in ("kernel_sigma", "noise_level", "jpeg_quality")} == flat(record)
-    if epoch is not None:  # a sampling reconstructor records its checkpoint and the seed it drew from
+    if epoch is not None:  # a reconstructor records its checkpoint, and the seed it drew from when it samples
         assert {row["epoch"] for row in rows} == {1} and rows[0]["preset"] == "tiny"
         record = json.loads(rows[0]["degradation"])
         assert (record["checkpoint_sha256"], record["epoch"]) == (rows[0]["checkpoint_sha256"], 1)
-        assert isinstance(record["generator_seed"], int)
+        assert isinstance(record["generator_seed"], int) == (model == "mae")
     else:
         assert {row["epoch"] for row in rows} == {None} and rows[0]["jpeg_quality"] is not None
 
@@ -126,10 +140,10 @@ def test_a_pair_does_not_depend_on_batch_size_or_actors(
     assert (rerun.built_shards, rerun.skipped_shards) == (0, 2)
 
 
-def _checkpoint(root: Path) -> str:
+def _checkpoint(root: Path, model: str) -> str:
     from factory.checkpoints import checkpoint_path
 
-    return str(checkpoint_path(root, "mae", 1))
+    return str(checkpoint_path(root, model, 1))
 
 
 @pytest.mark.parametrize("model", ["realesrgan", "bsrgan"])

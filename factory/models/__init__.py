@@ -7,7 +7,7 @@ know which model they hold:
     loss, logs = model.loss(x)          # x: (N, 3, H, W) in [0, 1] at the model's native size; logs: dict[str, float]
     x_hat = model.reconstruct(x)        # x: (N, 3, H, W) in [0, 1], any size >= 16; x_hat: same shape, in [0, 1]
     x_hat = model.reconstruct(x, generator=g)  # models that sample (MAE masks, DDIM noise) draw from `g` only
-    model.samples                       # True when reconstruct draws from its generator (the build then seeds per pair)
+    model.samples                       # True when reconstruct draws from its generator (recorded per pair)
 
 Each model module holds a Config dataclass (one comment per field), the nn.Module taking that config, and
 `PRESETS = {"paper": ..., "tiny": ...}`. The registry below is the one explicit list of them; modules are imported
