@@ -303,7 +303,10 @@ class ShardWorker:
 
         from factory.color import delta_e_uint8
 
-        columns = []
+        values: dict[str, list] = {
+            name: [] for name in ("delta_e", "delta_e_p95", "psnr", "ssim", "checkerboard")
+        }
+        labels: list[dict[str, Any]] = []
         with torch.inference_mode():  # thread-local: stage 1's does not cover this thread
             for index in range(x8.shape[0]):
                 x, degraded = x8[index : index + 1], degraded8[index : index + 1]
@@ -311,18 +314,21 @@ class ShardWorker:
                 # Given x8 (already at the LR size), delta_e_uint8 skips its own bicubic of y: x8 is computed once.
                 difference = delta_e_uint8(x, degraded)
                 psnr, ssim = image_quality(degraded, x)
-                measured = {
-                    "delta_e": float(difference.mean.double().item()),
-                    "delta_e_p95": float(difference.p95.double().item()),
-                    "psnr": float(psnr.item()),
-                    "ssim": float(ssim.item()),
-                    "checkerboard": float(checkerboard_index(degraded, x).item()),
-                }
+                values["delta_e"].append(difference.mean.double())
+                values["delta_e_p95"].append(difference.p95.double())
+                values["psnr"].append(psnr.double())
+                values["ssim"].append(ssim.double())
+                values["checkerboard"].append(checkerboard_index(degraded, x).double())
                 if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
-                    labels = self.labeler.manifest_columns(*self.labeler.predict(degraded.float() / 255.0))
-                    measured.update({name: values[0] for name, values in labels.items()})
-                columns.append(measured)
-        return columns
+                    columns = self.labeler.manifest_columns(*self.labeler.predict(degraded.float() / 255.0))
+                    labels.append({name: column[0] for name, column in columns.items()})
+            # One transfer per column, not one per pair and column: each is a wait on the device.
+            lists = {name: torch.cat(tensors).cpu().tolist() for name, tensors in values.items()}
+        rows = [{name: column[index] for name, column in lists.items()} for index in range(x8.shape[0])]
+        if labels:  # with --classifier
+            for row, label in zip(rows, labels, strict=True):
+                row.update(label)
+        return rows
 
     def _finish(self, batch, shard_path: str, x8, degraded8, corrected: bool, records: list[dict[str, Any]]):
         """One device batch, stage 2 (on the finisher thread): measure, encode, hash -> [(manifest row, tar members)]."""
