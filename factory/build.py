@@ -338,6 +338,10 @@ def _what_differs(commit: dict, settings: dict[str, Any]) -> str:
     said = ", ".join(f"{name} {before.get(name)!r} -> {settings.get(name)!r}" for name in names)
     if names == ["classifier_sha256"]:
         said += "; to (re)label a built dataset, run `factory label --classifier ...` instead"
+    if "batch_size" in names and "batch_size" not in settings:
+        said += (
+            "; that dataset was built before pairs drew per key, when its bytes depended on the batch size"
+        )
     return said
 
 

@@ -214,3 +214,21 @@ def test_epoch_and_options_must_fit_the_degrader(tmp_path: Path, hr_folder: Path
     with pytest.raises(FactoryError, match="sets scale 2 but --scale is 4"):
         build(config_for(tmp_path, hr_folder, "realesrgan", degradation_config=str(options)))
     assert not (tmp_path / "shards").exists()  # refused before anything was written
+
+
+def test_a_dataset_built_when_the_batch_size_mattered_is_refused_saying_so(tmp_path: Path, hr_folder: Path):
+    """Commit records written before per-key draws hold the batch size among the settings: a resume is another
+    build, and the refusal says why."""
+    config = config_for(tmp_path, hr_folder, "bicubic", limit=2)
+    build(config)
+    path = Path(config.manifests) / "bicubic" / "bicubic-000000.parquet"
+    table = pq.read_table(path)
+    commit = json.loads(table.schema.metadata[b"factory.commit"])
+    commit["build_settings"]["batch_size"] = 8
+    commit["build_fingerprint"] = "from an older factory"
+    metadata = {**table.schema.metadata, b"factory.commit": json.dumps(commit).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    with pytest.raises(
+        FactoryError, match=r"batch_size 8 -> None; that dataset was built before pairs drew per key"
+    ):
+        build(config)
