@@ -62,9 +62,7 @@ class BuildConfig:
     ] = ()  # HR folders (recursive); none and no hr_list: scikit-image's bundled colour photos
     hr_list: tuple[str, ...] = ()  # files listing HR image paths, one a line
     model: str = "vqvae2"  # degrader: a reconstructor, or "bicubic" (x_deg = x), "realesrgan", "bsrgan"
-    epoch: int | None = (
-        None  # training epoch of the reconstructor's checkpoint (the paper's best: VQ-VAE-2 at 8)
-    )
+    epoch: int | None = None  # reconstructors: the checkpoint's epoch (the paper's best: VQ-VAE-2 at 8)
     degradation_config: str | None = None  # YAML of the classical degrader's options (realesrgan, bsrgan)
     checkpoints: str = "checkpoints"  # checkpoint root: <checkpoints>/<model>/epoch-<E>.pt
     preset: str | None = (
@@ -78,7 +76,7 @@ class BuildConfig:
     limit: int | None = None  # build at most this many crops (the first ones of the plan)
     out: str = "shards"  # shard root (local folder or URI): <out>/<dataset>/<dataset>-NNNNNN.tar
     manifests: str = "manifests"  # manifest root: <manifests>/<dataset>/<dataset>-NNNNNN.parquet
-    name: str | None = None  # dataset name (None: "<model>-ep<E>", or "bicubic")
+    name: str | None = None  # dataset name (None: "<model>-ep<E>" for a reconstructor, else the degrader's)
     shard_size: int = 1000  # pairs per shard
     codec: str = "png"  # payload codec: "png" or "zst"
     batch_size: int = 8  # crops per device batch (the pairs' bytes do not depend on it)
