@@ -2,10 +2,12 @@
 
     factory build --model vqvae2 --epoch 8 --out shards/          # the embedded default HR set, 256 crops
     factory build --hr DIV2K_train_HR/ --hr Flickr2K_HR/ --model vqvae2 --epoch 8 --out shards/
+    factory build --hr DIV2K_train_HR/ --model realesrgan --degradation-config train_realesrnet_x4plus.yml
 
 Pipeline per crop y (the paper, Section 3.1 and 4.1): x = bicubic downsample of y by `scale` (colour module),
 quantised to 8 bits as the stored bicubic LR would be; x_deg = G(x) with the undertrained reconstructor G (or x itself
-for `--model bicubic`), quantised to 8 bits as stored; then, on the device, the paper's ΔE (CIEDE2000 between
+for `--model bicubic`), quantised to 8 bits as stored; `--model realesrgan` / `bsrgan` degrade y itself instead
+(`factory.degraders`), every pair from its own generator; then, on the device, the paper's ΔE (CIEDE2000 between
 bicubic(y) as stored, i.e. x, and x_deg), and PSNR / SSIM of x_deg against x (torch ports of skimage's definitions, see
 `factory.quality.image_quality`). Everything is measured on the stored 8-bit pixels, so a manifest row equals what skimage
 computes on the pair read back from the shard.
@@ -33,7 +35,7 @@ from factory import __version__
 from factory.config import FactoryError
 from factory.diversity import labels_card
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
-from factory.plan import BICUBIC, BuildPlan, ShardTask, build_fingerprint, effective_crop, plan_build
+from factory.plan import BuildPlan, ShardTask, build_fingerprint, effective_crop, plan_build, reconstructs
 from factory.quality import image_quality
 from factory.shards import row_json
 from factory.sources import SourceFile, list_sources
@@ -59,8 +61,9 @@ class BuildConfig:
         str, ...
     ] = ()  # HR folders (recursive); none and no hr_list: scikit-image's bundled colour photos
     hr_list: tuple[str, ...] = ()  # files listing HR image paths, one a line
-    model: str = "vqvae2"  # reconstructor registry name, or "bicubic" (x_deg = x, no checkpoint)
-    epoch: int = 8  # training epoch of the checkpoint (the paper's best dataset: VQ-VAE-2 at epoch 8)
+    model: str = "vqvae2"  # degrader: a reconstructor, or "bicubic" (x_deg = x), "realesrgan", "bsrgan"
+    epoch: int | None = None  # reconstructors: the checkpoint's epoch (the paper's best: VQ-VAE-2 at 8)
+    degradation_config: str | None = None  # YAML of the classical degrader's options (realesrgan, bsrgan)
     checkpoints: str = "checkpoints"  # checkpoint root: <checkpoints>/<model>/epoch-<E>.pt
     preset: str | None = (
         None  # model preset when the checkpoint must be trained first (None: train's default)
@@ -73,10 +76,10 @@ class BuildConfig:
     limit: int | None = None  # build at most this many crops (the first ones of the plan)
     out: str = "shards"  # shard root (local folder or URI): <out>/<dataset>/<dataset>-NNNNNN.tar
     manifests: str = "manifests"  # manifest root: <manifests>/<dataset>/<dataset>-NNNNNN.parquet
-    name: str | None = None  # dataset name (None: "<model>-ep<E>", or "bicubic")
+    name: str | None = None  # dataset name (None: "<model>-ep<E>" for a reconstructor, else the degrader's)
     shard_size: int = 1000  # pairs per shard
     codec: str = "png"  # payload codec: "png" or "zst"
-    batch_size: int = 8  # crops per device batch
+    batch_size: int = 8  # crops per device batch (the pairs' bytes do not depend on it)
     device: str = "auto"  # torch device of the workers: auto (cuda if present), cpu, cuda, mps
     actors: int | None = (
         None  # worker actors (None: one per GPU, or one per CPU; 0: in this process, without Ray)
@@ -87,7 +90,7 @@ class BuildConfig:
     threads: int | None = (
         None  # torch threads per worker (None: the cluster's CPUs / actors; a cluster: torch's)
     )
-    seed: int = 0  # the build seed; sampling models draw from a generator seeded from (seed, keys)
+    seed: int = 0  # the build seed; each pair draws from a generator seeded from (seed, its key)
     max_pixels: int | None = None  # larger images are rejected as decompression bombs (None: Pillow's 89.5 M)
     color_correct: bool = False  # correct the degraded LR's colour towards the bicubic LR (colour module)
     classifier: str | None = None  # degradation classifier checkpoint that fills the label columns
@@ -291,10 +294,15 @@ def _requeue(
 
 
 def build_settings(
-    config: BuildConfig, dataset: str, crop: int, checkpoint_sha256: str | None
+    config: BuildConfig,
+    dataset: str,
+    crop: int,
+    checkpoint_sha256: str | None,
+    degradation_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What makes two builds of a dataset the same build (every setting the shards' bytes depend on). Each commit
-    record keeps them, so a refused resume can say which setting differs."""
+    record keeps them, so a refused resume can say which setting differs. Not the batch size, the actors or the
+    shard size: every pair draws from its own generator, so its bytes do not depend on them."""
     classifier = None
     if config.classifier:
         from factory.checkpoints import file_sha256
@@ -303,18 +311,19 @@ def build_settings(
     settings = {
         "dataset": dataset,
         "model": config.model,
-        "epoch": None if config.model == BICUBIC else config.epoch,
+        "epoch": config.epoch if reconstructs(config.model) else None,
         "checkpoint_sha256": checkpoint_sha256,
         "scale": config.scale,
         "crop": crop,
         "codec": config.codec,
         "seed": config.seed,
-        "batch_size": config.batch_size,
         "color_correct": config.color_correct,
         "classifier_sha256": classifier,
     }
     if config.bf16:  # only when set, so the fingerprints of existing float32 builds stay as they were
         settings["bf16"] = True
+    if degradation_options:  # likewise: only when --degradation-config gives any
+        settings["degradation_options"] = degradation_options
     return settings
 
 
@@ -327,6 +336,10 @@ def _what_differs(commit: dict, settings: dict[str, Any]) -> str:
     said = ", ".join(f"{name} {before.get(name)!r} -> {settings.get(name)!r}" for name in names)
     if names == ["classifier_sha256"]:
         said += "; to (re)label a built dataset, run `factory label --classifier ...` instead"
+    if "batch_size" in names and "batch_size" not in settings:
+        said += (
+            "; that dataset was built before pairs drew per key, when its bytes depended on the batch size"
+        )
     return said
 
 
@@ -357,14 +370,12 @@ def committed(
 
 
 def checkpoint_to_use(config: BuildConfig) -> Path | None:
-    """The checkpoint file of `--model/--epoch`, there or to be trained (None for bicubic). An unknown model, or a
-    missing checkpoint under --no-train, is a one-line error."""
-    if config.model == BICUBIC:
+    """The checkpoint file of `--model/--epoch`, there or to be trained (None for the degraders that are not
+    reconstructors). A missing checkpoint under --no-train is a one-line error."""
+    if not reconstructs(config.model):
         return None
     from factory.checkpoints import checkpoint_path
-    from factory.models import get_spec
 
-    get_spec(config.model)
     path = checkpoint_path(config.checkpoints, config.model, config.epoch)
     if not path.is_file() and not config.train_missing:
         raise FactoryError(f"checkpoint {path} not found (train it with `factory train`, or drop --no-train)")
@@ -463,19 +474,9 @@ def checkpoint_card(path: Path, sha256: str | None) -> dict[str, Any]:
     }
 
 
-def _write_card(
-    config: BuildConfig,
-    plan: BuildPlan,
-    shards: Storage,
-    manifests: Storage,
-    checkpoint: Path | None,
-    checkpoint_sha256: str | None,
-    rejects: list[dict[str, str]],
-    result: BuildResult,
-) -> None:
-    """`_card.json`: how the dataset was made and what it holds, rebuilt from all its committed manifests."""
+def _card_table(plan: BuildPlan, manifests: Storage):
+    """The columns the card summarises, from every committed manifest of the plan (None when none is)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     columns = []
     for task in plan.shards:
@@ -486,21 +487,50 @@ def _write_card(
                     ["delta_e", "delta_e_p95", "psnr", "ssim", "checkerboard", "label", "classifier_sha256"]
                 )
             )
-    table = pa.concat_tables(columns) if columns else None
+    return pa.concat_tables(columns) if columns else None
 
-    def stats(name: str) -> dict[str, float] | None:
-        if table is None or table.num_rows == 0 or table[name].null_count == table.num_rows:
-            return None
-        values = table[name]
-        quantiles = pc.quantile(values, q=[0.05, 0.5, 0.95]).to_pylist()
-        return {
-            "mean": pc.mean(values).as_py(),
-            "p05": quantiles[0],
-            "median": quantiles[1],
-            "p95": quantiles[2],
-        }
 
-    reasons = Counter(row["reason"] for row in rejects)
+def _column_stats(table, name: str) -> dict[str, float] | None:
+    """Mean and 5 / 50 / 95 % quantiles of one column (None when it holds nothing)."""
+    import pyarrow.compute as pc
+
+    if table is None or table.num_rows == 0 or table[name].null_count == table.num_rows:
+        return None
+    values = table[name]
+    quantiles = pc.quantile(values, q=[0.05, 0.5, 0.95]).to_pylist()
+    return {"mean": pc.mean(values).as_py(), "p05": quantiles[0], "median": quantiles[1], "p95": quantiles[2]}
+
+
+def degradation_card(config: BuildConfig, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's `degradation` section for bicubic and the classical pipelines: the options given
+    (--degradation-config) and the whole configuration they made; None for a reconstructor (see `checkpoint`)."""
+    if reconstructs(config.model):
+        return None
+    from factory.degraders import get_degrader
+
+    degrader = get_degrader(config.model, {**options, "scale": config.scale})
+    return {
+        "degrader": config.model,
+        "config_file": config.degradation_config,
+        "options": options,
+        "config": asdict(degrader.config),
+        "columns": "each pair's record of what it drew is the manifest's `degradation` (JSON); kernel_sigma, "
+        "noise_level and jpeg_quality repeat a few of its values (see the degrader's flat_columns)",
+    }
+
+
+def _write_card(
+    config: BuildConfig,
+    plan: BuildPlan,
+    manifests: Storage,
+    checkpoint: Path | None,
+    checkpoint_sha256: str | None,
+    options: dict[str, Any],
+    result: BuildResult,
+) -> None:
+    """`_card.json`: how the dataset was made and what it holds, rebuilt from all its committed manifests."""
+    table = _card_table(plan, manifests)
+    reasons = Counter(row["reason"] for row in result.rejects)
     card = {
         "dataset": plan.dataset,
         "factory_version": __version__,
@@ -510,25 +540,26 @@ def _write_card(
         "crop_plan": "regular grid: crops every `stride` px along each axis plus one flush with the far edge",
         "pipeline": {
             "hr": "8-bit RGB crop of the EXIF-oriented source",
-            "lr": "bicubic (factory.color.downsample) of the HR by `scale`, quantised to 8 bits, then degraded by the "
-            "model (bicubic: unchanged), quantised to 8 bits",
-            "delta_e": "factory.color.delta_e_uint8(hr, lr): CIEDE2000 of bicubic(HR) stored as 8 bits vs LR, per-image mean "
-            "(paper 4.3.2; 0 for the bicubic dataset)",
+            "lr": "the degrader's LR, quantised to 8 bits: bicubic (factory.color.downsample) of the HR by `scale`, "
+            "quantised to 8 bits, then the reconstructor (bicubic: unchanged); or the classical pipeline "
+            "(realesrgan, bsrgan) applied to the HR; every pair draws from a generator seeded by (seed, key)",
+            "delta_e": "factory.color.delta_e_uint8(hr, lr): CIEDE2000 of bicubic(HR) stored as 8 bits vs LR, "
+            "per-image mean (paper 4.3.2; 0 for the bicubic dataset)",
             "psnr_ssim": "degraded LR vs bicubic LR, torch ports of skimage's definitions (data_range 255)",
         },
         "checkpoint": None if checkpoint is None else checkpoint_card(checkpoint, checkpoint_sha256),
+        "degradation": degradation_card(config, options),
         "counts": {
             "pairs": result.pairs,
             "shards": len(plan.shards),
-            "rejects": len(rejects),
+            "rejects": len(result.rejects),
             "rejects_by_reason": dict(sorted(reasons.items())),
             "output_bytes": result.output_bytes,
         },
-        "delta_e": stats("delta_e"),
-        "delta_e_p95": stats("delta_e_p95"),
-        "psnr": stats("psnr"),
-        "ssim": stats("ssim"),
-        "checkerboard": stats("checkerboard"),
+        **{
+            name: _column_stats(table, name)
+            for name in ("delta_e", "delta_e_p95", "psnr", "ssim", "checkerboard")
+        },
         # Class counts and diversity entropy H (Eq. 2) of the labels; None without --classifier (`factory label`
         # fills it in later).
         "labels": None
@@ -546,8 +577,8 @@ def _write_card(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build(config: BuildConfig) -> BuildResult:
-    """Plan, (train the checkpoint if missing,) build every uncommitted shard, write rejects and the card."""
+def check_counts(config: BuildConfig) -> None:
+    """The counts and the codec are in range: one-line errors before anything runs."""
     from factory.shards import CODECS
 
     if config.codec not in CODECS:
@@ -556,11 +587,11 @@ def build(config: BuildConfig) -> BuildResult:
         ("--shard-size", config.shard_size),
         ("--batch-size", config.batch_size),
         ("--scale", config.scale),
-        ("--epoch", config.epoch),  # checkpoints are saved after whole epochs, the first after epoch 1
     ):
         if value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")
     for name, value in (  # optional counts: None means the default
+        ("--epoch", config.epoch),  # checkpoints are saved after whole epochs, the first after epoch 1
         ("--stride", config.stride),
         ("--limit", config.limit),
         ("--num-cpus", config.num_cpus),
@@ -569,18 +600,106 @@ def build(config: BuildConfig) -> BuildResult:
     ):
         if value is not None and value < 1:
             raise FactoryError(f"{name} must be at least 1, got {value}")
+    if config.actors is not None and config.actors < 0:
+        raise FactoryError(
+            f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"
+        )
+
+
+def degradation_options(config: BuildConfig) -> dict[str, Any]:
+    """The classical degrader's options from --degradation-config ({} without one), checked by building the
+    degrader here: an unknown degrader, a bad option, or an --epoch that does not fit --model is a one-line error
+    before any work. The scale comes from --scale (a file may repeat it, not contradict it)."""
+    from factory.degraders import DEGRADER_NAMES, get_degrader, load_options
+
+    if reconstructs(config.model):
+        if config.epoch is None:
+            raise FactoryError(
+                f"--model {config.model} is a reconstructor: give --epoch, its checkpoint's epoch"
+            )
+        if config.degradation_config:
+            load_options(config.model, config.degradation_config)  # the error says why it takes none
+        return {}
+    if config.model not in DEGRADER_NAMES:
+        get_degrader(config.model)  # the error lists every degrader
+    if config.epoch is not None:
+        raise FactoryError(f"--epoch is for reconstructors; {config.model} has no checkpoint")
+    options = load_options(config.model, config.degradation_config) if config.degradation_config else {}
+    scale = options.pop("scale", config.scale)
+    if scale != config.scale:
+        raise FactoryError(f"{config.degradation_config} sets scale {scale!r} but --scale is {config.scale}")
+    get_degrader(config.model, {**options, "scale": config.scale})
+    return options
+
+
+def _uncommitted(
+    shards: Storage, manifests: Storage, plan: BuildPlan, settings: dict[str, Any], result: BuildResult
+) -> tuple[list[ShardTask], list[dict[str, str]]]:
+    """The shards still to build, and the rejects the committed ones recorded; counts the committed ones in
+    `result.skipped_shards` (resume)."""
+    todo, shard_rejects = [], []
+    for task in plan.shards:
+        commit = committed(shards, manifests, plan.dataset, task, settings)
+        if commit is None:
+            todo.append(task)
+        else:
+            result.skipped_shards += 1
+            shard_rejects.extend(commit.get("rejects", []))
+    if result.skipped_shards:
+        log.warning(
+            "%d of %d shards already committed; building the other %d",
+            result.skipped_shards,
+            len(plan.shards),
+            len(todo),
+        )
+    return todo, shard_rejects
+
+
+def worker_settings(
+    config: BuildConfig,
+    plan: BuildPlan,
+    checkpoint: Path | None,
+    settings_of_build: dict[str, Any],
+    options: dict[str, Any],
+) -> WorkerSettings:
+    """What every worker gets: the build's options as plain values, and its settings to record in each commit."""
+    return WorkerSettings(
+        dataset=plan.dataset,
+        model=config.model,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        epoch=config.epoch if reconstructs(config.model) else None,
+        scale=config.scale,
+        crop=plan.crop,
+        codec=config.codec,
+        batch_size=config.batch_size,
+        device=config.device,
+        seed=config.seed,
+        color_correct=config.color_correct,
+        classifier=config.classifier,
+        out=config.out,
+        manifests=config.manifests,
+        max_pixels=config.max_pixels,
+        build_settings=settings_of_build,
+        threads=config.threads,
+        bf16=config.bf16,
+        degradation_options=options,
+        crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
+        shard_delay=float(os.environ.get(SHARD_DELAY_ENVIRONMENT) or 0.0),
+    )
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Plan, (train the checkpoint if missing,) build every uncommitted shard, write rejects and the card."""
+    check_counts(config)
     # The embedded Ray runs here, so the device must exist here; a cluster's nodes may have what the driver lacks.
     if config.address is None:
         from factory.devices import resolve_device
 
         resolve_device(config.device)
-    if config.actors is not None and config.actors < 0:
-        raise FactoryError(
-            f"--actors must be at least 0 (0: build in this process, without Ray), got {config.actors}"
-        )
     started = time.perf_counter()
     # What a run checks before it writes anything (training a missing checkpoint included), the dry run checks too;
     # before the plan, which reads every input's header.
+    options = degradation_options(config)
     checkpoint = checkpoint_to_use(config)
     _check_labels_and_colour(config)
     plan = plan_build(config)
@@ -595,50 +714,15 @@ def build(config: BuildConfig) -> BuildResult:
     checkpoint = ensure_checkpoint(config, list_sources(config.hr, config.hr_list).files)
     checkpoint_sha256 = None if checkpoint is None else _load_checkpoint(config, checkpoint)
     shards, manifests = Storage(config.out), Storage(config.manifests)
-    settings_of_build = build_settings(config, plan.dataset, plan.crop, checkpoint_sha256)
+    settings_of_build = build_settings(config, plan.dataset, plan.crop, checkpoint_sha256, options)
     with OutputLock(manifests, f"{plan.dataset}/{LOCK_NAME}", "build", f"dataset {plan.dataset}"):
         shards.make_dirs(plan.dataset)
         manifests.make_dirs(plan.dataset)
         removed = shards.remove_temporaries(plan.dataset) + manifests.remove_temporaries(plan.dataset)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted build", removed)
-        todo, shard_rejects = [], []
-        for task in plan.shards:
-            commit = committed(shards, manifests, plan.dataset, task, settings_of_build)
-            if commit is None:
-                todo.append(task)
-            else:
-                result.skipped_shards += 1
-                shard_rejects.extend(commit.get("rejects", []))
-        if result.skipped_shards:
-            log.warning(
-                "%d of %d shards already committed; building the other %d",
-                result.skipped_shards,
-                len(plan.shards),
-                len(todo),
-            )
-        settings = WorkerSettings(
-            dataset=plan.dataset,
-            model=config.model,
-            checkpoint=None if checkpoint is None else str(checkpoint),
-            epoch=None if config.model == BICUBIC else config.epoch,
-            scale=config.scale,
-            crop=plan.crop,
-            codec=config.codec,
-            batch_size=config.batch_size,
-            device=config.device,
-            seed=config.seed,
-            color_correct=config.color_correct,
-            classifier=config.classifier,
-            out=config.out,
-            manifests=config.manifests,
-            max_pixels=config.max_pixels,
-            build_settings=settings_of_build,
-            threads=config.threads,
-            bf16=config.bf16,
-            crash_marker=os.environ.get(CRASH_ONCE_ENVIRONMENT),
-            shard_delay=float(os.environ.get(SHARD_DELAY_ENVIRONMENT) or 0.0),
-        )
+        todo, shard_rejects = _uncommitted(shards, manifests, plan, settings_of_build, result)
+        settings = worker_settings(config, plan, checkpoint, settings_of_build, options)
         built_pairs = 0
         run_started = time.perf_counter()
         shard_spans: list[tuple[float, float]] = []  # (started, finished) of each shard, epoch seconds
@@ -670,7 +754,7 @@ def build(config: BuildConfig) -> BuildResult:
             raise FactoryError(
                 f"nothing could be built: every input was rejected ({_reasons(result.rejects)})"
             )
-        _write_card(config, plan, shards, manifests, checkpoint, checkpoint_sha256, result.rejects, result)
+        _write_card(config, plan, manifests, checkpoint, checkpoint_sha256, options, result)
         card = json.loads(manifests.read_bytes(f"{plan.dataset}/{CARD_NAME}"))
         result.delta_e_mean = (card.get("delta_e") or {}).get("mean")
     return result
@@ -709,7 +793,8 @@ def _dry_run(
         config.actors if config.actors is not None else (gpus or config.num_cpus or os.cpu_count() or 1)
     )
     if checkpoint is None:
-        result.checkpoint_plan = "none (bicubic: the LR is not degraded)"
+        degrades = "the LR is not degraded" if config.model == "bicubic" else "it degrades the HR itself"
+        result.checkpoint_plan = f"none ({config.model}: {degrades})"
     elif checkpoint.is_file():
         result.checkpoint_plan = f"{checkpoint} (sha256 {_load_checkpoint(config, checkpoint)[:12]})"
     else:

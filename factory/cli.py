@@ -13,6 +13,8 @@ import sys
 import click
 
 from factory.config import FactoryError
+from factory.degraders import DEGRADER_NAMES
+from factory.models import MODEL_NAMES
 
 
 def user_errors(command):
@@ -241,10 +243,23 @@ def train_command(
     "--model",
     default="vqvae2",
     show_default=True,
-    help="Reconstructor (vqvae, vqvae2, mae, vae, ddim), or 'bicubic' for the undegraded baseline dataset.",
+    type=click.Choice([*MODEL_NAMES, *DEGRADER_NAMES]),
+    help="Degrader: a reconstructor at --epoch (x = bicubic(HR), then G(x)), 'bicubic' for the undegraded baseline, "
+    "or the classical pipelines 'realesrgan' / 'bsrgan' (see --degradation-config).",
 )
 @click.option(
-    "--epoch", default=8, show_default=True, type=int, help="Training epoch of the checkpoint to use."
+    "--epoch",
+    default=None,
+    type=int,
+    help="Training epoch of the reconstructor's checkpoint (required for reconstructors, e.g. 8).",
+)
+@click.option(
+    "--degradation-config",
+    "degradation_config",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="YAML of the classical degrader's options: realesrgan takes Real-ESRGAN's training option file as it is "
+    "(e.g. train_realesrnet_x4plus.yml) or a flat mapping of its keys; bsrgan a flat mapping.",
 )
 @click.option(
     "--checkpoints",
@@ -294,7 +309,11 @@ def train_command(
     help="Shard root (folder or URI such as s3://bucket/prefix).",
 )
 @click.option("--manifests", default="manifests", show_default=True, help="Manifest root (folder or URI).")
-@click.option("--name", default=None, help="Dataset name [default: <model>-ep<E>, or 'bicubic'].")
+@click.option(
+    "--name",
+    default=None,
+    help="Dataset name [default: <model>-ep<E> for a reconstructor, else the degrader's name].",
+)
 @click.option(
     "--shard-size", "shard_size", default=1000, show_default=True, type=int, help="Pairs per shard."
 )
@@ -341,7 +360,7 @@ def train_command(
     default=0,
     show_default=True,
     type=int,
-    help="Build seed (sampling models draw from it per batch of keys).",
+    help="Build seed: every pair draws its degradation from a generator seeded by (seed, its key).",
 )
 @click.option(
     "--max-pixels",

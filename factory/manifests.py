@@ -36,13 +36,15 @@ from factory.storage import atomic_path
 LABEL_PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CORRUPTIONS)
 
 # One row per (degraded LR, HR) pair. Every pair is traceable: what it came from (source*, crop_*), what made it
-# (model, epoch, preset, checkpoint_sha256, seed, factory_version), where it lives (shard, payload sizes and sha256s)
-# and what it is like (delta_e*, psnr, ssim, checkerboard, label*).
+# (model, epoch, preset, checkpoint_sha256, seed, degradation, factory_version), where it lives (shard, payload sizes
+# and sha256s) and what it is like (delta_e*, psnr, ssim, checkerboard, label*).
 PAIR_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),  # stable, unique: the WebDataset __key__ (no '.')
         pa.field("dataset", pa.string(), nullable=False),  # default "<model>-ep<E>", or --name
-        pa.field("model", pa.string(), nullable=False),  # registry name, or "bicubic"
+        pa.field(
+            "model", pa.string(), nullable=False
+        ),  # degrader: a reconstructor, bicubic, realesrgan, bsrgan
         pa.field("epoch", pa.int32()),  # training epoch of the checkpoint; null for bicubic
         pa.field("preset", pa.string()),  # model preset; null for bicubic
         pa.field("checkpoint_sha256", pa.string()),  # null for bicubic
@@ -73,7 +75,16 @@ PAIR_SCHEMA = pa.schema(
         pa.field("lr_sha256", pa.string(), nullable=False),
         pa.field(
             "seed", pa.int64(), nullable=False
-        ),  # the build seed (sampling models draw from it per pair)
+        ),  # the build seed (each pair draws from a generator seeded by (seed, key))
+        # Everything the pair's degrader drew, as JSON (factory.degraders; query it with json_extract); null in
+        # manifests written before degraders. A reconstructor's names its checkpoint, epoch and generator seed.
+        pa.field("degradation", pa.string()),
+        # A few of its values, flat, to filter on (null where the pair drew none). realesrgan: the first round's
+        # blur σ_x (null for a sinc kernel), Gaussian σ in 8-bit levels (null for Poisson noise) and JPEG quality;
+        # bsrgan: the first blur's σ_x, the noise level in 8-bit levels and the final JPEG's quality.
+        pa.field("kernel_sigma", pa.float64()),
+        pa.field("noise_level", pa.float64()),
+        pa.field("jpeg_quality", pa.int32()),
         pa.field("factory_version", pa.string(), nullable=False),
         pa.field("label", pa.string()),  # degradation class (one of CORRUPTIONS); null until labelled
         pa.field("label_prob", pa.float32()),  # probability of `label`

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from factory.config import FactoryError
 from factory.manifests import shard_stem
+from factory.models import MODEL_NAMES
 from factory.sources import RejectedImage, SourceFile, crop_boxes, list_sources, probe_image
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BICUBIC = "bicubic"  # the model name of the baseline dataset: x_deg = x
+BICUBIC = "bicubic"  # the degrader of the baseline dataset: x_deg = x
 DEFAULT_CROP = 1024  # the paper's HR crop (Section 4.1)
 EMBEDDED_DEFAULT_CROP = 256  # with the embedded default photos (300-1411 px) 1024 would leave almost nothing
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -79,8 +80,15 @@ class BuildPlan:
         }
 
 
+def reconstructs(model: str) -> bool:
+    """Whether degrader `model` is a reconstructor (a checkpoint at an epoch) rather than bicubic or a classical
+    pipeline."""
+    return model in MODEL_NAMES
+
+
 def dataset_name(config: BuildConfig) -> str:
-    name = config.name or (BICUBIC if config.model == BICUBIC else f"{config.model}-ep{config.epoch}")
+    """--name, or "<model>-ep<E>" for a reconstructor, or the degrader's name ("bicubic", "realesrgan", ...)."""
+    name = config.name or (f"{config.model}-ep{config.epoch}" if reconstructs(config.model) else config.model)
     if not _DATASET_NAME.match(name):
         raise FactoryError(f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (no '.' or '/')")
     return name

@@ -2,14 +2,17 @@
 debugger can run it in-process with `--actors 0`).
 
 Per crop y (the paper, Sections 3.1 and 4.1): x = the colour module's bicubic of y by `scale`, stored as 8 bits;
-x_deg = G(x) (x itself for `bicubic`), stored as 8 bits; then, on the device, ΔE (CIEDE2000 of x = bicubic(y) vs x_deg)
-PSNR / SSIM and the checkerboard index of x_deg against x (`factory.quality`), all on the stored 8-bit pixels so that
-a row equals skimage on the pair read back.
+x_deg = the degrader's LR of y (`factory.degraders`: x itself for `bicubic`, G(x) for a reconstructor, the
+classical pipelines from y), drawn from the pair's own generator (seeded by the build seed and the pair's key) and
+stored as 8 bits; then, on the device, ΔE (CIEDE2000 of x = bicubic(y) vs x_deg), PSNR / SSIM and the checkerboard
+index of x_deg against x (`factory.quality`), all on the stored 8-bit pixels so that a row equals skimage on the
+pair read back. The degrader's record of what the pair drew goes into the row's `degradation` column.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -25,7 +28,7 @@ import numpy as np
 from factory import __version__
 from factory.devices import resolve_device
 from factory.manifests import rows_to_table, write_manifest
-from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reject_row
+from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reconstructs, reject_row
 from factory.quality import checkerboard_index, image_quality
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
@@ -41,15 +44,15 @@ class WorkerSettings:
     """What a worker needs to build shards (plain values: Ray sends it to every actor)."""
 
     dataset: str  # dataset name: folder and key prefix
-    model: str  # registry name, or "bicubic" (x_deg = x)
-    checkpoint: str | None  # reconstructor checkpoint file (None for bicubic)
-    epoch: int | None  # the checkpoint's epoch, recorded per row (None for bicubic)
+    model: str  # degrader name: a reconstructor, "bicubic" (x_deg = x), "realesrgan" or "bsrgan"
+    checkpoint: str | None  # reconstructor checkpoint file (None for the other degraders)
+    epoch: int | None  # the checkpoint's epoch, recorded per row (None for the other degraders)
     scale: int  # HR size / LR size
     crop: int  # HR crop side
     codec: str  # payload codec: "png" or "zst"
-    batch_size: int  # crops per device batch
+    batch_size: int  # crops per device batch (a pair's bytes do not depend on it)
     device: str  # torch device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
-    seed: int  # the build seed (see pair_seed)
+    seed: int  # the build seed: pair k draws from factory.degraders.pair_generator(seed, k)
     color_correct: bool  # apply factory.color.color_correct to x_deg
     classifier: str | None  # degradation classifier checkpoint that fills the label columns
     out: str  # shard root (folder or URI)
@@ -61,6 +64,7 @@ class WorkerSettings:
         str | None
     )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
     bf16: bool = False  # the reconstructor under bf16 autocast on CUDA (faster; other bytes than float32)
+    degradation_options: dict | None = None  # the classical degrader's options (--degradation-config)
     shard_delay: float = (
         0.0  # tests only (factory.build.SHARD_DELAY_ENVIRONMENT): seconds each shard waits first
     )
@@ -80,11 +84,12 @@ class ShardSummary:
     delta_e_sum: float  # sum of the pairs' ΔE (for running means)
 
 
-def pair_seed(seed: int, keys: list[str]) -> int:
-    """The generator seed of a batch: from the build seed and the batch's keys, so a pair's draw depends only on
-    the command (not on which actor ran it, or when)."""
-    digest = hashlib.sha256(f"{seed}\0".encode() + "\0".join(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def degrader_options(settings: WorkerSettings) -> dict[str, Any]:
+    """What `factory.degraders.get_degrader` takes for this build: a reconstructor's checkpoint, or the classical
+    degrader's options, at the build's scale."""
+    if reconstructs(settings.model):
+        return {"checkpoint": settings.checkpoint, "scale": settings.scale, "bf16": settings.bf16}
+    return {**(settings.degradation_options or {}), "scale": settings.scale}
 
 
 class ShardWorker:
@@ -103,14 +108,9 @@ class ShardWorker:
             tune_cpu_allocator()  # the colour module's advice for processes that compute many ΔE on the CPU
         self.shards = Storage(settings.out)
         self.manifests = Storage(settings.manifests)
-        self.model = None
-        self.preset: str | None = None
-        self.checkpoint_sha256: str | None = None
-        if settings.model != BICUBIC:
-            from factory.checkpoints import load_reconstructor
+        from factory.degraders import get_degrader
 
-            loaded = load_reconstructor(settings.checkpoint, model_name=settings.model, device=self.device)
-            self.model, self.preset, self.checkpoint_sha256 = loaded.model, loaded.preset, loaded.sha256
+        self.degrader = get_degrader(settings.model, degrader_options(settings), self.device)
         self.labeler = None
         if settings.classifier:
             from factory.classifier import Labeler
@@ -147,8 +147,8 @@ class ShardWorker:
             # and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the `finisher`
             # thread. Samples are still written here, in plan order, so the shard's bytes do not depend on the overlap.
             pending = None
-            for batch, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
-                degraded = self._degrade(batch, x8)
+            for batch, y8, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
+                degraded = self._degrade(batch, y8, x8)
                 finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
                 if pending is not None:
                     self._write(writer, pending.result(), rows)
@@ -240,77 +240,103 @@ class ShardWorker:
         return image, hashlib.sha256(data).hexdigest()
 
     def _downsampled(self, batches):
-        """Stage 0 (on the prefetch thread, with decoding): yield (batch, x8), x8 = the bicubic LR of the batch's
-        crops y: (B, 3, crop, crop) uint8 -> (B, 3, crop / s, crop / s) uint8, as stored."""
+        """Stage 0 (on the prefetch thread, with decoding): yield (batch, y8, x8): y8 = the batch's crops y on the
+        device, (B, 3, crop, crop) uint8; x8 = their bicubic LR, (B, 3, crop / s, crop / s) uint8, as stored."""
         import torch
 
         for batch in batches:
             with torch.inference_mode():  # thread-local: this runs on the prefetch thread
                 # One crop at a time: a whole batch as floats (100 MB for 8 crops of 1024) streams through the
                 # caches the model shares. Measured per 8 crops of 1024: 187 ms batched, 86 ms this way; same bits.
-                x8 = torch.cat([self._bicubic_lr8(item[3]) for item in batch])
-            yield batch, x8
+                crops = [self._crop8(item[3]) for item in batch]
+                x8 = torch.cat([self._bicubic_lr8(y8) for y8 in crops])
+            yield batch, torch.cat(crops), x8
 
-    def _bicubic_lr8(self, crop: np.ndarray):
-        """(H, W, 3) uint8 crop y -> (1, 3, H / scale, W / scale) uint8 bicubic LR x on the device, as stored. The
-        crop is made (3, H, W) contiguous while still 8-bit: a float copy of the channels-last view is a strided
-        pass over 4x the bytes."""
+    def _crop8(self, crop: np.ndarray):
+        """(H, W, 3) uint8 crop y -> (1, 3, H, W) uint8 on the device. The crop is made (3, H, W) contiguous while
+        still 8-bit: a float copy of the channels-last view is a strided pass over 4x the bytes."""
         import torch
 
+        # The (3, H, W) copy is made by numpy: decoded crops may be read-only, which torch.from_numpy warns about.
+        return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None].to(self.device)
+
+    def _bicubic_lr8(self, y8):
+        """(1, 3, H, W) uint8 crop y -> (1, 3, H / scale, W / scale) uint8 bicubic LR x, as stored."""
         from factory.color import downsample, quantize
 
-        # The (3, H, W) copy is made by numpy: decoded crops may be read-only, which torch.from_numpy warns about.
-        y8 = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None].to(self.device)
         return quantize(downsample(y8.float().div_(255.0), self.settings.scale))
 
-    def _degrade(self, batch, x8):
-        """One device batch, stage 1: x8 (B, 3, h, w) uint8 -> (x8, degraded8, corrected), degraded8 = G(x) (x8 for
-        bicubic), (B, 3, h, w) uint8, as stored."""
+    def _degrade(self, batch, y8, x8):
+        """One device batch, stage 1: y8 (B, 3, H, W), x8 (B, 3, h, w) uint8 -> (x8, degraded8, corrected,
+        records), degraded8 = the degrader's LR (x8 for bicubic), (B, 3, h, w) uint8, as stored; one parameter
+        record per pair."""
         import torch
 
         from factory.color import quantize
+        from factory.degraders import pair_generator
 
         settings = self.settings
-        keys = [crop.key for crop, _, _, _ in batch]
+        # On the CPU whatever the device: a pair then draws the same numbers on every machine (the models and the
+        # pipelines draw on the generator's device and move the numbers to the image's).
+        generators = [pair_generator(settings.seed, crop.key) for crop, _, _, _ in batch]
         with torch.inference_mode():
-            corrected = False
-            if self.model is None:
-                return x8, x8, corrected
-            x = x8.float() / 255.0
-            generator = torch.Generator(device=self.device).manual_seed(pair_seed(settings.seed, keys))
-            # bf16 on CUDA only: CPU autocast would be slower here, and the CPU build stays float32 and exact.
-            autocast = settings.bf16 and self.device.type == "cuda"
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                degraded = self.model.reconstruct(x, generator=generator)
+            degraded, records = self.degrader.degrade(y8, generators, bicubic_lr=x8)
+            if settings.model == BICUBIC:  # x_deg = x: nothing to correct
+                return x8, x8, False, records
             degraded = degraded.float().clamp(0, 1)
+            corrected = False
             if settings.color_correct:
                 from factory.color import color_correct
 
-                degraded = color_correct(degraded, x).clamp(0, 1)
+                degraded = color_correct(degraded, x8.float() / 255.0).clamp(0, 1)
                 corrected = True
-            return x8, quantize(degraded), corrected
+            # Contiguous: a pipeline's LR may come channels-last (JPEG through Pillow), and SSIM's reduction order
+            # follows the layout, so a batch of one and a batch of eight would measure other last bits.
+            return x8, quantize(degraded).contiguous(), corrected, records
 
-    def _finish(self, batch, shard_path: str, x8, degraded8, corrected: bool):
-        """One device batch, stage 2 (on the finisher thread): measure, encode, hash -> [(manifest row, tar members)]."""
+    def _measure(self, x8, degraded8) -> list[dict[str, Any]]:
+        """x8, degraded8: (B, 3, h, w) uint8 -> each pair's measured columns: ΔE, PSNR, SSIM, checkerboard index
+        and (with --classifier) the label columns. Pair by pair: a reduction over a batch tensor may add in another
+        order (SSIM's last bits differed between batches of 1 and 8 on the CPU), and a row must not depend on which
+        pairs share its batch."""
         import torch
 
         from factory.color import delta_e_uint8
+
+        values: dict[str, list] = {
+            name: [] for name in ("delta_e", "delta_e_p95", "psnr", "ssim", "checkerboard")
+        }
+        labels: list[dict[str, Any]] = []
+        with torch.inference_mode():  # thread-local: stage 1's does not cover this thread
+            for index in range(x8.shape[0]):
+                x, degraded = x8[index : index + 1], degraded8[index : index + 1]
+                # The paper's ΔE on what is stored: quantize(bicubic(y)) = x8 against x_deg8 (0 for bicubic).
+                # Given x8 (already at the LR size), delta_e_uint8 skips its own bicubic of y: x8 is computed once.
+                difference = delta_e_uint8(x, degraded)
+                psnr, ssim = image_quality(degraded, x)
+                values["delta_e"].append(difference.mean.double())
+                values["delta_e_p95"].append(difference.p95.double())
+                values["psnr"].append(psnr.double())
+                values["ssim"].append(ssim.double())
+                values["checkerboard"].append(checkerboard_index(degraded, x).double())
+                if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
+                    columns = self.labeler.manifest_columns(*self.labeler.predict(degraded.float() / 255.0))
+                    labels.append({name: column[0] for name, column in columns.items()})
+            # One transfer per column, not one per pair and column: each is a wait on the device.
+            lists = {name: torch.cat(tensors).cpu().tolist() for name, tensors in values.items()}
+        rows = [{name: column[index] for name, column in lists.items()} for index in range(x8.shape[0])]
+        if labels:  # with --classifier
+            for row, label in zip(rows, labels, strict=True):
+                row.update(label)
+        return rows
+
+    def _finish(self, batch, shard_path: str, x8, degraded8, corrected: bool, records: list[dict[str, Any]]):
+        """One device batch, stage 2 (on the finisher thread): measure, encode, hash -> [(manifest row, tar members)]."""
         from factory.shards import encode_image, payload_extension
 
         settings = self.settings
-        with torch.inference_mode():  # thread-local: stage 1's does not cover this thread
-            # The paper's ΔE on what is stored: quantize(bicubic(y)) = x8 against x_deg8 (0 for the bicubic dataset).
-            # Given x8 (already at the LR size), delta_e_uint8 skips its own bicubic of y: the same x8, computed once.
-            difference = delta_e_uint8(x8, degraded8)
-            psnr, ssim = image_quality(degraded8, x8)
-            checkerboard = checkerboard_index(degraded8, x8).cpu().tolist()
-            labels = None
-            if self.labeler is not None:  # label columns: label, label_prob, classifier_sha256, p_<class>
-                labels = self.labeler.manifest_columns(*self.labeler.predict(degraded8.float() / 255.0))
-            lr_images = degraded8.permute(0, 2, 3, 1).cpu().numpy()
-            means = difference.mean.double().cpu().tolist()
-            p95s = difference.p95.double().cpu().tolist()
-            psnrs, ssims = psnr.cpu().tolist(), ssim.cpu().tolist()
+        measured = self._measure(x8, degraded8)
+        lr_images = degraded8.permute(0, 2, 3, 1).cpu().numpy()
         extension = payload_extension(settings.codec)
         images = [np.ascontiguousarray(item[3]) for item in batch] + [
             np.ascontiguousarray(lr) for lr in lr_images
@@ -320,13 +346,14 @@ class ShardWorker:
         pairs = []
         for index, (crop, source, source_sha256, _) in enumerate(batch):
             hr, lr = encoded[index], encoded[len(batch) + index]
+            record = records[index]
             row = {
                 "key": crop.key,
                 "dataset": settings.dataset,
                 "model": settings.model,
                 "epoch": settings.epoch,
-                "preset": self.preset,
-                "checkpoint_sha256": self.checkpoint_sha256,
+                "preset": record.get("preset"),  # a reconstructor's record names its checkpoint
+                "checkpoint_sha256": record.get("checkpoint_sha256"),
                 "source": source.relative,
                 "source_root": source.root,
                 "source_sha256": source_sha256,
@@ -335,11 +362,6 @@ class ShardWorker:
                 "crop_height": settings.crop,
                 "crop_width": settings.crop,
                 "scale": settings.scale,
-                "delta_e": means[index],
-                "delta_e_p95": p95s[index],
-                "psnr": psnrs[index],
-                "ssim": ssims[index],
-                "checkerboard": checkerboard[index],
                 "color_corrected": corrected,
                 "shard": shard_path,
                 "codec": settings.codec,
@@ -348,10 +370,11 @@ class ShardWorker:
                 "hr_sha256": hashlib.sha256(hr).hexdigest(),
                 "lr_sha256": hashlib.sha256(lr).hexdigest(),
                 "seed": settings.seed,
+                "degradation": json.dumps(record, sort_keys=True),
+                **self.degrader.flat_columns(record),
                 "factory_version": __version__,
+                **measured[index],
             }
-            if labels is not None:
-                row.update({name: values[index] for name, values in labels.items()})
             members = {f"hr.{extension}": hr, f"lr.{extension}": lr, "json": row_json(row)}
             pairs.append((row, members))
         return pairs

@@ -362,13 +362,19 @@ def test_dry_run_checks_what_a_run_checks_before_writing(tmp_path: Path, hr_fold
     ]
     base += ["--dry-run", "--no-progress"]
     for extra, said in (
-        (["--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["--model", "bicubic", "--classifier", str(tmp_path / "missing.safetensors")], "no classifier at"),
-        (["--model", "vqvae2", "--checkpoints", str(tmp_path), "--no-train"], "not found"),
+        (["--model", "vqvae2", "--epoch", "8", "--checkpoints", str(tmp_path), "--no-train"], "not found"),
+        (["--model", "vqvae2", "--checkpoints", str(tmp_path)], "give --epoch"),
+        (["--model", "realesrgan", "--epoch", "8"], "--epoch is for reconstructors"),
     ):
         result = runner.invoke(main, [*base, *extra])
         assert result.exit_code == 2, result.output
         assert said in result.output and result.output.count("\n") == 1, result.output
+    # An unknown --model is click's usage error listing the degraders; a config naming one, a one-line error.
+    result = runner.invoke(main, [*base, "--model", "nosuchmodel"])
+    assert result.exit_code == 2 and "'nosuchmodel' is not one of 'vqvae'" in result.output, result.output
+    with pytest.raises(FactoryError, match="unknown degrader 'nosuchmodel'; known degraders: bicubic, "):
+        build(config_for(tmp_path, hr_folder, model="nosuchmodel", dry_run=True))
     assert not out.exists() and not manifests.exists()
 
 
@@ -517,14 +523,16 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
 
     seen = []
     monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
-    embedded = BuildConfig(checkpoints=str(tmp_path / "checkpoints"))
+    embedded = BuildConfig(epoch=8, checkpoints=str(tmp_path / "checkpoints"))
     with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
         ensure_checkpoint(embedded, list_sources().files)
     steps = EMBEDDED_DEFAULT_STEPS_PER_EPOCH * EMBEDDED_DEFAULT_RECIPE.batch_size
     assert (seen[0].image_size, seen[0].epoch_size, seen[0].epochs, seen[0].regime_size) == (64, steps, 8, 64)
     assert (seen[0].recipe, seen[0].preset) == (EMBEDDED_DEFAULT_RECIPE, EMBEDDED_DEFAULT_PRESET)
     with pytest.raises(FactoryError, match="not written"):
-        with_hr = config_for(tmp_path, tmp_path, model="vqvae2", checkpoints=str(tmp_path / "checkpoints"))
+        with_hr = config_for(
+            tmp_path, tmp_path, model="vqvae2", epoch=8, checkpoints=str(tmp_path / "checkpoints")
+        )
         ensure_checkpoint(with_hr, list_sources().files)
     assert (seen[1].image_size, seen[1].epoch_size, seen[1].lr, seen[1].recipe) == (None, None, None, None)
     assert seen[1].preset == "paper" and seen[1].regime_size == 256
@@ -532,7 +540,7 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
     assert seen[0].progress and not seen[1].progress
     with pytest.raises(FactoryError, match="not written"):  # --crop 200: LR 50, trained on whole 48x48 crops
         ensure_checkpoint(
-            BuildConfig(checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources().files
+            BuildConfig(epoch=8, checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources().files
         )
     assert seen[2].image_size == 48
 

@@ -46,6 +46,7 @@ def test_reconstruct_is_deterministic_for_a_generator(name, overrides):
     second = model.reconstruct(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, second)
     other = model.reconstruct(x, generator=torch.Generator().manual_seed(4))
+    assert model.samples == bool(overrides)  # the build records a generator seed exactly then
     if overrides:  # sampling variants must actually use the generator
         assert not torch.equal(first, other)
     else:  # posterior mean / DDIM inversion ignore it

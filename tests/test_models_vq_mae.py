@@ -94,6 +94,7 @@ def test_reconstruct_is_deterministic_for_a_seed(name, photo_batch):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(model.reconstruct(photo_batch), model.reconstruct(photo_batch), rtol=0, atol=0)
     other = model.reconstruct(photo_batch, generator=torch.Generator().manual_seed(8))
+    assert model.samples == (name == "mae")  # the build records a generator seed exactly then
     if name == "mae":
         assert not torch.equal(first, other)  # the mask is drawn from the generator
     else:

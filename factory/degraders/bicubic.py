@@ -33,8 +33,21 @@ class BicubicDegrader:
     def scale(self) -> int:
         return self.config.scale
 
-    def degrade(self, hr: torch.Tensor, generators: Sequence[torch.Generator]) -> Degraded:
-        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> (N, 3, H / scale, W / scale), unrounded."""
-        images = hr.to(torch.float32) / 255.0 if hr.dtype == torch.uint8 else hr
+    def degrade(
+        self,
+        hr: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        bicubic_lr: torch.Tensor | None = None,
+    ) -> Degraded:
+        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> (N, 3, H / scale, W / scale), unrounded; or `bicubic_lr`
+        (N, 3, H / scale, W / scale) uint8 as floats, when the caller has it already."""
         record = {"degrader": "bicubic", "scale": self.scale}
-        return Degraded(downsample(images, self.scale), [dict(record) for _ in range(images.shape[0])])
+        records = [dict(record) for _ in range(hr.shape[0])]
+        if bicubic_lr is not None:
+            return Degraded(bicubic_lr.to(torch.float32) / 255.0, records)
+        images = hr.to(torch.float32) / 255.0 if hr.dtype == torch.uint8 else hr
+        return Degraded(downsample(images, self.scale), records)
+
+    def flat_columns(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Bicubic draws nothing: no kernel σ, noise or JPEG."""
+        return {"kernel_sigma": None, "noise_level": None, "jpeg_quality": None}

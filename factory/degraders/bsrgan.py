@@ -241,8 +241,14 @@ class BSRGANDegrader:
     def scale(self) -> int:
         return self.config.scale
 
-    def degrade(self, hr: torch.Tensor, generators: Sequence[torch.Generator]) -> Degraded:
-        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair."""
+    def degrade(
+        self,
+        hr: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        bicubic_lr: torch.Tensor | None = None,
+    ) -> Degraded:
+        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair.
+        `bicubic_lr` is not used: this pipeline degrades the HR itself."""
         images = as_float_images(hr, self.scale)
         if len(generators) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
@@ -252,3 +258,13 @@ class BSRGANDegrader:
             for index, (record, generator) in enumerate(zip(records, generators, strict=True))
         ]
         return Degraded(torch.cat(lrs), records)
+
+    def flat_columns(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The first blur's σ_x, the Gaussian noise level in 8-bit levels, the final JPEG's quality (the one JPEG
+        every pair gets)."""
+        steps = record["steps"]
+        return {
+            "kernel_sigma": steps["blur1"]["sigma_x"],
+            "noise_level": float(steps["noise"]["level"]),
+            "jpeg_quality": record["final"]["jpeg_quality"],
+        }

@@ -371,8 +371,14 @@ class RealESRGANDegrader:
     def scale(self) -> int:
         return self.config.scale
 
-    def degrade(self, hr: torch.Tensor, generators: Sequence[torch.Generator]) -> Degraded:
-        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair."""
+    def degrade(
+        self,
+        hr: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        bicubic_lr: torch.Tensor | None = None,
+    ) -> Degraded:
+        """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair.
+        `bicubic_lr` is not used: this pipeline degrades the HR itself."""
         images = as_float_images(hr, self.scale)
         if len(generators) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
@@ -382,3 +388,14 @@ class RealESRGANDegrader:
             for index, (record, generator) in enumerate(zip(records, generators, strict=True))
         ]
         return Degraded(torch.cat(lrs), records)
+
+    def flat_columns(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The first round's values: the first blur's σ_x (None for a sinc kernel), the first noise's Gaussian σ in
+        8-bit levels (None for Poisson noise), the first JPEG's quality."""
+        first = record["first"]
+        sigma = first["noise"]["sigma"] if first["noise"]["kind"] == "gaussian" else None
+        return {
+            "kernel_sigma": first["blur"]["sigma_x"],
+            "noise_level": sigma,
+            "jpeg_quality": first["jpeg_quality"],
+        }

@@ -7,6 +7,7 @@ know which model they hold:
     loss, logs = model.loss(x)          # x: (N, 3, H, W) in [0, 1] at the model's native size; logs: dict[str, float]
     x_hat = model.reconstruct(x)        # x: (N, 3, H, W) in [0, 1], any size >= 16; x_hat: same shape, in [0, 1]
     x_hat = model.reconstruct(x, generator=g)  # models that sample (MAE masks, DDIM noise) draw from `g` only
+    model.samples                       # True when reconstruct draws from its generator (recorded per pair)
 
 Each model module holds a Config dataclass (one comment per field), the nn.Module taking that config, and
 `PRESETS = {"paper": ..., "tiny": ...}`. The registry below is the one explicit list of them; modules are imported
@@ -18,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from factory.config import ConfigError, config_from_dict
+
+if (
+    TYPE_CHECKING
+):  # torch only for the type hints: MODEL_NAMES feeds the CLI's choices without importing torch
+    from torch import nn
 
 # The paper's epoch: "Tiny-ImageNet, which contained 45,000 images" (Section 3.2). `factory train` counts an epoch as
 # this many samples whatever the folder holds, so "epoch 8" is the same amount of optimisation on any data.

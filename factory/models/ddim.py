@@ -237,6 +237,11 @@ class UNet(nn.Module):
 
 
 class DDIM(nn.Module):
+    @property
+    def samples(self) -> bool:
+        """Whether reconstruct draws from its generator: only the SDEdit-style `encoding="noise"`."""
+        return self.config.encoding == "noise"
+
     def __init__(self, config: DDIMConfig) -> None:
         super().__init__()
         self.config = config

@@ -184,6 +184,8 @@ class MaskedTokens:
 class MAE(nn.Module):
     """Masked autoencoder reconstructing the whole image; see the module docstring."""
 
+    samples = True  # reconstruct draws its mask from the generator
+
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
         self.config = config

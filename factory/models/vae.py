@@ -95,6 +95,11 @@ def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 class VAE(nn.Module):
+    @property
+    def samples(self) -> bool:
+        """Whether reconstruct draws from its generator: only when decoding a posterior sample."""
+        return self.config.sample_posterior
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
@@ -149,7 +154,11 @@ class VAE(nn.Module):
             mean, log_variance = self.encode(chunk)
             z = mean
             if self.config.sample_posterior:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                # On the generator's device (as MAE and DDIM draw): a CPU generator then serves a model anywhere.
+                device = generator.device if generator is not None else mean.device
+                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(
+                    mean.device
+                )
                 z = mean + torch.exp(0.5 * log_variance) * noise
             outputs.append(self.decode(z))
         return torch.cat(outputs)

@@ -246,6 +246,7 @@ class VQVAE(nn.Module):
 
     # Two stride-2 convolutions: reconstruct pads inputs to a multiple of this, and training crops must be one.
     size_multiple = 4
+    samples = False  # reconstruct is deterministic: it draws nothing from its generator
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()

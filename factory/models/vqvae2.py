@@ -139,6 +139,7 @@ class VQVAE2(nn.Module):
     # The top level is 8x smaller than the input: reconstruct pads inputs to a multiple of this, and training
     # crops must be one.
     size_multiple = 8
+    samples = False  # reconstruct is deterministic: it draws nothing from its generator
 
     def __init__(self, config: VQVAE2Config) -> None:
         super().__init__()
