@@ -33,8 +33,7 @@ from factory.color import bicubic_resize
 from factory.config import ConfigError, config_from_dict
 from factory.degraders import Degraded
 from factory.degraders import kernels as K
-from factory.degraders.ops import RESIZE_MODES, Draws, filter2d, jpeg, resize
-from factory.degraders.realesrgan import as_float_images
+from factory.degraders.ops import RESIZE_MODES, Draws, degrade_pair_by_pair, filter2d, jpeg, resize
 
 STEPS: tuple[str, ...] = (
     "blur1",
@@ -249,15 +248,10 @@ class BSRGANDegrader:
     ) -> Degraded:
         """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair.
         `bicubic_lr` is not used: this pipeline degrades the HR itself."""
-        images = as_float_images(hr, self.scale)
-        if len(generators) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
-        records = [draw_parameters(self.config, generator) for generator in generators]
-        lrs = [
-            degrade_one(images[index : index + 1], record, generator)
-            for index, (record, generator) in enumerate(zip(records, generators, strict=True))
-        ]
-        return Degraded(torch.cat(lrs), records)
+        lrs, records = degrade_pair_by_pair(
+            hr, generators, self.scale, lambda generator: draw_parameters(self.config, generator), degrade_one
+        )
+        return Degraded(lrs, records)
 
     def flat_columns(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The first blur's σ_x, the Gaussian noise level in 8-bit levels, the final JPEG's quality (the one JPEG

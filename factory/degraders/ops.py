@@ -184,3 +184,28 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     with Image.open(buffer) as decoded:
         array = np.array(decoded.convert("RGB"))
     return (torch.from_numpy(array).permute(2, 0, 1).to(torch.float32) / 255.0).unsqueeze(0).to(x.device)
+
+
+def as_float_images(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """Check an HR batch and return it as float32 in [0, 1]. hr: (N, 3, H, W) uint8 or float, H, W multiples of
+    `scale`."""
+    if hr.ndim != 4 or hr.shape[1] != 3:
+        raise ValueError(f"expected HR images (N, 3, H, W), got shape {tuple(hr.shape)}")
+    if hr.shape[-2] % scale or hr.shape[-1] % scale:
+        raise ValueError(f"HR size {tuple(hr.shape[-2:])} is not a multiple of the scale {scale}")
+    return hr.to(torch.float32) / 255.0 if hr.dtype == torch.uint8 else hr.to(torch.float32)
+
+
+def degrade_pair_by_pair(hr: torch.Tensor, generators: Sequence[torch.Generator], scale: int, draw, apply):
+    """The classical pipelines' batch: each pair draws its record from its own generator (`draw(generator)`), then
+    is degraded alone (`apply(image (1, 3, H, W), record, generator)`), so that its bytes do not depend on the batch.
+    hr: (N, 3, H, W) -> (LR (N, 3, H / scale, W / scale), the N records)."""
+    images = as_float_images(hr, scale)
+    if len(generators) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
+    records = [draw(generator) for generator in generators]
+    lrs = [
+        apply(images[index : index + 1], record, generator)
+        for index, (record, generator) in enumerate(zip(records, generators, strict=True))
+    ]
+    return torch.cat(lrs), records

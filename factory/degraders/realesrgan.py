@@ -35,7 +35,16 @@ import yaml
 from factory.config import ConfigError, config_from_dict
 from factory.degraders import Degraded
 from factory.degraders import kernels as K
-from factory.degraders.ops import RESIZE_MODES, Draws, filter2d, gaussian_noise, jpeg, poisson_noise, resize
+from factory.degraders.ops import (
+    RESIZE_MODES,
+    Draws,
+    degrade_pair_by_pair,
+    filter2d,
+    gaussian_noise,
+    jpeg,
+    poisson_noise,
+    resize,
+)
 
 KERNEL_TYPES: tuple[str, ...] = (
     "iso",
@@ -346,16 +355,6 @@ def degrade_one(
     return (x * 255.0).round().clamp(0.0, 255.0) / 255.0
 
 
-def as_float_images(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """Check an HR batch and return it as float32 in [0, 1]. hr: (N, 3, H, W) uint8 or float, H, W multiples of
-    `scale`."""
-    if hr.ndim != 4 or hr.shape[1] != 3:
-        raise ValueError(f"expected HR images (N, 3, H, W), got shape {tuple(hr.shape)}")
-    if hr.shape[-2] % scale or hr.shape[-1] % scale:
-        raise ValueError(f"HR size {tuple(hr.shape[-2:])} is not a multiple of the scale {scale}")
-    return hr.to(torch.float32) / 255.0 if hr.dtype == torch.uint8 else hr.to(torch.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class RealESRGANDegrader:
     """The `realesrgan` degrader: `draw_parameters` then `degrade_one`, pair by pair."""
@@ -379,15 +378,14 @@ class RealESRGANDegrader:
     ) -> Degraded:
         """hr: (N, 3, H, W) in [0, 1] (or uint8) -> LR (N, 3, H / scale, W / scale) and one record per pair.
         `bicubic_lr` is not used: this pipeline degrades the HR itself."""
-        images = as_float_images(hr, self.scale)
-        if len(generators) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
-        records = [draw_parameters(self.config, generator) for generator in generators]
-        lrs = [
-            degrade_one(images[index : index + 1], record, self.scale, generator)
-            for index, (record, generator) in enumerate(zip(records, generators, strict=True))
-        ]
-        return Degraded(torch.cat(lrs), records)
+        lrs, records = degrade_pair_by_pair(
+            hr,
+            generators,
+            self.scale,
+            lambda generator: draw_parameters(self.config, generator),
+            lambda image, record, generator: degrade_one(image, record, self.scale, generator),
+        )
+        return Degraded(lrs, records)
 
     def flat_columns(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The first round's values: the first blur's σ_x (None for a sinc kernel), the first noise's Gaussian σ in
