@@ -635,3 +635,27 @@ def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_fol
     assert not temporaries(Path(config.out), Path(config.manifests))
     report = verify(config.out, config.manifests, "bicubic")
     assert report.ok and report.shards == 2, report.problems
+
+
+def test_a_resume_onto_a_labelled_dataset_says_the_new_pairs_are_not(tmp_path: Path, hr_folder: Path):
+    from factory.classifier import (
+        ClassifierTrainConfig,
+        LabelConfig,
+        build_network,
+        label_dataset,
+        save_classifier,
+    )
+
+    classifier = tmp_path / "classifier.safetensors"
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, classifier
+    )
+    build(config_for(tmp_path, hr_folder, limit=5, actors=0))  # one shard
+    label_dataset(LabelConfig(str(classifier), str(tmp_path / "shards"), str(tmp_path / "manifests")))
+    result = build(config_for(tmp_path, hr_folder, limit=10, actors=0))  # the same build, one shard more
+    assert (result.skipped_shards, result.built_shards) == (1, 1)
+    assert "5 of the 5 pairs this run added are not labelled, while 5 earlier pairs are" in result.labels_note
+    assert "factory label" in result.labels_note and result.labels_note in "\n".join(result.summary_lines())
+    # Labelled, then resumed again with nothing new: nothing to say.
+    label_dataset(LabelConfig(str(classifier), str(tmp_path / "shards"), str(tmp_path / "manifests")))
+    assert build(config_for(tmp_path, hr_folder, limit=10, actors=0)).labels_note is None

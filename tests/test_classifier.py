@@ -381,3 +381,73 @@ def test_build_then_relabel_leaves_bicubic_shards_byte_identical(tmp_path, train
         "entropy": pytest.approx(degradation_entropy(labels)),
         "entropy_unit": "nats (paper Eq. 2, natural log)",
     }
+
+
+@pytest.fixture
+def untrained_classifier(tmp_path) -> Path:
+    """An untrained ResNet-18 classifier: its labels are arbitrary, the wiring around it is not."""
+    torch.manual_seed(0)
+    path = tmp_path / "untrained.safetensors"
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, path
+    )
+    return path
+
+
+def label_arguments(classifier: Path, shard_root: Path, manifest_root: Path) -> list[str]:
+    return [
+        "label",
+        "--classifier",
+        str(classifier),
+        "--shards",
+        str(shard_root),
+        "--manifests",
+        str(manifest_root),
+    ]
+
+
+def test_label_over_a_corrupt_manifest_names_it_in_one_line(tmp_path, photos, untrained_classifier):
+    # It was pyarrow.lib.ArrowInvalid with a traceback, after the manifests before it had been relabelled.
+    shard_root, manifest_root = make_dataset(tmp_path, photos)
+    corrupt_manifest = manifest_root / "toy" / "toy-000001.parquet"
+    corrupt_manifest.write_bytes(b"PAR1 truncated")
+    before = tree_digests(manifest_root)
+    result = CliRunner().invoke(main, label_arguments(untrained_classifier, shard_root, manifest_root))
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: unreadable manifest {corrupt_manifest}: "), line
+    assert tree_digests(manifest_root) == before  # nothing relabelled
+
+
+def test_label_is_refused_while_a_build_writes_the_dataset(tmp_path, photos, untrained_classifier):
+    """`factory label` ignored `_build.lock`: it labelled the pairs a running build had written so far and exited 0,
+    and the build went on adding unlabelled ones. It now takes the build's lock, naming a live holder."""
+    import socket
+    import subprocess
+    import sys
+
+    from factory.manifests import LOCK_NAME
+
+    shard_root, manifest_root = make_dataset(tmp_path, photos)
+    lock = manifest_root / "toy" / LOCK_NAME
+    build = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(
+            json.dumps({"pid": build.pid, "host": socket.gethostname(), "started": 0, "kind": "build"})
+        )
+        before = tree_digests(manifest_root)
+        result = CliRunner().invoke(main, label_arguments(untrained_classifier, shard_root, manifest_root))
+        assert result.exit_code == 2, result.output
+        assert (
+            f"error: a build is writing dataset toy (pid {build.pid} on {socket.gethostname()})"
+            in result.output
+        )
+        assert tree_digests(manifest_root) == before
+    finally:
+        build.kill()
+        build.wait()
+    # The build is gone: its lock is taken over, the pairs labelled, and the lock released.
+    result = CliRunner().invoke(main, label_arguments(untrained_classifier, shard_root, manifest_root))
+    assert result.exit_code == 0, result.output
+    assert read_manifests(manifest_root, "toy").column("label").null_count == 0
+    assert not lock.exists()
