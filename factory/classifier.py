@@ -590,7 +590,8 @@ def label_dataset(config: LabelConfig) -> LabelResult:
     one file at a time, each atomically (temporary name, then rename: `Storage.open_atomic`), keeping each
     manifest's commit record (its Parquet metadata) so `factory verify` still holds. Shards are only read; their
     `json` members keep the labels of the build (the manifests are authoritative). If interrupted, each manifest is
-    wholly old or wholly new (`classifier_sha256` tells which)."""
+    wholly old or wholly new (`classifier_sha256` tells which). Each dataset's build lock is held meanwhile: a
+    dataset that a build is still writing is refused, naming the build."""
     if config.batch_size < 1:
         raise FactoryError(f"--batch-size must be at least 1, got {config.batch_size}")
     resolve_device(config.device)  # an absent device is said before any manifest is read
@@ -608,9 +609,8 @@ def label_dataset(config: LabelConfig) -> LabelResult:
                 OutputLock(manifests, f"{dataset}/{LOCK_NAME}", "label", f"dataset {dataset}")
             )
         paths = pair_manifest_paths(manifests, config.dataset)  # as they are now that no build writes them
-        metadata = {
-            path: _manifest_metadata(manifests, path) for path in paths
-        }  # all readable, before any write
+        # Every manifest readable before any is rewritten: a corrupt one is said, and nothing is half-relabelled.
+        metadata = {path: _manifest_metadata(manifests, path) for path in paths}
         counts = _relabel(config, labeler, shards, manifests, paths, metadata)
         for dataset, labels in counts.items():
             _update_card_labels(manifests, dataset, labels, labeler.sha256)
