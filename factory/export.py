@@ -34,7 +34,7 @@ from factory.config import FactoryError
 from factory.manifests import rows_to_table
 from factory.query import read_pairs, select, unique_pairs
 from factory.shards import decode_image, encode_image, payload_extension
-from factory.storage import hopeless_writes_said, pid_alive
+from factory.storage import hopeless_writes_said, make_local_dirs, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def _prepare_out(out: Path) -> Path:
     id: `.<out>.<pid>.XXXXXXXX.tmp`. Those of exports that died (kill -9) are deleted first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FactoryError(f"{out} already exists and is not an empty folder")
+    make_local_dirs(out.parent, str(out))
     with hopeless_writes_said(str(out)):
-        out.parent.mkdir(parents=True, exist_ok=True)
         for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
             pid = leftover.name[len(out.name) + 2 :].partition(".")[0]
             if leftover.is_dir() and pid.isdigit() and not pid_alive(int(pid)):

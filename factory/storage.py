@@ -63,6 +63,15 @@ def hopeless_writes_said(what: str, only_full: bool = False) -> Iterator[None]:
         raise StorageError(f"cannot write {what}: {os.strerror(error.errno)}") from None
 
 
+def make_local_dirs(folder: Path, what: str) -> None:
+    """`mkdir -p folder` on the local disk; what cannot be made is a StorageError about `what`."""
+    with hopeless_writes_said(what):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a regular file where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary local file name beside `path`, for writers that want a name rather than a stream (pyarrow,
@@ -73,11 +82,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = Path(path)
     # `.name.XXXXXXXX.tmp`: the pattern remove_temporaries sweeps after a crash.
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    make_local_dirs(path.parent, str(path))
     with hopeless_writes_said(str(path)):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # a regular file where a folder of the path should be
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     shared_mode = os.stat(temporary).st_mode & 0o777  # what the umask made of 0666
     try:

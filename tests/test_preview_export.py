@@ -346,3 +346,12 @@ def test_an_export_killed_mid_write_leaves_nothing_a_rerun_does_not_clear(roots,
     assert result.exit_code == 0, result.output
     assert len(list((out / "hr").glob("*.png"))) == len(roots["rows"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # the dead run's folder is gone
+
+
+def test_an_export_out_that_cannot_be_written_is_one_line(roots, tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+    arguments = ["export", "--format", "basicsr", "--shards", str(roots["shards"]), "--manifests",
+                 str(roots["manifests"]), "--out", str(tmp_path / "file" / "export")]  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: cannot write {tmp_path / 'file' / 'export'}: Not a directory"
