@@ -698,7 +698,7 @@ def _labels_note(
     manifests after its build, and a resume under the same settings adds pairs without labels.) None when the earlier
     pairs have no labels; logged as a warning when the new ones lack them."""
 
-    def classifiers(tasks: list[ShardTask]) -> tuple[int, int, set[str]]:
+    def label_state(tasks: list[ShardTask]) -> tuple[int, int, set[str]]:
         """(pairs, labelled pairs, classifier sha256s) of the committed manifests of `tasks`."""
         pairs = labelled = 0
         found: set[str] = set()
@@ -712,10 +712,10 @@ def _labels_note(
             found |= {value for value in table["classifier_sha256"].to_pylist() if value}
         return pairs, labelled, found
 
-    _, labelled_before, before = classifiers(earlier)
+    _, labelled_before, before = label_state(earlier)
     if not labelled_before:
         return None
-    pairs_now, labelled_now, now = classifiers(built)
+    pairs_now, labelled_now, now = label_state(built)
     named = ", ".join(sorted(sha256[:12] for sha256 in before))
     if labelled_now < pairs_now:
         note = (

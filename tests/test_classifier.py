@@ -68,11 +68,15 @@ def test_entropy_agrees_with_scipy_and_takes_counts_and_a_base():
 
 # --- training --------------------------------------------------------------------------------------------------------
 
-# The CPU training test: resnet18 at 16x16 (tiles this small keep training near 30 s on one idle core), 32 images per
-# class, 4 epochs, no JPEG storage step (at this size it hides the subtler classes), 20% held out (96 images).
-# Measured: 23.3% held-out accuracy (seed 0), against 6.7% for chance (1/15); the test asks for 3x chance.
+# The CPU training test: resnet18 at 16x16 (tiles this small keep training near 30 s on one idle core), 64 images per
+# class, 4 epochs, no JPEG storage step (at this size it hides the subtler classes), 20% held out (13 per class, 195).
+# The test asks for 3x chance (20%; chance is 1/15 = 6.7%). Held-out accuracy measured on one AMD EPYC, seeds 0-4:
+#   OMP_NUM_THREADS=1: ATEN_CPU_CAPABILITY=default 26.7-29.7%, avx2 27.2-32.3%, avx512 (native) 27.2-32.3%
+#   OMP_NUM_THREADS=2: MEASURED_TWO_THREADS
+# With 32 per class (90 held out) it was 14.4-25.6% over seeds 0-4 at default and failed 3x chance on another CPU
+# at 18.9%: a bar inside the spread, which 64 per class lifts well clear of.
 TRAIN_SETTINGS = dict(
-    arch="resnet18", per_class=32, size=16, epochs=4, batch_size=32, seed=0, storage_jpeg_quality=None
+    arch="resnet18", per_class=64, size=16, epochs=4, batch_size=32, seed=0, storage_jpeg_quality=None
 )
 CHANCE = 1 / len(CORRUPTIONS)
 
@@ -98,8 +102,8 @@ def test_synthesis_is_balanced_deterministic_and_covers_every_severity(photos):
 
 
 def test_classifier_trains_clearly_above_chance(trained):
-    assert trained.accuracy >= 3 * CHANCE, trained.accuracy  # >= 20%; measured 23.3%
-    assert trained.confusion.shape == (15, 15) and trained.confusion.sum() == 15 * round(32 * 0.2)
+    assert trained.accuracy >= 3 * CHANCE, trained.accuracy  # >= 20%; measured 26.7-32.3% (TRAIN_SETTINGS)
+    assert trained.confusion.shape == (15, 15) and trained.confusion.sum() == 15 * round(64 * 0.2)
     assert trained.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for output in (trained.checkpoint, trained.figure, trained.metrics):
         assert output.stat().st_mode & 0o044 == 0o044  # shared outputs: readable by group and others
