@@ -71,8 +71,9 @@ def test_entropy_agrees_with_scipy_and_takes_counts_and_a_base():
 # The CPU training test: resnet18 at 16x16 (tiles this small keep training near 30 s on one idle core), 64 images per
 # class, 4 epochs, no JPEG storage step (at this size it hides the subtler classes), 20% held out (13 per class, 195).
 # The test asks for 3x chance (20%; chance is 1/15 = 6.7%). Held-out accuracy measured on one AMD EPYC, seeds 0-4:
-#   OMP_NUM_THREADS=1: ATEN_CPU_CAPABILITY=default 26.7-29.7%, avx2 27.2-32.3%, avx512 (native) 27.2-32.3%
-#   OMP_NUM_THREADS=2: MEASURED_TWO_THREADS
+#   1 thread:  ATEN_CPU_CAPABILITY=default 26.7-29.7%, avx2 27.2-31.3%, avx512 (native) 27.2-32.3%
+#   2 threads (seeds 0-2): default 28.7-31.3%, avx2 27.2-29.2%
+# (The fixture sets one torch thread whatever OMP_NUM_THREADS says.)
 # With 32 per class (90 held out) it was 14.4-25.6% over seeds 0-4 at default and failed 3x chance on another CPU
 # at 18.9%: a bar inside the spread, which 64 per class lifts well clear of.
 TRAIN_SETTINGS = dict(
