@@ -424,6 +424,8 @@ class BuildResult:
     estimated_bytes: int | None = None  # dry run only
     actors: int | None = None  # dry run only
     checkpoint_plan: str | None = None  # dry run only: the checkpoint used, or that it is trained first
+    # A resume onto a labelled dataset: whether this run's pairs are labelled too (None: no such resume).
+    labels_note: str | None = None
 
     def summary_lines(self) -> list[str]:
         if self.estimated_bytes is not None:
@@ -445,6 +447,7 @@ class BuildResult:
             f"  rejected inputs: {len(self.rejects)} ({rejected})",
             f"  {self.seconds:.1f} s, {self.pairs_per_second:.2f} pairs/s, {self.output_bytes / 1e6:.1f} MB of shards, "
             f"mean delta_e {delta}",
+            *([f"  {self.labels_note}"] if self.labels_note else []),
         ]
 
 
@@ -734,10 +737,17 @@ def build(config: BuildConfig) -> BuildResult:
             result.built_shards += 1
             shard_rejects.extend(summary.rejects)
 
-        if todo and config.actors == 0:
-            run_in_process(config, settings, todo, on_done)
-        elif todo:
-            run_shards(config, settings, todo, sum(len(task.crops) for task in todo), on_done)
+        try:
+            if todo and config.actors == 0:
+                run_in_process(config, settings, todo, on_done)
+            elif todo:
+                run_shards(config, settings, todo, sum(len(task.crops) for task in todo), on_done)
+        except BaseException:
+            # A worker cleans up after its own errors; this sweeps what the actors stopped mid-shard left (each shard
+            # writes its tar, then its manifest, under temporary names). Committed shards are not touched.
+            shards.remove_temporaries(plan.dataset)
+            manifests.remove_temporaries(plan.dataset)
+            raise
         run_seconds = time.perf_counter() - run_started
         if shard_spans:
             result.busy_seconds = max(end for _, end in shard_spans) - min(start for start, _ in shard_spans)
@@ -754,10 +764,55 @@ def build(config: BuildConfig) -> BuildResult:
             raise FactoryError(
                 f"nothing could be built: every input was rejected ({_reasons(result.rejects)})"
             )
+        if todo and len(todo) < len(plan.shards):  # a resume: are this run's pairs labelled as the earlier ones?
+            earlier = [task for task in plan.shards if task not in todo]
+            result.labels_note = _labels_note(manifests, plan.dataset, earlier, todo)
         _write_card(config, plan, manifests, checkpoint, checkpoint_sha256, options, result)
         card = json.loads(manifests.read_bytes(f"{plan.dataset}/{CARD_NAME}"))
         result.delta_e_mean = (card.get("delta_e") or {}).get("mean")
     return result
+
+
+def _labels_note(
+    manifests: Storage, dataset: str, earlier: list[ShardTask], built: list[ShardTask]
+) -> str | None:
+    """After a resume: are this run's pairs labelled as the earlier ones are? (`factory label` relabels a dataset's
+    manifests after its build, and a resume under the same settings adds pairs without labels.) None when the earlier
+    pairs have no labels; logged as a warning when the new ones lack them."""
+
+    def label_state(tasks: list[ShardTask]) -> tuple[int, int, set[str]]:
+        """(pairs, labelled pairs, classifier sha256s) of the committed manifests of `tasks`."""
+        pairs = labelled = 0
+        found: set[str] = set()
+        for task in tasks:
+            relative = f"{dataset}/{task.stem}.parquet"
+            if not manifests.exists(relative):
+                continue
+            table = read_manifest(manifests, relative).select(["label", "classifier_sha256"])
+            pairs += table.num_rows
+            labelled += table.num_rows - table["label"].null_count
+            found |= {value for value in table["classifier_sha256"].to_pylist() if value}
+        return pairs, labelled, found
+
+    _, labelled_before, before = label_state(earlier)
+    if not labelled_before:
+        return None
+    pairs_now, labelled_now, now = label_state(built)
+    named = ", ".join(sorted(sha256[:12] for sha256 in before))
+    if labelled_now < pairs_now:
+        note = (
+            f"labels: {pairs_now - labelled_now} of the {pairs_now} pairs this run added are not labelled, while "
+            f"{labelled_before} earlier pairs are (classifier {named}); label them with "
+            f"`factory label --classifier <file> --dataset {dataset}`"
+        )
+        log.warning("%s", note)
+        return note
+    if now != before:
+        return (
+            f"labels: the {pairs_now} pairs this run added are labelled by classifier "
+            f"{', '.join(sorted(sha256[:12] for sha256 in now))}, the earlier ones by {named}"
+        )
+    return f"labels: the {pairs_now} pairs this run added are labelled too (classifier {named})"
 
 
 def _check_labels_and_colour(config: BuildConfig) -> None:

@@ -27,6 +27,7 @@ Diversity. H = -sum_c P(c) log P(c) over the proportions of predicted classes (E
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -51,14 +52,22 @@ from tqdm import tqdm
 
 from factory.checkpoints import file_sha256
 from factory.color import bicubic_resize
-from factory.config import FactoryError, config_to_dict
+from factory.config import FactoryError, config_to_dict, error_line
 from factory.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from factory.devices import resolve_device
 from factory.diversity import degradation_entropy, labels_card  # re-exported: the classifier API names them
-from factory.manifests import CARD_NAME, LABEL_PROB_COLUMNS, PAIR_SCHEMA, read_manifest, read_manifests
+from factory.manifests import (
+    CARD_NAME,
+    LABEL_PROB_COLUMNS,
+    LOCK_NAME,
+    PAIR_SCHEMA,
+    pair_manifest_paths,
+    read_manifest,
+    read_manifests,
+)
 from factory.shards import decode_image, read_samples
 from factory.sources import RejectedImage, find_images, load_rgb
-from factory.storage import Storage, atomic_path
+from factory.storage import OutputLock, Storage, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -576,38 +585,67 @@ def _read_lr_images(shards: Storage, shard: str, keys: set[str]) -> dict[str, np
     return images
 
 
-def _manifest_paths(manifests: Storage, dataset: str | None) -> list[str]:
-    """Relative paths of the pair manifests of one dataset or of all (names starting with '_' or '.' are not)."""
-    datasets = [dataset] if dataset else manifests.list_dirs()
-    return [
-        f"{name}/{file}"
-        for name in datasets
-        for file in manifests.list_files(name)
-        if file.endswith(".parquet") and not file.startswith(("_", "."))
-    ]
-
-
 def label_dataset(config: LabelConfig) -> LabelResult:
     """(Re)label every pair of a dataset by rewriting only its Parquet manifests (then its card's `labels` section),
     one file at a time, each atomically (temporary name, then rename: `Storage.open_atomic`), keeping each
     manifest's commit record (its Parquet metadata) so `factory verify` still holds. Shards are only read; their
     `json` members keep the labels of the build (the manifests are authoritative). If interrupted, each manifest is
-    wholly old or wholly new (`classifier_sha256` tells which)."""
+    wholly old or wholly new (`classifier_sha256` tells which). Each dataset's build lock is held meanwhile: a
+    dataset that a build is still writing is refused, naming the build."""
     if config.batch_size < 1:
         raise FactoryError(f"--batch-size must be at least 1, got {config.batch_size}")
     resolve_device(config.device)  # an absent device is said before any manifest is read
     shards, manifests = Storage(config.shards), Storage(config.manifests)
-    paths = _manifest_paths(manifests, config.dataset)
+    paths = pair_manifest_paths(manifests, config.dataset)
     if not paths:
         where = manifests.uri(config.dataset or "")
         raise FactoryError(f"no pair manifests under {where}")
     labeler = Labeler.load(config.classifier, config.device)
-    counts: dict[str, Counter] = {}
-    pairs = 0
-    for path in tqdm(paths, desc="labelling", unit="manifest"):
-        table = read_manifest(manifests, path)
+    with contextlib.ExitStack() as locks:
+        # The build's lock, per dataset: labelling while a build still writes would leave the pairs it adds
+        # unlabelled, and a build started meanwhile is refused.
+        for dataset in sorted({path.partition("/")[0] for path in paths}):
+            locks.enter_context(
+                OutputLock(manifests, f"{dataset}/{LOCK_NAME}", "label", f"dataset {dataset}")
+            )
+        paths = pair_manifest_paths(manifests, config.dataset)  # as they are now that no build writes them
+        # Every manifest readable before any is rewritten: a corrupt one is said, and nothing is half-relabelled.
+        metadata = {path: _manifest_metadata(manifests, path) for path in paths}
+        counts = _relabel(config, labeler, shards, manifests, paths, metadata)
+        for dataset, labels in counts.items():
+            _update_card_labels(manifests, dataset, labels, labeler.sha256)
+    return LabelResult(
+        pairs=sum(sum(labels.values()) for labels in counts.values()),
+        manifests=len(paths),
+        entropy={name: degradation_entropy(counter) for name, counter in counts.items()},
+        counts={name: dict(counter) for name, counter in counts.items()},
+    )
+
+
+def _manifest_metadata(manifests: Storage, path: str) -> dict:
+    """A pair manifest's Parquet key-value metadata (its commit record); an unreadable file is a one-line error."""
+    try:
         with manifests.open_input(path) as handle:
-            metadata = pq.read_schema(handle).metadata
+            return pq.read_schema(handle).metadata
+    except (OSError, pa.ArrowException) as error:
+        raise FactoryError(f"unreadable manifest {manifests.uri(path)}: {error_line(error)}") from None
+
+
+def _relabel(
+    config: LabelConfig,
+    labeler: Labeler,
+    shards: Storage,
+    manifests: Storage,
+    paths: list[str],
+    metadata: dict,
+) -> dict[str, Counter]:
+    """Rewrite each manifest's label columns, one file at a time, atomically; pairs per label, per dataset."""
+    counts: dict[str, Counter] = {}
+    for path in tqdm(paths, desc="labelling", unit="manifest"):
+        try:
+            table = read_manifest(manifests, path)
+        except (OSError, pa.ArrowException) as error:
+            raise FactoryError(f"unreadable manifest {manifests.uri(path)}: {error_line(error)}") from None
         rows = table.select(["key", "shard", "dataset"]).to_pylist()
         new_columns: dict[str, list] = {name: [None] * len(rows) for name in LABEL_COLUMNS}
         for shard in sorted({row["shard"] for row in rows}):
@@ -630,20 +668,12 @@ def label_dataset(config: LabelConfig) -> LabelResult:
         for name, values in new_columns.items():
             field = PAIR_SCHEMA.field(name)
             table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
-        table = table.replace_schema_metadata(metadata)
+        table = table.replace_schema_metadata(metadata[path])
         with manifests.open_atomic(path) as stream:
             pq.write_table(table, stream)
-        pairs += len(rows)
         for row, label in zip(rows, new_columns["label"], strict=True):
             counts.setdefault(row["dataset"], Counter())[label] += 1
-    for dataset, labels in counts.items():
-        _update_card_labels(manifests, dataset, labels, labeler.sha256)
-    return LabelResult(
-        pairs=pairs,
-        manifests=len(paths),
-        entropy={name: degradation_entropy(counter) for name, counter in counts.items()},
-        counts={name: dict(counter) for name, counter in counts.items()},
-    )
+    return counts
 
 
 def _update_card_labels(manifests: Storage, dataset: str, labels: Counter, classifier_sha256: str) -> None:

@@ -19,6 +19,8 @@ PNG payloads are copied byte for byte; zst payloads are decoded and written as P
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +34,9 @@ from factory.config import FactoryError
 from factory.manifests import rows_to_table
 from factory.query import read_pairs, select, unique_pairs
 from factory.shards import decode_image, encode_image, payload_extension
+from factory.storage import hopeless_writes_said, make_local_dirs, pid_alive
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("basicsr",)
 BASICSR_META_INFO = "meta_info.txt"
@@ -70,11 +75,18 @@ def _png(row: dict, side: str, members: dict[str, bytes]) -> tuple[bytes, tuple[
 
 
 def _prepare_out(out: Path) -> Path:
-    """A temporary folder beside `out` (same filesystem, so the final rename is atomic)."""
+    """A temporary folder beside `out` (same filesystem, so the final rename is atomic), named with this process's
+    id: `.<out>.<pid>.XXXXXXXX.tmp`. Those of exports that died (kill -9) are deleted first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FactoryError(f"{out} already exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    make_local_dirs(out.parent, str(out))
+    with hopeless_writes_said(str(out)):
+        for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+            pid = leftover.name[len(out.name) + 2 :].partition(".")[0]
+            if leftover.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+                logger.warning("removing %s, left by an export that died", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
 
 
 def export_basicsr(config: ExportConfig) -> ExportSummary:
@@ -96,41 +108,42 @@ def export_basicsr(config: ExportConfig) -> ExportSummary:
     out = Path(config.out).absolute()
     temporary = _prepare_out(out)
     try:
-        (temporary / "hr").mkdir()
-        (temporary / "lr").mkdir()
-        shapes: dict[str, tuple[int, int, int]] = {}
-        exported: list[dict] = []
-        for row, members in read_pairs(config.shards_root, rows):
-            name = f"{row['key']}.png"
-            hr_png, hr_shape = _png(row, "hr", members)
-            lr_png, _ = _png(row, "lr", members)
-            (temporary / "hr" / name).write_bytes(hr_png)
-            (temporary / "lr" / name).write_bytes(lr_png)
-            shapes[name] = hr_shape
-            exported.append(row)
-        names = sorted(shapes)
-        (temporary / BASICSR_META_INFO).write_text(
-            "".join(f"{name} ({','.join(str(size) for size in shapes[name])})\n" for name in names)
-        )
-        (temporary / REALESRGAN_META_INFO).write_text("".join(f"{name}, {name}\n" for name in names))
-        scales = {row["scale"] for row in exported}
-        options = {
-            "name": out.name,
-            "type": "PairedImageDataset",
-            "dataroot_gt": str(out / "hr"),
-            "dataroot_lq": str(out / "lr"),
-            "meta_info_file": str(out / BASICSR_META_INFO),
-            "filename_tmpl": "{}",
-            "io_backend": {"type": "disk"},
-        }
-        if len(scales) == 1:
-            options["scale"] = scales.pop()
-        header = "# A `datasets: train:` entry for BasicSR (add gt_size, use_hflip, ... for training).\n"
-        (temporary / BASICSR_OPTIONS).write_text(header + yaml.safe_dump(options, sort_keys=False))
-        pq.write_table(rows_to_table(exported), temporary / "manifest.parquet")
-        if out.exists():
-            out.rmdir()  # empty (checked above); os.replace onto a folder needs it gone on some systems
-        os.replace(temporary, out)
+        with hopeless_writes_said(str(out), only_full=True):  # a full disk: one line
+            (temporary / "hr").mkdir()
+            (temporary / "lr").mkdir()
+            shapes: dict[str, tuple[int, int, int]] = {}
+            exported: list[dict] = []
+            for row, members in read_pairs(config.shards_root, rows):
+                name = f"{row['key']}.png"
+                hr_png, hr_shape = _png(row, "hr", members)
+                lr_png, _ = _png(row, "lr", members)
+                (temporary / "hr" / name).write_bytes(hr_png)
+                (temporary / "lr" / name).write_bytes(lr_png)
+                shapes[name] = hr_shape
+                exported.append(row)
+            names = sorted(shapes)
+            (temporary / BASICSR_META_INFO).write_text(
+                "".join(f"{name} ({','.join(str(size) for size in shapes[name])})\n" for name in names)
+            )
+            (temporary / REALESRGAN_META_INFO).write_text("".join(f"{name}, {name}\n" for name in names))
+            scales = {row["scale"] for row in exported}
+            options = {
+                "name": out.name,
+                "type": "PairedImageDataset",
+                "dataroot_gt": str(out / "hr"),
+                "dataroot_lq": str(out / "lr"),
+                "meta_info_file": str(out / BASICSR_META_INFO),
+                "filename_tmpl": "{}",
+                "io_backend": {"type": "disk"},
+            }
+            if len(scales) == 1:
+                options["scale"] = scales.pop()
+            header = "# A `datasets: train:` entry for BasicSR (add gt_size, use_hflip, ... for training).\n"
+            (temporary / BASICSR_OPTIONS).write_text(header + yaml.safe_dump(options, sort_keys=False))
+            pq.write_table(rows_to_table(exported), temporary / "manifest.parquet")
+            if out.exists():
+                out.rmdir()  # empty (checked above); os.replace onto a folder needs it gone on some systems
+            os.replace(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

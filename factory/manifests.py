@@ -9,6 +9,12 @@ Layout (all datasets side by side under one manifest root, default `manifests/`)
 Names starting with "_" are not pair manifests; pyarrow's dataset API skips them by default, and
 `manifest_files` skips them too.
 
+A derived dataset (`factory filter`) appears whole or not at all: while it is written its folder holds
+`_pending.lock` (PENDING_NAME, an OutputLock), taken before its first file and released after its card, written
+last. Readers leave a dataset whose folder holds it out, so a run that died (kill -9) leaves nothing they show; the
+next run of the same filter takes the lock over and deletes what the dead one left. `is_pair_manifest` and
+`is_readable_dataset` are the one rule for which files are read as manifests, local or on any pyarrow filesystem.
+
 Each pair manifest also carries, in its Parquet key-value metadata under `factory.commit`, the commit record of its
 shard (JSON: shard path, byte size and sha256 of the tar, the number of planned crops, a digest of the crop plan and
 of the build settings, and the inputs rejected while building that shard). `factory build` reads it to skip
@@ -31,7 +37,7 @@ import pyarrow.parquet as pq
 
 from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
-from factory.storage import atomic_path
+from factory.storage import Storage, atomic_path
 
 LABEL_PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CORRUPTIONS)
 
@@ -106,6 +112,9 @@ REJECT_SCHEMA = pa.schema(
 REJECTS_NAME = "_rejects.parquet"
 CARD_NAME = "_card.json"
 LOCK_NAME = "_build.lock"
+PENDING_NAME = (
+    "_pending.lock"  # a derived dataset not yet whole: readers leave its folder out (module docstring)
+)
 COMMIT_METADATA_KEY = (
     b"factory.commit"  # Parquet key-value metadata of a pair manifest: its shard's commit record
 )
@@ -115,11 +124,51 @@ def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:
     return Path(root) / dataset
 
 
-def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[Path]:
-    """The pair manifests under `root` (all datasets, or one), sorted; rejects and cards are not included."""
+def is_pair_manifest(name: str) -> bool:
+    """Whether a file name in a dataset folder is a pair manifest (not rejects, a card, a lock or a temporary)."""
+    return name.endswith(".parquet") and not name.startswith(("_", "."))
+
+
+def is_readable_dataset(storage: Storage, dataset: str) -> bool:
+    """Whether readers read dataset folder `dataset` of `storage` (a factory.storage.Storage): not a hidden or
+    `_` name, and not a derived dataset still being written (PENDING_NAME)."""
+    return not dataset.startswith(("_", ".")) and not storage.exists(f"{dataset}/{PENDING_NAME}")
+
+
+def pair_manifest_paths(storage: Storage, dataset: str | None = None) -> list[str]:
+    """`<dataset>/<file>` of the pair manifests in `storage` (all readable datasets, or one), sorted: the rule of
+    `manifest_files` on any pyarrow filesystem."""
+    datasets = [dataset] if dataset else storage.list_dirs()
+    return [
+        f"{name}/{file}"
+        for name in datasets
+        if is_readable_dataset(storage, name)
+        for file in storage.list_files(name)
+        if is_pair_manifest(file)
+    ]
+
+
+def dataset_folders(root: str | os.PathLike) -> list[Path]:
+    """The dataset folders of a local manifest root that readers read (`is_readable_dataset`), sorted."""
     root = Path(root)
-    pattern = f"{dataset}/*.parquet" if dataset else "*/*.parquet"
-    return sorted(path for path in root.glob(pattern) if not path.name.startswith(("_", ".")))
+    if not root.is_dir():
+        return []
+    storage = Storage(root)
+    return sorted(
+        path for path in root.iterdir() if path.is_dir() and is_readable_dataset(storage, path.name)
+    )
+
+
+def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[Path]:
+    """The pair manifests under `root` (all datasets, or one), sorted; rejects and cards are not included, nor is a
+    derived dataset still being written (PENDING_NAME)."""
+    root = Path(root)
+    if dataset and not is_readable_dataset(Storage(root), dataset):
+        return []
+    folders = [root / dataset] if dataset else dataset_folders(root)
+    return sorted(
+        path for folder in folders for path in folder.glob("*.parquet") if is_pair_manifest(path.name)
+    )
 
 
 def check_manifest_root(root: str | os.PathLike) -> None:
@@ -129,7 +178,7 @@ def check_manifest_root(root: str | os.PathLike) -> None:
     root = Path(root)
     if not root.is_dir():
         raise FactoryError(f"no manifest folder at {root}")
-    folders = [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(("_", "."))]
+    folders = dataset_folders(root)
     if manifest_files(root) or any(
         (folder / REJECTS_NAME).is_file() or (folder / CARD_NAME).is_file() for folder in folders
     ):
@@ -155,7 +204,8 @@ def unreadable_manifests(root: str | os.PathLike) -> dict[Path, str]:
     """The manifest files under a local `root` (pair manifests and rejects) whose Parquet footer cannot be read, with
     why. Readers leave them out and carry on with the others: one damaged file must not hide every dataset."""
     problems = {}
-    for path in [*manifest_files(root), *sorted(Path(root).glob(f"*/{REJECTS_NAME}"))]:
+    rejects = [folder / REJECTS_NAME for folder in dataset_folders(root) if (folder / REJECTS_NAME).is_file()]
+    for path in [*manifest_files(root), *rejects]:
         try:
             pq.read_metadata(path)
         except (OSError, pa.ArrowException) as error:
@@ -287,10 +337,14 @@ def verify_dataset(shard_storage, manifest_storage, dataset: str, report: Verify
     from factory.shards import read_samples
 
     report.datasets.append(dataset)
+    if not is_readable_dataset(manifest_storage, dataset):
+        report.problems.append(
+            f"dataset {dataset}: not whole ({PENDING_NAME}): a filter is writing it, or one died writing it; "
+            "run the filter again"
+        )
+        return
     manifests = {
-        name[: -len(".parquet")]
-        for name in manifest_storage.list_files(dataset)
-        if name.endswith(".parquet") and not name.startswith(("_", "."))
+        path.rpartition("/")[2][: -len(".parquet")] for path in pair_manifest_paths(manifest_storage, dataset)
     }
     shards = {name[: -len(".tar")] for name in shard_storage.list_files(dataset) if name.endswith(".tar")}
     shards = {name for name in shards if not name.startswith(".")}
@@ -372,8 +426,6 @@ def verify(
     shards_root: str | os.PathLike, manifests_root: str | os.PathLike, dataset: str | None = None
 ) -> VerifyReport:
     """Verify one dataset, or every dataset found under either root (see `verify_dataset`)."""
-    from factory.storage import Storage
-
     shard_storage, manifest_storage = Storage(shards_root), Storage(manifests_root)
     report = VerifyReport()
     if dataset is not None:

@@ -13,7 +13,6 @@ paths) and the configuration is locked, so a query cannot read other files (`rea
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -38,14 +37,16 @@ from factory.diversity import labels_card
 from factory.manifests import (
     CARD_NAME,
     PAIR_SCHEMA,
+    PENDING_NAME,
     check_manifest_root,
     manifest_files,
+    pair_manifest_paths,
     shard_stem,
     unreadable_manifests,
     write_manifest,
 )
 from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
-from factory.storage import Storage
+from factory.storage import OutputLock, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,7 @@ def _object_store_manifests(manifests_root: str) -> pa.Table:
 
     storage = Storage(manifests_root)
     try:
-        tables = [
-            read_manifest(storage, f"{dataset}/{name}")
-            for dataset in storage.list_dirs()
-            for name in storage.list_files(dataset)
-            if name.endswith(".parquet") and not name.startswith(("_", "."))
-        ]
+        tables = [read_manifest(storage, path) for path in pair_manifest_paths(storage)]
     except (OSError, pa.ArrowException) as error:
         raise FactoryError(f"cannot read the manifests under {manifests_root}: {error_line(error)}") from None
     return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
@@ -462,8 +458,7 @@ class _ShardOutput:
         self._target.__exit__(None, None, None)
 
     def abandon(self, error: BaseException) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()  # finish the tar stream before its file goes, or tarfile writes to it when collected
+        self.writer.abandon()  # before its file goes, or tarfile writes to it when collected
         self._target.__exit__(type(error), error, error.__traceback__)
 
 
@@ -484,7 +479,7 @@ def unique_pairs(rows: list[dict]) -> list[dict]:
 
 
 def filter_dataset(config: FilterConfig) -> FilterSummary:
-    """Write a new dataset holding exactly the pairs matching `config.where`.
+    """Write a new dataset holding exactly the pairs matching `config.where`: whole or not at all.
 
     HR and LR payloads are copied byte for byte (no re-encoding). Each new row keeps its parent's `key` (it names
     the pair's source crop, so provenance stays traceable) and every other column; only `dataset` and `shard`
@@ -492,6 +487,10 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     conventions, reproducible bytes), each atomically and committed by its manifest with a commit record (size,
     sha256) written after it; the dataset card (parents, predicate) comes last. `out` and `out_manifests` may be
     any factory.storage location (a local folder or e.g. s3://bucket/prefix).
+
+    Whole or not at all: the new manifest folder holds PENDING_NAME (an OutputLock) from before the first file to
+    after the card, and readers leave it out meanwhile (factory.manifests). An error deletes what was written; a
+    run that died (kill -9) leaves the lock, and running the same filter again deletes what it left and starts over.
     """
 
     out_manifests = config.out_manifests if config.out_manifests is not None else config.manifests_root
@@ -504,15 +503,62 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     parents = sorted({row["dataset"] for row in rows})
     name = config.name if config.name is not None else _default_name(parents, config.where)
     _check_name(name)
-    for folder in (Path(config.out) / name, Path(out_manifests) / name):
-        if folder.exists() and any(folder.iterdir()):
-            raise FactoryError(
-                f"dataset {name!r} already exists in {folder}; choose another --name or remove it"
-            )
-
     shard_storage, manifest_storage = Storage(config.out), Storage(out_manifests)
-    # Tars are streamed out one by one; their manifests (which commit them) are written only once every shard is
-    # complete, and a failure part-way deletes the tars already written: the new dataset appears whole or not at all.
+    pending = f"{name}/{PENDING_NAME}"
+    left_by_a_dead_run = manifest_storage.exists(pending)
+    with OutputLock(manifest_storage, pending, "filter", f"dataset {name}"):
+        _clear_or_refuse(shard_storage, manifest_storage, name, left_by_a_dead_run)
+        try:
+            shards = _write_filtered(config, shard_storage, manifest_storage, name, rows, parents)
+        except BaseException:
+            _remove_dataset_files(shard_storage, manifest_storage, name)
+            raise
+    logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))
+    return FilterSummary(dataset=name, pairs=len(rows), shards=shards, parent_datasets=parents)
+
+
+def _dataset_files(shard_storage: Storage, manifest_storage: Storage, name: str) -> list[tuple[Storage, str]]:
+    """Every file of dataset `name` in both folders but the pending lock, as (storage, relative path)."""
+    return [
+        (storage, f"{name}/{file}")
+        for storage in (shard_storage, manifest_storage)
+        for file in storage.list_files(name)
+        if not (storage is manifest_storage and file == PENDING_NAME)
+    ]
+
+
+def _remove_dataset_files(shard_storage: Storage, manifest_storage: Storage, name: str) -> int:
+    files = _dataset_files(shard_storage, manifest_storage, name)
+    for storage, relative in files:
+        storage.delete(relative)
+    return len(files)
+
+
+def _clear_or_refuse(
+    shard_storage: Storage, manifest_storage: Storage, name: str, left_by_a_dead_run: bool
+) -> None:
+    """With the pending lock held: delete what a dead run of a filter left, or refuse a dataset that exists."""
+    if left_by_a_dead_run:
+        removed = _remove_dataset_files(shard_storage, manifest_storage, name)
+        logger.warning("filter: removed %d file(s) of dataset %s that a run which died left", removed, name)
+        return
+    files = _dataset_files(shard_storage, manifest_storage, name)
+    if files:
+        storage, relative = files[0]
+        raise FactoryError(
+            f"dataset {name!r} already exists ({storage.uri(relative)}); choose another --name or remove it"
+        )
+
+
+def _write_filtered(
+    config: FilterConfig,
+    shard_storage: Storage,
+    manifest_storage: Storage,
+    name: str,
+    rows: list[dict],
+    parents: list[str],
+) -> list[str]:
+    """The new dataset's tars, then their manifests (which commit them), then its card; the new shard paths."""
     finished: list[_ShardOutput] = []
     current: _ShardOutput | None = None
     progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
@@ -536,8 +582,6 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     except BaseException as error:
         if current is not None:
             current.abandon(error)
-        for output in finished:
-            shard_storage.delete(output.shard)
         raise
     finally:
         progress.close()
@@ -555,7 +599,6 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
         stem = output.shard.rsplit("/", 1)[1][: -len(".tar")]
         write_manifest(manifest_storage, f"{name}/{stem}.parquet", output.rows, record)
     shards = [output.shard for output in finished]
-
     card = {
         "dataset": name,
         "command": "filter",
@@ -572,5 +615,4 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     manifest_storage.write_bytes_atomic(
         f"{name}/{CARD_NAME}", (json.dumps(card, indent=2, sort_keys=True) + "\n").encode()
     )
-    logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))
-    return FilterSummary(dataset=name, pairs=len(rows), shards=shards, parent_datasets=parents)
+    return shards

@@ -10,6 +10,7 @@ A sample is `__key__`, `hr.<ext>`, `lr.<ext>` and `json` (its manifest row). Two
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -135,7 +136,11 @@ class TarShardWriter:
     """Writes samples into an uncompressed tar stream, member by member, with fixed header fields.
 
     Members of a sample are written in sorted order of their extension; samples in the order given. The stream is
-    written sequentially (tar "w|" mode), so it can be a non-seekable object-store upload."""
+    written sequentially (tar "w|" mode), so it can be a non-seekable object-store upload.
+
+    A context manager: the block's end closes the tar (end-of-archive blocks); an error in it abandons the tar
+    instead, so that nothing writes to the stream once its owner has closed it (tarfile would, when collected:
+    "Exception ignored ... I/O operation on closed file")."""
 
     def __init__(self, stream: BinaryIO):
         self._tar = tarfile.open(fileobj=stream, mode="w|", format=TAR_FORMAT)
@@ -156,6 +161,21 @@ class TarShardWriter:
 
     def close(self) -> None:
         self._tar.close()
+
+    def abandon(self) -> None:
+        """Stop writing after an error: the tar is marked closed, and what its close writes may fail unseen (the
+        stream is being thrown away)."""
+        with contextlib.suppress(Exception):
+            self._tar.close()
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            self.close()
+        else:
+            self.abandon()
 
 
 @dataclass

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
 from factory.diversity import degradation_entropy
-from factory.manifests import CARD_NAME, REJECTS_NAME, check_manifest_root
+from factory.manifests import CARD_NAME, REJECTS_NAME, check_manifest_root, dataset_folders
 from factory.query import select
 from factory.storage import Storage
 
@@ -187,7 +187,7 @@ def entropy_of(counts: Mapping[str, int]) -> float | None:
 
 def _dataset_folders(root: Path) -> list[Path]:
     check_manifest_root(root)
-    return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(("_", ".")))
+    return dataset_folders(root)
 
 
 def _is_derived(folder: Path) -> bool:

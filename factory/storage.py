@@ -14,6 +14,7 @@ shields readers from a failed upload). Everything the build writes goes through 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,46 @@ from factory.config import FactoryError
 
 logger = logging.getLogger(__name__)
 
+# Write errors that no retry can mend: a full disk or quota, a file too large, no permission, a read-only
+# filesystem, a path through a regular file.
+_HOPELESS_WRITE_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+}
+# Of those, what writing to an open file meets (a read error in a writer's block, EACCES, stays as it is).
+_FULL_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class StorageError(FactoryError):
+    """A location that cannot be written (full disk, no permission, read-only, a path through a file): said in one
+    line, and never retried, since retrying cannot help."""
+
+
+@contextlib.contextmanager
+def hopeless_writes_said(what: str, only_full: bool = False) -> Iterator[None]:
+    """Turn a hopeless write error raised in the block into a one-line StorageError about `what` ("cannot write
+    <what>: No space left on device"); with `only_full`, only the errors of writing to an open file."""
+    try:
+        yield
+    except OSError as error:
+        if getattr(error, "errno", None) not in (_FULL_ERRORS if only_full else _HOPELESS_WRITE_ERRORS):
+            raise
+        raise StorageError(f"cannot write {what}: {os.strerror(error.errno)}") from None
+
+
+def make_local_dirs(folder: Path, what: str) -> None:
+    """`mkdir -p folder` on the local disk; what cannot be made is a StorageError about `what`."""
+    with hopeless_writes_said(what):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a regular file where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -39,15 +80,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     figures are meant to be shared, and both `tempfile.mkstemp` and safetensors (which recreates the file) would
     leave it owner-only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # `.name.XXXXXXXX.tmp`: the pattern remove_temporaries sweeps after a crash.
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    make_local_dirs(path.parent, str(path))
+    with hopeless_writes_said(str(path)):
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     shared_mode = os.stat(temporary).st_mode & 0o777  # what the umask made of 0666
     try:
-        yield str(temporary)
-        os.chmod(temporary, shared_mode)
-        os.replace(temporary, path)
+        with hopeless_writes_said(str(path), only_full=True):
+            yield str(temporary)
+            os.chmod(temporary, shared_mode)
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -87,7 +130,8 @@ class Storage:
         return f"{self.filesystem.type_name}://{self.path(relative)}"
 
     def make_dirs(self, relative: str = "") -> None:
-        self.filesystem.create_dir(self.path(relative), recursive=True)
+        with hopeless_writes_said(self.uri(relative)):
+            self.filesystem.create_dir(self.path(relative), recursive=True)
 
     def info(self, relative: str) -> pafs.FileInfo:
         return self.filesystem.get_file_info(self.path(relative))
@@ -134,14 +178,17 @@ class Storage:
         folder, _, name = relative.rpartition("/")
         self.make_dirs(folder)
         temporary = f"{folder + '/' if folder else ''}.{name}.{secrets.token_hex(4)}.tmp"
-        stream = self.filesystem.open_output_stream(self.path(temporary))
+        with hopeless_writes_said(self.uri(relative)):
+            stream = self.filesystem.open_output_stream(self.path(temporary))
         try:
-            yield stream
-            stream.close()
-            if self.is_local:
-                os.replace(self.path(temporary), self.path(relative))
-            else:
-                self.filesystem.move(self.path(temporary), self.path(relative))
+            # A hopeless error while the caller writes (a full disk) is said about `relative`, in one line.
+            with hopeless_writes_said(self.uri(relative), only_full=True):
+                yield stream
+                stream.close()
+                if self.is_local:
+                    os.replace(self.path(temporary), self.path(relative))
+                else:
+                    self.filesystem.move(self.path(temporary), self.path(relative))
         except BaseException:
             with contextlib.suppress(Exception):
                 stream.close()
@@ -162,7 +209,7 @@ class Storage:
         return len(leftovers)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this host. A zombie does not: its process ended, but a parent that is gone left
     it to PID 1, which in a container may never reap it, and os.kill(pid, 0) still finds it."""
     try:
@@ -184,13 +231,15 @@ class OutputLock:
     process on this host is taken over; on object stores (no atomic create) it is advisory.
 
     storage, relative: where the lock file goes. kind, target: what the refusal names, e.g. "build" and
-    "dataset bicubic" ("another build is writing dataset bicubic (pid 1234 on host)")."""
+    "dataset bicubic" ("another build is writing dataset bicubic (pid 1234 on host)"); the record keeps `kind`, so
+    that another kind of writer taking the same lock (`factory label` takes the build's) is told "a build is ...".
+    """
 
     def __init__(self, storage: Storage, relative: str, kind: str, target: str):
         self.storage = storage
         self.relative = relative
         self.kind, self.target = kind, target
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "kind": kind}
 
     def __enter__(self) -> OutputLock:
         self.storage.make_dirs(self.relative.rpartition("/")[0])
@@ -201,7 +250,7 @@ class OutputLock:
             if holder is None:
                 continue  # released (or unreadable) between our attempts
             same_host = holder.get("host") == self.record["host"]
-            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+            if same_host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
                 logger.warning(
                     "taking over the lock of a %s that is no longer running (pid %s)",
                     self.kind,
@@ -209,8 +258,11 @@ class OutputLock:
                 )
                 self.storage.delete(self.relative)
                 continue
+            # The holder's kind, when it wrote one (a label refused by a running build names the build).
+            holder_kind = holder.get("kind", self.kind)
+            who = f"another {self.kind}" if holder_kind == self.kind else f"a {holder_kind}"
             raise FactoryError(
-                f"another {self.kind} is writing {self.target} (pid {holder.get('pid')} on "
+                f"{who} is writing {self.target} (pid {holder.get('pid')} on "
                 f"{holder.get('host')}); wait for it, or delete {self.storage.uri(self.relative)} if it is gone"
             )
         raise FactoryError(f"could not take the lock {self.storage.uri(self.relative)}")
@@ -223,12 +275,18 @@ class OutputLock:
                 return False
             self.storage.write_bytes_atomic(self.relative, payload)
             return True
+        path = self.storage.path(self.relative)
         try:
-            handle = os.open(self.storage.path(self.relative), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with hopeless_writes_said(path):
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
+        try:
+            with hopeless_writes_said(path), os.fdopen(handle, "wb") as file:
+                file.write(payload)
+        except BaseException:
+            os.unlink(path)  # a lock file without its record would refuse every later writer
+            raise
         return True
 
     def _holder(self) -> dict | None:

@@ -142,20 +142,20 @@ class ShardWorker:
         rejects: list[dict[str, str]] = []
         with self.shards.open_atomic(shard_path) as raw:
             stream = HashingWriter(raw)
-            writer = TarShardWriter(stream)
-            # A three-stage pipeline: while the model degrades batch k (this thread), batch k + 1 is decoded, cropped
-            # and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the `finisher`
-            # thread. Samples are still written here, in plan order, so the shard's bytes do not depend on the overlap.
-            pending = None
-            for batch, y8, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
-                degraded = self._degrade(batch, y8, x8)
-                finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
+            with TarShardWriter(stream) as writer:
+                # A three-stage pipeline: while the model degrades batch k (this thread), batch k + 1 is decoded,
+                # cropped and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the
+                # `finisher` thread. Samples are still written here, in plan order, so the shard's bytes do not depend
+                # on the overlap.
+                pending = None
+                for batch, y8, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
+                    degraded = self._degrade(batch, y8, x8)
+                    finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
+                    if pending is not None:
+                        self._write(writer, pending.result(), rows)
+                    pending = finishing
                 if pending is not None:
                     self._write(writer, pending.result(), rows)
-                pending = finishing
-            if pending is not None:
-                self._write(writer, pending.result(), rows)
-            writer.close()
         commit = {
             "shard": shard_path,
             "shard_bytes": stream.size,

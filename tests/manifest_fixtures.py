@@ -181,3 +181,36 @@ def decode_png(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+# Runs `factory ARGS` in a child process that SIGKILLs itself, like `kill -9`, when `MODULE.NAME` (a function the
+# command calls, patched from here) is called for the (CALLS + 1)-th time: argv is MODULE NAME CALLS ARGS...
+KILLED_MID_WRITE = """
+import importlib, os, signal, sys
+from factory.cli import main
+
+module_name, name, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+original, count = getattr(module, name), 0
+
+def killing(*args, **kwargs):
+    global count
+    count += 1
+    if count > calls:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+setattr(module, name, killing)
+main(sys.argv[4:], prog_name="factory")
+"""
+
+
+def run_killed_mid_write(module: str, name: str, calls: int, arguments: list[str]) -> None:
+    """Run `factory arguments` until the (calls + 1)-th call of `module.name` kills it (see KILLED_MID_WRITE)."""
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", KILLED_MID_WRITE, module, name, str(calls), *arguments]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == -signal.SIGKILL, finished.stderr[-2000:]

@@ -555,3 +555,138 @@ def test_build_starts_its_own_ray_even_when_ray_address_points_elsewhere(tmp_pat
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert verify(str(tmp_path / "shards"), str(tmp_path / "manifests"), "bicubic").ok
+
+
+# --- what cannot be written: one line, no retry, nothing half-written (#16 item 2) -------------------------------------
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path: Path, hr_folder: Path):
+    (tmp_path / "file").write_text("a regular file")
+    for out, manifests in (
+        (tmp_path / "file" / "s", tmp_path / "m"),
+        (tmp_path / "s", tmp_path / "file" / "m"),
+    ):
+        outcome = CliRunner().invoke(
+            main,
+            ["build", "--hr", str(hr_folder), "--model", "bicubic", "--crop", "128", "--limit", "2",
+             "--actors", "0", "--out", str(out), "--manifests", str(manifests), "--no-progress"],
+        )  # fmt: skip
+        assert outcome.exit_code == 2, outcome.output
+        (line,) = outcome.output.strip().splitlines()
+        assert line.startswith("error: cannot write ") and line.endswith(": Not a directory"), line
+
+
+# Runs `factory` with a disk that fills once `committed` shards are written: every HashingWriter (the tar stream of
+# one shard) after the first `committed` raises ENOSPC after 4 KiB, as a real full disk does mid-tar.
+FULL_DISK_CLI = """
+import errno, os, sys
+import factory.shards
+from factory.cli import main
+
+class FullDisk(factory.shards.HashingWriter):
+    opened = 0
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        FullDisk.opened += 1
+        self.full = FullDisk.opened > int(os.environ["COMMITTED"])
+
+    def write(self, data):
+        if self.full and self.size + len(data) > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+factory.shards.HashingWriter = FullDisk
+main(sys.argv[1:], prog_name="factory")
+"""
+
+
+def temporaries(*folders: Path) -> list[Path]:
+    return [path for folder in folders for path in folder.rglob(".*.tmp")]
+
+
+def test_a_full_disk_in_process_is_one_line_and_leaves_committed_shards(tmp_path: Path, hr_folder: Path):
+    """--actors 0: an OSError traceback, then "Exception ignored ... I/O operation on closed file" (the tar stream
+    flushed into its closed file when collected). Now: one line; committed shards stay; a rerun completes."""
+    config = config_for(tmp_path, hr_folder, actors=0)
+    command = [sys.executable, "-c", FULL_DISK_CLI, "build", "--hr", str(hr_folder), "--model", "bicubic"]
+    command += ["--crop", "128", "--stride", "256", "--shard-size", "5", "--actors", "0", "--no-progress"]
+    command += ["--out", config.out, "--manifests", config.manifests]
+    finished = subprocess.run(
+        command, env=dict(os.environ, COMMITTED="2"), capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 2, finished.stderr[-3000:]
+    assert finished.stderr.strip().splitlines() == [
+        f"error: cannot write {config.out}/bicubic/bicubic-000002.tar: No space left on device"
+    ]
+    assert not temporaries(Path(config.out), Path(config.manifests))
+    report = verify(config.out, config.manifests, "bicubic")  # the two committed shards, whole
+    assert report.ok and report.shards == 2, report.problems
+    committed = {path.name: path.read_bytes() for path in (Path(config.out) / "bicubic").glob("*.tar")}
+
+    result = build(config)  # the disk has room again
+    assert (result.skipped_shards, result.built_shards, result.pairs) == (2, 3, 24)
+    assert {name: (Path(config.out) / "bicubic" / name).read_bytes() for name in committed} == committed
+    assert verify(config.out, config.manifests).ok
+
+
+def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_folder: Path, monkeypatch):
+    """With Ray a full disk was retried three times, worker tracebacks printed, and a 0-byte temporary left."""
+    import factory.build
+    from factory.worker import ShardWorker
+
+    attempts = tmp_path / "attempts"
+
+    class FullDiskWorker(ShardWorker):  # defined here: Ray ships it to the actor by value
+        def build_shard(self, task):
+            if task.index < 2:
+                return super().build_shard(task)
+            import errno
+
+            import factory.shards
+
+            with attempts.open("a") as file:
+                file.write(f"{task.stem}\n")
+
+            class FullDisk(factory.shards.HashingWriter):
+                def write(self, data):
+                    if self.size + len(data) > 4096:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return super().write(data)
+
+            factory.shards.HashingWriter = FullDisk  # in the actor's process
+            return super().build_shard(task)
+
+    monkeypatch.setattr(factory.build, "ShardWorker", FullDiskWorker)
+    config = config_for(tmp_path, hr_folder, actors=1)  # one actor: shards 0 and 1 commit first
+    with pytest.raises(FactoryError, match=r"bicubic-000002.tar: No space left on device$") as raised:
+        build(config)
+    assert "\n" not in str(raised.value)
+    assert attempts.read_text().splitlines() == ["bicubic-000002"]  # tried once: no retry can help
+    assert not temporaries(Path(config.out), Path(config.manifests))
+    report = verify(config.out, config.manifests, "bicubic")
+    assert report.ok and report.shards == 2, report.problems
+
+
+def test_a_resume_onto_a_labelled_dataset_says_the_new_pairs_are_not(tmp_path: Path, hr_folder: Path):
+    from factory.classifier import (
+        ClassifierTrainConfig,
+        LabelConfig,
+        build_network,
+        label_dataset,
+        save_classifier,
+    )
+
+    classifier = tmp_path / "classifier.safetensors"
+    save_classifier(
+        build_network("resnet18"), ClassifierTrainConfig(data="", arch="resnet18", size=16), 0.0, classifier
+    )
+    build(config_for(tmp_path, hr_folder, limit=5, actors=0))  # one shard
+    label_dataset(LabelConfig(str(classifier), str(tmp_path / "shards"), str(tmp_path / "manifests")))
+    result = build(config_for(tmp_path, hr_folder, limit=10, actors=0))  # the same build, one shard more
+    assert (result.skipped_shards, result.built_shards) == (1, 1)
+    assert "5 of the 5 pairs this run added are not labelled, while 5 earlier pairs are" in result.labels_note
+    assert "factory label" in result.labels_note and result.labels_note in "\n".join(result.summary_lines())
+    # Labelled, then resumed again with nothing new: nothing to say.
+    label_dataset(LabelConfig(str(classifier), str(tmp_path / "shards"), str(tmp_path / "manifests")))
+    assert build(config_for(tmp_path, hr_folder, limit=10, actors=0)).labels_note is None

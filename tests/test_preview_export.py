@@ -328,3 +328,30 @@ def test_preview_and_export_take_the_first_in_the_order_asked(roots, tmp_path):
         main, ["preview", *common, "--random", "--seed", "1", "--out", str(tmp_path / "c.png")]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_an_export_killed_mid_write_leaves_nothing_a_rerun_does_not_clear(roots, tmp_path):
+    """kill -9 mid-export left its hidden temporary folder beside --out for good; the rerun now deletes it."""
+    from manifest_fixtures import run_killed_mid_write
+
+    out = tmp_path / "export"
+    arguments = ["export", "--format", "basicsr", "--shards", str(roots["shards"]), "--manifests",
+                 str(roots["manifests"]), "--out", str(out)]  # fmt: skip
+    run_killed_mid_write("factory.export", "_png", 5, arguments)  # mid-way through the pairs
+    assert not out.exists()
+    (left,) = tmp_path.glob(".export.*.tmp")
+    assert any(left.rglob("*.png"))
+
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "hr").glob("*.png"))) == len(roots["rows"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # the dead run's folder is gone
+
+
+def test_an_export_out_that_cannot_be_written_is_one_line(roots, tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+    arguments = ["export", "--format", "basicsr", "--shards", str(roots["shards"]), "--manifests",
+                 str(roots["manifests"]), "--out", str(tmp_path / "file" / "export")]  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: cannot write {tmp_path / 'file' / 'export'}: Not a directory"

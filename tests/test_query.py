@@ -459,3 +459,74 @@ def test_manifests_from_before_a_new_column_are_read_with_it_null(tmp_path, phot
     everything = select(manifests, None)
     assert everything.num_rows == 2 and everything.column("checkerboard").null_count == 2
     assert select(manifests, "delta_e > 5 AND checkerboard IS NULL").num_rows == 1
+
+
+# --- a derived dataset appears whole or not at all (#16 item 3) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "killed_in, calls",
+    [
+        ("row_json", 3),  # mid-tar: the first new shard written, the second half-written (a .tmp)
+        ("write_manifest", 1),  # mid-manifests: one of three manifests committed, no card
+    ],
+)
+def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(built, tmp_path, killed_in, calls):
+    """kill -9 left .tmp files, orphan tars or a partial set of manifests without a card, which query and stats showed
+    as a valid dataset, and a rerun was refused as "already exists"."""
+    import shutil
+
+    from manifest_fixtures import run_killed_mid_write
+
+    from factory.stats import compute_stats
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"  # the new dataset goes beside its parents
+    shutil.copytree(built["shards"], shards)
+    shutil.copytree(built["manifests"], manifests)
+    request = ["filter", "--where", "delta_e < 4.5 AND label IS NOT NULL", "--shards", str(shards),
+               "--manifests", str(manifests), "--name", "low", "--pairs-per-shard", "3"]  # fmt: skip
+    arguments = [*request, "--out", str(shards)]
+    run_killed_mid_write("factory.query", killed_in, calls, arguments)
+    assert list((manifests / "low").iterdir()), "the kill came before anything was written"
+    parents = select(manifests, None)
+    assert set(parents["dataset"].to_pylist()) == {"vqvae2-ep8", "mae-ep4"}
+    assert parents.num_rows == len(built["rows"])
+    assert "low" not in [dataset.dataset for dataset in compute_stats(manifests).datasets]
+    report = verify(shards, manifests, "low")
+    assert not report.ok and "not whole" in report.problems[0]
+
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    low = select(manifests, "dataset = 'low'")
+    assert low.num_rows == 8
+    assert verify(shards, manifests).ok
+    assert not [path for path in [*shards.rglob(".*"), *manifests.rglob(".*")]]  # no temporary left
+    assert sorted(path.name for path in (manifests / "low").iterdir()) == [
+        "_card.json", "low-000000.parquet", "low-000001.parquet", "low-000002.parquet"
+    ]  # fmt: skip
+    # The same bytes as a filter that was never killed.
+    clean = tmp_path / "clean"
+    result = CliRunner().invoke(main, [*request, "--out", str(clean), "--out-manifests", str(clean / "m")])
+    assert result.exit_code == 0, result.output
+    assert [path.read_bytes() for path in sorted((shards / "low").glob("*.tar"))] == [
+        path.read_bytes() for path in sorted((clean / "low").glob("*.tar"))
+    ]
+
+
+def test_a_live_filter_of_the_same_name_is_refused(built, tmp_path):
+    import os
+    import socket
+
+    from factory.manifests import PENDING_NAME
+    from factory.query import FilterConfig, filter_dataset
+
+    pending = tmp_path / "m" / "low" / PENDING_NAME
+    pending.parent.mkdir(parents=True)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": 0, "kind": "filter"}
+    pending.write_text(json.dumps(holder))
+    config = FilterConfig(
+        "delta_e < 4.5", built["shards"], built["manifests"], tmp_path / "s", tmp_path / "m", "low"
+    )
+    with pytest.raises(FactoryError, match=f"another filter is writing dataset low \\(pid {os.getpid()}"):
+        filter_dataset(config)
+    assert os.listdir(pending.parent) == [PENDING_NAME]

@@ -1,8 +1,11 @@
 """Atomic writes: readers see the old file or the whole new one, failures leave nothing behind, and outputs get the
 permissions of any new file (0666 less the umask) rather than mkstemp's owner-only 0600."""
 
+import errno
 import os
+import shutil
 import stat
+import subprocess
 
 import pyarrow as pa
 import pytest
@@ -12,7 +15,7 @@ from torch import nn
 
 from factory.checkpoints import save_checkpoint
 from factory.manifests import write_table_atomic
-from factory.storage import Storage, atomic_path
+from factory.storage import OutputLock, Storage, StorageError, atomic_path
 
 
 @pytest.fixture
@@ -70,3 +73,103 @@ def test_manifests_checkpoints_and_safetensors_are_readable_by_others(tmp_path, 
     with atomic_path(weights) as temporary:
         save_file({"w": torch.zeros(2)}, temporary)  # safetensors recreates the file owner-only
     assert mode(table_path) == mode(checkpoint) == mode(weights) == 0o644
+
+
+# --- what cannot be written is said in one line (#16 item 2) ----------------------------------------------------------
+
+
+def test_a_folder_under_a_regular_file_is_a_one_line_storage_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    storage = Storage(tmp_path / "file" / "out")
+    with pytest.raises(StorageError, match=r"cannot write .*file/out/ds: Not a directory$"):
+        storage.make_dirs("ds")
+    with pytest.raises(StorageError, match="Not a directory"):
+        storage.write_bytes_atomic("ds/a.bin", b"x")
+    with (
+        pytest.raises(StorageError, match="Not a directory"),
+        OutputLock(storage, "ds/_build.lock", "build", "ds"),
+    ):
+        pass
+    with pytest.raises(StorageError, match="Not a directory"), atomic_path(tmp_path / "file" / "a.parquet"):
+        pass
+
+
+@pytest.fixture
+def immutable_folder(tmp_path):
+    """A folder not even root may write into (`chattr +i`: root ignores chmod); skipped where chattr cannot."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if (
+        not shutil.which("chattr")
+        or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode
+    ):
+        pytest.skip("chattr +i is not available here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_immutable_folder_is_a_one_line_storage_error(immutable_folder):
+    storage = Storage(immutable_folder)
+    with pytest.raises(StorageError, match="Operation not permitted"):
+        storage.make_dirs("dataset")
+    with pytest.raises(StorageError, match="Operation not permitted"):
+        storage.write_bytes_atomic("a.bin", b"x")
+    with (
+        pytest.raises(StorageError, match="Operation not permitted"),
+        OutputLock(storage, "_build.lock", "b", "t"),
+    ):
+        pass
+    assert os.listdir(immutable_folder) == []
+
+
+class FullDisk:
+    """A write stream on a disk that fills after `room` bytes (errno ENOSPC, as a real one raises)."""
+
+    def __init__(self, stream, room: int):
+        self.stream, self.room = stream, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.stream.write(data)
+
+
+def test_a_full_disk_mid_write_is_one_line_and_leaves_the_old_file(tmp_path):
+    storage = Storage(tmp_path)
+    storage.write_bytes_atomic("d/a.bin", b"committed")
+    with pytest.raises(StorageError, match=r"cannot write .*d/a.bin: No space left on device$"):
+        with storage.open_atomic("d/a.bin") as stream:
+            FullDisk(stream, room=4).write(b"too much for the disk")
+    with (
+        pytest.raises(StorageError, match="No space left on device"),
+        atomic_path(tmp_path / "d" / "b") as temporary,
+    ):
+        with open(temporary, "wb") as file:
+            FullDisk(file, room=0).write(b"x")
+    assert os.listdir(tmp_path / "d") == ["a.bin"] and storage.read_bytes("d/a.bin") == b"committed"
+    # Not every OSError is the storage's: one that retrying or the user can mend keeps its type.
+    with pytest.raises(ConnectionResetError), storage.open_atomic("d/c.bin"):
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+    assert os.listdir(tmp_path / "d") == ["a.bin"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 64 KiB disk (tmpfs); skipped where this process may not mount one."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_no_temporary(small_tmpfs):
+    storage = Storage(small_tmpfs)
+    storage.write_bytes_atomic("d/small.bin", b"fits")
+    with pytest.raises(StorageError, match="No space left on device"):
+        storage.write_bytes_atomic("d/large.bin", bytes(1 << 20))
+    assert os.listdir(small_tmpfs / "d") == ["small.bin"]
