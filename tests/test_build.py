@@ -284,17 +284,19 @@ def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, hr_
 
 
 @pytest.mark.slow  # ~1 min on two busy cores: a second Ray starts in the subprocess
-def test_sigkill_mid_build_then_rerun_is_exactly_once(tmp_path: Path, hr_folder: Path):
-    """SIGKILL the whole build (driver, embedded Ray, actors: its process group) after two shards, then rerun."""
-    config = config_for(tmp_path, hr_folder, crop=64, stride=128, shard_size=3, actors=1)
+@pytest.mark.parametrize("model", ["bicubic", "realesrgan", "bsrgan"])
+def test_sigkill_mid_build_then_rerun_is_exactly_once(tmp_path: Path, hr_folder: Path, model: str):
+    """SIGKILL the whole build (driver, embedded Ray, actors: its process group) after two shards, then rerun; the
+    classical degraders too (each pair draws from its own (seed, key) generator, so a rebuilt shard is the same)."""
+    config = config_for(tmp_path, hr_folder, model=model, crop=64, stride=128, shard_size=3, actors=1)
     planned = plan_build(config)
-    command = [sys.executable, "-m", "factory.cli", "build", "--hr", str(hr_folder), "--model", "bicubic"]
+    command = [sys.executable, "-m", "factory.cli", "build", "--hr", str(hr_folder), "--model", model]
     command += ["--crop", "64", "--stride", "128", "--shard-size", "3", "--actors", "1", "--num-cpus", "1"]
     command += ["--out", config.out, "--manifests", config.manifests, "--no-progress"]
     process = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    manifest_folder = Path(config.manifests) / "bicubic"
+    manifest_folder = Path(config.manifests) / model
     deadline = time.monotonic() + 120
     try:
         while len(list(manifest_folder.glob("*.parquet"))) < 2 and time.monotonic() < deadline:
@@ -311,7 +313,7 @@ def test_sigkill_mid_build_then_rerun_is_exactly_once(tmp_path: Path, hr_folder:
 
     result = build(config)
     assert result.skipped_shards >= 2 and result.built_shards + result.skipped_shards == len(planned.shards)
-    table = read_manifests(config.manifests, "bicubic")
+    table = read_manifests(config.manifests, model)
     assert result.pairs == table.num_rows == planned.crops
     assert sorted(table["key"].to_pylist()) == sorted(
         crop.key for shard in planned.shards for crop in shard.crops
