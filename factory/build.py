@@ -764,7 +764,9 @@ def build(config: BuildConfig) -> BuildResult:
             raise FactoryError(
                 f"nothing could be built: every input was rejected ({_reasons(result.rejects)})"
             )
-        if todo and len(todo) < len(plan.shards):  # a resume: are this run's pairs labelled as the earlier ones?
+        if todo and len(todo) < len(
+            plan.shards
+        ):  # a resume: are this run's pairs labelled as the earlier ones?
             earlier = [task for task in plan.shards if task not in todo]
             result.labels_note = _labels_note(manifests, plan.dataset, earlier, todo)
         _write_card(config, plan, manifests, checkpoint, checkpoint_sha256, options, result)

@@ -32,7 +32,7 @@ import yaml
 
 from factory.config import FactoryError
 from factory.manifests import rows_to_table
-from factory.query import read_pairs, select, unique_pairs
+from factory.query import read_pairs, selected_rows, unique_pairs
 from factory.shards import decode_image, encode_image, payload_extension
 from factory.storage import hopeless_writes_said, make_local_dirs, pid_alive
 
@@ -95,15 +95,9 @@ def export_basicsr(config: ExportConfig) -> ExportSummary:
         raise FactoryError(
             f"unknown export format {config.export_format!r}; known: {', '.join(EXPORT_FORMATS)}"
         )
-    rows = select(
-        config.manifests_root,
-        config.where,
-        limit=config.count,
-        order_by=config.order_by,
-        random_seed=config.random_seed,
-    ).to_pylist()
-    if not rows:
-        raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
+    rows = selected_rows(
+        config.manifests_root, config.where, config.count, config.order_by, config.random_seed
+    )
     rows = unique_pairs(rows)  # a filtered dataset and its parent hold the same pairs: each is exported once
     out = Path(config.out).absolute()
     temporary = _prepare_out(out)

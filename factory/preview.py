@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from factory.color import bicubic_resize, downsample
 from factory.config import FactoryError
-from factory.query import read_pairs, select
+from factory.query import read_pairs, selected_rows
 from factory.shards import decode_image, payload_extension
 from factory.storage import Storage
 
@@ -178,15 +178,9 @@ def make_preview(config: PreviewConfig) -> PreviewSummary:
         raise FactoryError("--n must be at least 1")
     out = Path(config.out)
     image_format = _check_out(out)
-    rows = select(
-        config.manifests_root,
-        config.where,
-        limit=config.count,
-        order_by=config.order_by,
-        random_seed=config.random_seed,
-    ).to_pylist()
-    if not rows:
-        raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
+    rows = selected_rows(
+        config.manifests_root, config.where, config.count, config.order_by, config.random_seed
+    )
     order = {(row["dataset"], row["key"]): index for index, row in enumerate(rows)}
     by_index: dict[int, tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {}
     for row, members in read_pairs(config.shards_root, rows):

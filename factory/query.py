@@ -616,3 +616,14 @@ def _write_filtered(
         f"{name}/{CARD_NAME}", (json.dumps(card, indent=2, sort_keys=True) + "\n").encode()
     )
     return shards
+
+
+def selected_rows(
+    manifests_root, where: str | None, count: int, order_by: str | None = None, random_seed: int | None = None
+) -> list[dict]:
+    """The first `count` manifest rows matching `where`, in the order asked (preview and export); none matching is a
+    one-line FactoryError."""
+    rows = select(manifests_root, where, limit=count, order_by=order_by, random_seed=random_seed).to_pylist()
+    if not rows:
+        raise FactoryError(f"no pairs match {where!r} under {manifests_root}")
+    return rows
