@@ -20,9 +20,9 @@ import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
-from factory.config import ConfigError, error_line
+from factory.config import ConfigError, config_from_dict, error_line
 from factory.models import MODEL_NAMES
 
 if TYPE_CHECKING:
@@ -38,6 +38,22 @@ class Degraded(NamedTuple):
 
     lr: torch.Tensor  # (N, 3, H / scale, W / scale) float in [0, 1], on the device of the HR
     parameters: list[dict[str, Any]]  # one JSON-able record per pair: everything that pair drew
+
+
+class ConfiguredDegrader:
+    """What the degraders configured by one dataclass (`config_class`, with a `scale` field) share: they are built
+    from an options mapping (the registry's, or --degradation-config's), and their scale is their config's."""
+
+    config_class: ClassVar[type]
+    config: Any
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]):
+        return cls(config_from_dict(cls.config_class, dict(options)))
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
 
 
 class Degrader(Protocol):

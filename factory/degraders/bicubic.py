@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from factory.color import downsample
-from factory.config import config_from_dict
-from factory.degraders import Degraded
+from factory.degraders import ConfiguredDegrader, Degraded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,19 +18,12 @@ class BicubicConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class BicubicDegrader:
+class BicubicDegrader(ConfiguredDegrader):
     """HR -> antialiased bicubic LR; its record is only its name and scale."""
 
+    config_class: ClassVar[type] = BicubicConfig
     config: BicubicConfig = BicubicConfig()
     name: str = "bicubic"
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> BicubicDegrader:
-        return cls(config_from_dict(BicubicConfig, dict(options)))
-
-    @property
-    def scale(self) -> int:
-        return self.config.scale
 
     def degrade(
         self,

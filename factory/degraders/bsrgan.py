@@ -25,13 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from factory.color import bicubic_resize
-from factory.config import ConfigError, config_from_dict
-from factory.degraders import Degraded
+from factory.config import ConfigError
+from factory.degraders import ConfiguredDegrader, Degraded
 from factory.degraders import kernels as K
 from factory.degraders.ops import RESIZE_MODES, Draws, degrade_pair_by_pair, filter2d, jpeg, resize
 
@@ -226,19 +226,12 @@ def degrade_one(x: torch.Tensor, record: Mapping[str, Any], generator: torch.Gen
 
 
 @dataclasses.dataclass(frozen=True)
-class BSRGANDegrader:
+class BSRGANDegrader(ConfiguredDegrader):
     """The `bsrgan` degrader: `draw_parameters` then `degrade_one`, pair by pair."""
 
+    config_class: ClassVar[type] = BSRGANConfig
     config: BSRGANConfig = BSRGANConfig()
     name: str = "bsrgan"
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> BSRGANDegrader:
-        return cls(config_from_dict(BSRGANConfig, dict(options)))
-
-    @property
-    def scale(self) -> int:
-        return self.config.scale
 
     def degrade(
         self,

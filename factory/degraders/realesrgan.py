@@ -27,13 +27,13 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import yaml
 
-from factory.config import ConfigError, config_from_dict
-from factory.degraders import Degraded
+from factory.config import ConfigError
+from factory.degraders import ConfiguredDegrader, Degraded
 from factory.degraders import kernels as K
 from factory.degraders.ops import (
     RESIZE_MODES,
@@ -356,19 +356,12 @@ def degrade_one(
 
 
 @dataclasses.dataclass(frozen=True)
-class RealESRGANDegrader:
+class RealESRGANDegrader(ConfiguredDegrader):
     """The `realesrgan` degrader: `draw_parameters` then `degrade_one`, pair by pair."""
 
+    config_class: ClassVar[type] = RealESRGANConfig
     config: RealESRGANConfig = RealESRGANConfig()
     name: str = "realesrgan"
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> RealESRGANDegrader:
-        return cls(config_from_dict(RealESRGANConfig, dict(options)))
-
-    @property
-    def scale(self) -> int:
-        return self.config.scale
 
     def degrade(
         self,
