@@ -471,7 +471,7 @@ class TrainPlan:
 
     spec: ModelSpec
     model_config: Any
-    recipe: TrainingRecipe  # the model's reference recipe (its lr / batch possibly overridden below)
+    recipe: TrainingRecipe  # TrainConfig.recipe, else the model's reference recipe (batch and lr: see below)
     files: list[Path]  # training files (held-out ones excluded)
     heldout: list[Path]  # files the regime is measured on
     regime_split: str  # "held-out", "given" (--regime-data) or "training" (a folder too small to hold out)
@@ -735,7 +735,8 @@ def train(config: TrainConfig) -> TrainResult:
 # LR 64x64) when the user gave no training data. The paper's epoch 8 (360,000 samples, ~2,800 steps of 128 at 256x256:
 # ~50 CPU-hours for VQ-VAE-2) does not fit the README command's 3 minutes, so the embedded default is a calibrated
 # recipe instead, and says so (README, the card's checkpoint.training):
-# - 64x64 crops of the photos at their own scale, flipped, batch 16, Adam at 1e-3 (the reference: 3e-4);
+# - 64x64 crops of the photos at the LR scale (bicubic x4, as the build makes its LR images), flipped, batch 16,
+#   Adam at 1e-3 (the reference: 3e-4);
 # - an "epoch" of EMBEDDED_DEFAULT_STEPS_PER_EPOCH steps;
 # - the `embedded` preset of VQ-VAE and VQ-VAE-2: the paper's sizes with dead-code restarts. Without them the
 #   reference's codebooks collapse onto one or two codes for the whole short run (measured: PSNR 21 dB, SSIM 0.49,
@@ -768,15 +769,12 @@ def train_for_build(
     if embedded_default_lr_size is not None:
         settings["regime_size"] = embedded_default_lr_size
     if embedded_default_lr_size is not None and model in EMBEDDED_DEFAULT_RECIPE_MODELS:
-        batch_size = EMBEDDED_DEFAULT_RECIPE.batch_size
         settings.update(
             # Whole crops for VQ-VAE (a multiple of 4) and VQ-VAE-2 (of 8): an LR side such as 50 (--crop 200)
             # trains on 48.
             image_size=max(16, embedded_default_lr_size - embedded_default_lr_size % 8),
-            epoch_size=EMBEDDED_DEFAULT_STEPS_PER_EPOCH * batch_size,
-            batch_size=batch_size,
-            lr=EMBEDDED_DEFAULT_RECIPE.lr,
-            recipe=EMBEDDED_DEFAULT_RECIPE,
+            epoch_size=EMBEDDED_DEFAULT_STEPS_PER_EPOCH * EMBEDDED_DEFAULT_RECIPE.batch_size,
+            recipe=EMBEDDED_DEFAULT_RECIPE,  # its batch and rate too
         )
         preset = preset or EMBEDDED_DEFAULT_PRESET
     config = TrainConfig(
