@@ -491,7 +491,7 @@ def classifier_group() -> None:
 @user_errors
 def classifier_train_command(**options) -> None:
     """Synthesise a Tiny-ImageNet-C-like set from DATA, train the classifier, report held-out accuracy."""
-    from factory.classifier import ClassifierTrainConfig, train_classifier
+    from factory.classifier.training import ClassifierTrainConfig, train_classifier
 
     result = train_classifier(ClassifierTrainConfig(**options))
     click.echo(f"held-out accuracy {result.accuracy:.1%} (chance {1 / 15:.1%})")
@@ -527,7 +527,7 @@ def classifier_train_command(**options) -> None:
 def label_command(**options) -> None:
     """(Re)label a dataset's pairs: rewrites only its Parquet manifests and its card's labels (atomically); shards
     stay byte-identical."""
-    from factory.classifier import LabelConfig, label_dataset
+    from factory.classifier.relabel import LabelConfig, label_dataset
 
     result = label_dataset(LabelConfig(**options))
     click.echo(f"labelled {result.pairs} pair(s) in {result.manifests} manifest(s)")
