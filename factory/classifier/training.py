@@ -126,7 +126,11 @@ def train_classifier(config: ClassifierTrainConfig, sources: list[np.ndarray] | 
 
 
 def fit(
-    network: nn.Module, data: CorruptedSet, train_index: np.ndarray, config: ClassifierTrainConfig, device
+    network: nn.Module,
+    data: CorruptedSet,
+    train_index: np.ndarray,
+    config: ClassifierTrainConfig,
+    device: torch.device,
 ) -> None:
     """Train `network` in place on `data.images[train_index]`: AdamW under a one-cycle schedule, random
     horizontal flips, batches in an order drawn from (seed + 2)."""
