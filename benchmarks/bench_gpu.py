@@ -84,7 +84,7 @@ def finetune_busy(folder: Path, shards: str, quick: bool, device: str) -> dict:
     import torch.nn.functional as F
 
     from factory.finetune import FinetuneConfig, finetune
-    from factory.sr import build_network
+    from factory.sr.networks import build_network
 
     on_gpu = device == "cuda"
     preset, batch, patch = ("paper", 16, 64) if on_gpu else ("tiny", 4, 16)

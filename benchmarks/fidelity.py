@@ -102,7 +102,7 @@ def _dominant_label(classifier: str | None, reconstructions: torch.Tensor) -> st
         return None
     from collections import Counter
 
-    from factory.classifier import Labeler
+    from factory.classifier.labeler import Labeler
 
     labels, _ = Labeler.load(classifier).predict(reconstructions.float() / 255)
     return Counter(labels).most_common(1)[0][0]

@@ -845,7 +845,7 @@ def _labels_note(
 def _check_labels_and_colour(config: BuildConfig) -> None:
     """The classifier loads and colour correction exists: one-line errors before any work."""
     if config.classifier:
-        from factory.classifier import Labeler
+        from factory.classifier.labeler import Labeler
 
         Labeler.load(config.classifier)
     if config.color_correct:

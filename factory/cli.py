@@ -12,9 +12,26 @@ import sys
 
 import click
 
+from factory.classifier import ARCHITECTURES as CLASSIFIER_ARCHITECTURES
+from factory.codec_names import CODECS
 from factory.config import FactoryError
 from factory.degraders import DEGRADER_NAMES
+from factory.devices import DEFAULT_DEVICE, DEVICE_HELP
 from factory.models import MODEL_NAMES
+from factory.sr import ARCHITECTURES as SR_ARCHITECTURES
+from factory.sr import PRESET_NAMES as SR_PRESET_NAMES
+
+
+def device_option(what: str = ""):
+    """--device, with factory.devices' one default and names for every command; `what` says what runs on it."""
+    return click.option(
+        "--device", default=DEFAULT_DEVICE, show_default=True, help=f"Torch device{what}: {DEVICE_HELP}."
+    )
+
+
+def names(choices) -> str:
+    """'a, b or c' from a registry's names."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 def user_errors(command):
@@ -63,7 +80,7 @@ def main(verbose: int) -> None:
 @click.option(
     "--model",
     required=True,
-    help="Reconstructor to train, by registry name: vqvae, vqvae2, mae, vae or ddim.",
+    help=f"Reconstructor to train, by registry name: {names(MODEL_NAMES)}.",
 )
 @click.option(
     "--data",
@@ -97,15 +114,15 @@ def main(verbose: int) -> None:
     "--batch-size",
     default=None,
     type=int,
-    help="Images per optimiser step [default: the model's reference batch: vqvae 128, vqvae2 128, mae 64, vae 64, "
-    "ddim 64].",
+    help="Images per optimiser step [default: the model's reference batch (its RECIPE in factory/models/); the "
+    "run's first line says it].",
 )
 @click.option(
     "--lr",
     default=None,
     type=float,
-    help="Learning rate [default: the model's reference rate: vqvae 2e-4, vqvae2 3e-4, mae 3.75e-5, vae 5e-3, "
-    "ddim 2e-5].",
+    help="Learning rate [default: the model's reference rate (its RECIPE in factory/models/); the run's first line "
+    "says it].",
 )
 @click.option(
     "--regime-size",
@@ -149,12 +166,7 @@ def main(verbose: int) -> None:
     type=int,
     help="Seed for initialisation, data order, crops and noise.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
-)
+@device_option()
 @click.option(
     "--workers",
     default=2,
@@ -257,8 +269,9 @@ def _lab_shift_option(context, parameter, value: str | None) -> tuple[float, flo
     default="vqvae2",
     show_default=True,
     type=click.Choice([*MODEL_NAMES, *DEGRADER_NAMES]),
-    help="Degrader: a reconstructor at --epoch (x = bicubic(HR), then G(x)), 'bicubic' for the undegraded baseline, "
-    "or the classical pipelines 'realesrgan' / 'bsrgan' (see --degradation-config).",
+    help="Degrader: a reconstructor at --epoch (x = bicubic(HR), then G(x)), or one of "
+    f"{names(DEGRADER_NAMES)} (bicubic: the undegraded baseline; the classical pipelines take "
+    "--degradation-config).",
 )
 @click.option(
     "--epoch",
@@ -334,15 +347,13 @@ def _lab_shift_option(context, parameter, value: str | None) -> tuple[float, flo
     "--codec",
     default="png",
     show_default=True,
-    type=click.Choice(["png", "zst"]),
+    type=click.Choice(list(CODECS)),
     help="Payload codec: png (any WebDataset reader) or zst (zstd-compressed .npy, faster to decode).",
 )
 @click.option(
     "--batch-size", "batch_size", default=8, show_default=True, type=int, help="Crops per device batch."
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="Torch device of the workers: auto, cpu, cuda, mps."
-)
+@device_option(" of the workers")
 @click.option(
     "--actors",
     default=None,
@@ -472,7 +483,7 @@ def classifier_group() -> None:
     "--arch",
     default="resnet152",
     show_default=True,
-    type=click.Choice(["resnet152", "resnet50", "resnet18"]),
+    type=click.Choice(CLASSIFIER_ARCHITECTURES),
     help="torchvision ResNet, trained from scratch (resnet152 as in the paper).",
 )
 @click.option(
@@ -509,7 +520,7 @@ def classifier_group() -> None:
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Seed of the synthesis, split and training."
 )
-@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
+@device_option()
 @click.option("--threads", default=None, type=int, help="Torch CPU threads [default: torch's choice].")
 @click.option(
     "--out",
@@ -521,7 +532,7 @@ def classifier_group() -> None:
 @user_errors
 def classifier_train_command(**options) -> None:
     """Synthesise a Tiny-ImageNet-C-like set from DATA, train the classifier, report held-out accuracy."""
-    from factory.classifier import ClassifierTrainConfig, train_classifier
+    from factory.classifier.training import ClassifierTrainConfig, train_classifier
 
     result = train_classifier(ClassifierTrainConfig(**options))
     click.echo(f"held-out accuracy {result.accuracy:.1%} (chance {1 / 15:.1%})")
@@ -552,12 +563,12 @@ def classifier_train_command(**options) -> None:
     type=int,
     help="LR images per classifier call.",
 )
-@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda, mps).")
+@device_option()
 @user_errors
 def label_command(**options) -> None:
     """(Re)label a dataset's pairs: rewrites only its Parquet manifests and its card's labels (atomically); shards
     stay byte-identical."""
-    from factory.classifier import LabelConfig, label_dataset
+    from factory.classifier.relabel import LabelConfig, label_dataset
 
     result = label_dataset(LabelConfig(**options))
     click.echo(f"labelled {result.pairs} pair(s) in {result.manifests} manifest(s)")
@@ -734,9 +745,7 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
     type=click.IntRange(min=16),
     help="With --checkpoints: LR side drawn.",
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="With --checkpoints: torch device (auto, cpu, cuda)."
-)
+@device_option(" (with --checkpoints)")
 @order_options
 @user_errors
 def preview_command(
@@ -894,11 +903,11 @@ def _float_list(text: str | None) -> tuple[float, ...] | None:
 @click.option(
     "--arch",
     "architecture",
-    type=click.Choice(["edsr", "esrgan", "swinir", "hat"]),
+    type=click.Choice(SR_ARCHITECTURES),
     default=None,
     help="Expected architecture (checked against the weights).",
 )
-@click.option("--device", default=None, help="cuda or cpu [default: cuda if present].")
+@device_option()
 @user_errors
 def eval_command(
     model, lr_folder, hr_folder, out, y_channel, crop_border, lpips_weights, architecture, device
@@ -934,7 +943,7 @@ def eval_command(
 @click.option(
     "--arch",
     "architecture",
-    type=click.Choice(["edsr", "esrgan", "swinir", "hat"]),
+    type=click.Choice(SR_ARCHITECTURES),
     required=True,
     help="SR network to fine-tune.",
 )
@@ -945,7 +954,7 @@ def eval_command(
 )
 @click.option(
     "--preset",
-    type=click.Choice(["paper", "tiny"]),
+    type=click.Choice(SR_PRESET_NAMES),
     default="paper",
     show_default=True,
     help="Network shape without --pretrained: the official models' or a tiny test one.",

@@ -24,7 +24,7 @@ used, so the same (image, name, severity, seed) always gives the same bytes.
 
 Output rounding. The reference writes its float result with `np.uint8(...)` (truncation) and then stores the
 Tiny-ImageNet-C files as JPEG quality 85; `corrupt` rounds to nearest and stores nothing. The classifier's data
-synthesis (factory/classifier.py) adds the JPEG-85 storage step to match the published set.
+synthesis (factory/classifier/synthesis.py) adds the JPEG-85 storage step to match the published set.
 """
 
 from __future__ import annotations

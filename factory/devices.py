@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from factory.config import ConfigError
 
+DEFAULT_DEVICE = "auto"  # every command's --device default: the best device this machine has
+DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps"  # the names, for --help
 
-def resolve_device(name: str | None = "auto"):
-    """The torch.device for `name` (None: "auto"); ConfigError for an unknown or absent device."""
+
+def resolve_device(name: str | None = DEFAULT_DEVICE):
+    """The torch.device for `name` (None: DEFAULT_DEVICE); ConfigError for an unknown or absent device."""
     import torch
 
-    name = name or "auto"
+    name = name or DEFAULT_DEVICE
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

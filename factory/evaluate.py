@@ -68,7 +68,7 @@ class EvalConfig:
     crop_border: int = 0  # pixels dropped on each side before the metrics
     lpips_weights: str | None = None  # LPIPS (alex) weights file; None: no LPIPS
     architecture: str | None = None  # expected architecture (checked against the weights), None: any
-    device: str | None = None  # "cuda", "cpu"; None: CUDA if present
+    device: str = "auto"  # factory.devices: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class LPIPS(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> LPIPS:
         """From the lpips package's `LPIPS(net="alex")` state dict (keys `net.sliceK.I.*`, `linK.model.1.weight`)."""
-        from factory.sr import read_state_dict
+        from factory.sr.networks import read_state_dict
 
         state = read_state_dict(path)
         renamed = {}
@@ -349,7 +349,7 @@ def _write_records(rows: list[dict], card: dict, folder: Path) -> None:
 
 
 def evaluate(config: EvalConfig) -> EvalSummary:
-    from factory.sr import load_network
+    from factory.sr.networks import load_network
 
     if config.crop_border < 0:
         raise FactoryError("--crop-border must be >= 0")

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from factory.config import FactoryError, config_to_dict, error_line
 from factory.shards import decode_image
-from factory.sr import ARCHITECTURES, SRNetwork, build_network, load_network, save_atomic, save_weights
+from factory.sr import ARCHITECTURES
 from factory.sr.losses import (
     ESRGANLossConfig,
     VGGFeatures,
@@ -63,6 +63,7 @@ from factory.sr.losses import (
     discriminator_loss,
     generator_loss,
 )
+from factory.sr.networks import SRNetwork, build_network, load_network, save_atomic, save_weights
 from factory.storage import OutputLock, Storage
 from factory.stream import PairedPatches, iterate_pairs
 

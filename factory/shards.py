@@ -25,7 +25,7 @@ import numpy as np
 import zstandard
 from PIL import Image
 
-CODECS: dict[str, str] = {"png": "png", "zst": "npy.zst"}  # codec name -> payload extension
+from factory.codec_names import CODECS  # codec name -> payload extension
 
 PNG_COMPRESS_LEVEL = 1  # zlib level of the png payloads (level 6: ~5x slower, a few % smaller)
 ZSTD_LEVEL = 3

@@ -3,7 +3,8 @@
     factory train --model vqvae2 --data tiny-imagenet-200/train --epochs 64 --save-at 4,8,16,32,64
 
 Model-agnostic: the engine only calls the registry's `loss(x)`; the model's own config and training recipe
-(`ModelSpec.recipe`, each model module's RECIPE with its sources) decide everything else.
+(`ModelSpec.recipe`, each model module's RECIPE with its sources) and its optimiser (`ModelSpec.configure_optimizer`)
+decide everything else. `train` reads top to bottom: plan the run, resume, train each epoch, save.
 
 An epoch is the paper's. The paper trains on "Tiny-ImageNet, which contained 45,000 images" (Section 3.2), so an
 epoch is PAPER_EPOCH_SIZE = 45,000 samples whatever the folder holds, drawn as consecutive random permutations of its
@@ -97,7 +98,7 @@ class TrainConfig:
     preset: str = "paper"  # model preset: "paper" (reference sizes) or "tiny" (tests)
     checkpoints: str = "checkpoints"  # checkpoint root: <checkpoints>/<model>/epoch-<E>.pt
     seed: int = 0  # initialisation, data order, crops and loss noise all derive from it
-    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"
+    device: str = "auto"  # factory.devices: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps
     workers: int = 2  # DataLoader worker processes decoding images (0: in the main process)
     bf16: bool = True  # bf16 autocast for the forward pass on CUDA (ignored on CPU)
     progress: bool = True  # show a tqdm progress bar
@@ -250,6 +251,12 @@ def _random_resized_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_crop_origin(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a size x size square drawn uniformly inside a height x width image, at the image's own scale
+    (nothing is resized: unlike factory.classifier.synthesis.random_zoomed_crop)."""
+    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
 def prepare_sample(
     image: np.ndarray, size: int, recipe: TrainingRecipe, rng: np.random.Generator
 ) -> torch.Tensor:
@@ -259,7 +266,7 @@ def prepare_sample(
     x = torch.tensor(image).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
     height, width = x.shape[-2:]
     if recipe.pipeline == "crop" and min(height, width) >= size:
-        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        top, left = random_crop_origin(height, width, size, rng)
         x = (
             x[:, top : top + size, left : left + size].float() / 255
         )  # crop the 8-bit pixels first: far smaller
@@ -271,7 +278,7 @@ def prepare_sample(
         height, width = max(size, round(height * scale)), max(size, round(width * scale))
         x = _resize(x.float() / 255, (height, width), recipe.interpolation)
         if recipe.crop == "random" or recipe.pipeline == "crop":
-            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+            top, left = random_crop_origin(height, width, size, rng)
         else:
             top, left = (height - size) // 2, (width - size) // 2
         x = x[:, top : top + size, left : left + size]
@@ -352,16 +359,6 @@ def _torch_seed(seed: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _resolve_device(name: str) -> torch.device:
-    """--device for training: auto picks CUDA or the CPU (training on MPS is not supported here)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = resolve_device(name)
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r} for training (auto, cpu, cuda, cuda:N)")
-    return device
-
-
 def resolve_save_at(config: TrainConfig) -> tuple[int, ...]:
     """The epochs to checkpoint, validated against `epochs`."""
     if config.epochs < 1:
@@ -424,18 +421,6 @@ def evaluation_loss(
     return value
 
 
-def configure_optimizer(model: nn.Module, recipe: TrainingRecipe, lr: float) -> torch.optim.AdamW:
-    """AdamW with the recipe's betas and weight decay, the decay not applied to biases and norm weights (1-d
-    parameters; timm's add_weight_decay, which MAE uses). With weight decay 0 this is exactly Adam."""
-    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decayed, "weight_decay": recipe.weight_decay},
-        {"params": plain, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=recipe.betas)
-
-
 def _loader(samples: EpochSamples, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
         samples,
@@ -490,7 +475,7 @@ def plan_run(config: TrainConfig) -> TrainPlan:
     _validate(config)
     spec = get_spec(config.model)
     save_at = resolve_save_at(config)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     image_size = config.image_size or spec.native_size
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     # Models with a fixed input size (VAE) are built for the crop size.
@@ -573,7 +558,7 @@ def estimate_seconds_per_step(
     """Seconds per optimiser step, timed on copies of the model and optimiser (the run itself is untouched): one
     warm-up step, then the mean of TIMED_STEPS."""
     model_copy = copy.deepcopy(model)
-    optimizer_copy = configure_optimizer(model_copy, plan.recipe, plan.lr)
+    optimizer_copy = plan.spec.configure_optimizer(model_copy, plan.lr, plan.recipe)
     # A deep copy: load_state_dict keeps the very tensors it is given, and the timed steps would update the run's
     # own Adam moments in place.
     optimizer_copy.load_state_dict(copy.deepcopy(optimizer.state_dict()))
@@ -660,12 +645,72 @@ def checkpoint_regime(model: nn.Module, plan: TrainPlan, config: TrainConfig, im
     return {**figures, "split": plan.regime_split, "size": config.regime_size, "scale": config.regime_scale}
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    epoch: int  # the epoch the run continues from (0: from scratch)
+    steps: int  # optimiser steps taken up to it
+
+
+@dataclass(frozen=True)
+class LossProbe:
+    """A fixed batch (its own random stream, which no real epoch reaches), to measure the loss before and after."""
+
+    batch: torch.Tensor  # (B, 3, S, S) in [0, 1], B the run's batch size, S its image size
+    seed: int  # the loss noise's seed (evaluation_loss)
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, plan: TrainPlan) -> LossProbe:
+        order = epoch_order(len(plan.files), plan.batch_size, config.seed, EVALUATION_STREAM)
+        samples = EpochSamples(
+            plan.files, order, plan.image_size, plan.recipe, config.seed, EVALUATION_STREAM
+        )
+        return cls(torch.stack([samples[position][0] for position in range(len(samples))]), config.seed)
+
+    def loss(self, model: nn.Module, plan: TrainPlan, bf16: bool) -> float:
+        return evaluation_loss(model, self.batch, self.seed, plan.device, bf16)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train `config.model` up to `config.epochs`, writing a checkpoint at each `save_at` epoch (resuming a run)."""
     plan = plan_run(config)  # everything that can be wrong is checked before the checkpoint folder is touched
     existing = _existing_checkpoints(config, plan)
     missing = [epoch for epoch in plan.save_at if epoch not in existing]
+    model, optimizer = build_model_and_optimizer(config, plan)
+    start = resume(config, existing, missing, model, optimizer)
+    end_epoch = max(missing) if missing else start.epoch
 
+    probe = LossProbe.for_run(config, plan)
+    initial_loss = probe.loss(model, plan, config.bf16)
+    regime_inputs = regime_images(plan.heldout, config.regime_size, config.regime_scale) if missing else None
+    if end_epoch > start.epoch:
+        seconds = estimate_seconds_per_step(model, optimizer, probe.batch, plan, config.bf16)
+        announce(config, plan, start.epoch, end_epoch, seconds)
+
+    result = TrainResult(
+        [], start.epoch, end_epoch, start.steps, initial_loss, initial_loss, 0.0, files=len(plan.files)
+    )
+    train_seconds = 0.0
+    model.train()
+    for epoch in range(start.epoch + 1, end_epoch + 1):
+        started = time.perf_counter()
+        epoch_steps, skipped = _train_epoch(model, optimizer, plan, config, epoch, end_epoch)
+        train_seconds += time.perf_counter() - started
+        result.steps += epoch_steps
+        result.skipped_images += skipped
+        if epoch in missing:
+            save_epoch(config, plan, model, optimizer, epoch, result, regime_inputs)
+
+    result.final_loss = probe.loss(model, plan, config.bf16)
+    trained_images = (end_epoch - start.epoch) * plan.epoch_size
+    result.images_per_second = trained_images / train_seconds if train_seconds else 0.0
+    result.existing = [existing[epoch] for epoch in plan.save_at if epoch in existing]
+    return result
+
+
+def build_model_and_optimizer(
+    config: TrainConfig, plan: TrainPlan
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model, initialised from `config.seed` and on the run's device, and its optimiser (the model spec's)."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, config=plan.model_config).to(plan.device)
     multiple = getattr(model, "size_multiple", 1)  # the VAE is built for the crop size itself
@@ -674,71 +719,58 @@ def train(config: TrainConfig) -> TrainResult:
             f"--image-size {plan.image_size} must be a multiple of {multiple} for {config.model} "
             f"(e.g. {plan.image_size - plan.image_size % multiple or multiple})"
         )
-    optimizer = configure_optimizer(model, plan.recipe, plan.lr)
-    start_epoch, steps = 0, 0
+    return model, plan.spec.configure_optimizer(model, plan.lr, plan.recipe)
+
+
+def resume(
+    config: TrainConfig,
+    existing: dict[int, Path],
+    missing: list[int],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> ResumePoint:
+    """Load the newest saved checkpoint below the first missing one into `model` and `optimizer`, if any."""
     resumable = [e for e in existing if e <= config.epochs and (not missing or e < min(missing))]
-    if resumable:
-        start_epoch = max(resumable)
-        payload = read_checkpoint(existing[start_epoch])
-        model.load_state_dict(payload["weights"])
-        if "optimizer" in payload:
-            optimizer.load_state_dict(payload["optimizer"])
-        steps = int(payload["steps"])
-        log.info(
-            "resuming %s from %s (epoch %d, %d steps)",
-            config.model,
-            existing[start_epoch],
-            start_epoch,
-            steps,
-        )
-    end_epoch = max(missing) if missing else start_epoch
+    if not resumable:
+        return ResumePoint(0, 0)
+    epoch = max(resumable)
+    payload = read_checkpoint(existing[epoch])
+    model.load_state_dict(payload["weights"])
+    if "optimizer" in payload:
+        optimizer.load_state_dict(payload["optimizer"])
+    steps = int(payload["steps"])
+    log.info("resuming %s from %s (epoch %d, %d steps)", config.model, existing[epoch], epoch, steps)
+    return ResumePoint(epoch, steps)
 
-    # A fixed batch (its own stream, no real epoch reaches it) to measure the loss before and after.
-    order = epoch_order(len(plan.files), plan.batch_size, config.seed, EVALUATION_STREAM)
-    evaluation = EpochSamples(plan.files, order, plan.image_size, plan.recipe, config.seed, EVALUATION_STREAM)
-    evaluation_batch = torch.stack([evaluation[position][0] for position in range(len(evaluation))])
-    initial_loss = evaluation_loss(model, evaluation_batch, config.seed, plan.device, config.bf16)
-    regime_inputs = regime_images(plan.heldout, config.regime_size, config.regime_scale) if missing else None
-    if end_epoch > start_epoch:
-        seconds = estimate_seconds_per_step(model, optimizer, evaluation_batch, plan, config.bf16)
-        announce(config, plan, start_epoch, end_epoch, seconds)
 
-    result = TrainResult(
-        [], start_epoch, end_epoch, steps, initial_loss, initial_loss, 0.0, files=len(plan.files)
+def save_epoch(
+    config: TrainConfig,
+    plan: TrainPlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    result: TrainResult,
+    regime_inputs: torch.Tensor,
+) -> None:
+    """Measure the regime, write epoch `epoch`'s checkpoint and record both in `result`."""
+    regime = checkpoint_regime(model, plan, config, regime_inputs)
+    path = save_checkpoint(
+        checkpoint_path(config.checkpoints, config.model, epoch),
+        model_name=config.model,
+        preset=config.preset,
+        config=plan.model_config,
+        model=model,
+        epoch=epoch,
+        steps=result.steps,
+        data_fingerprint=plan.fingerprint,
+        seed=config.seed,
+        optimizer=optimizer,
+        training={**plan.run["training"], "samples_seen": epoch * plan.epoch_size},
+        regime=regime,
     )
-    trained_images, train_seconds = 0, 0.0
-    model.train()
-    for epoch in range(start_epoch + 1, end_epoch + 1):
-        started = time.perf_counter()
-        epoch_steps, skipped = _train_epoch(model, optimizer, plan, config, epoch, end_epoch)
-        train_seconds += time.perf_counter() - started
-        trained_images += plan.epoch_size
-        result.steps += epoch_steps
-        result.skipped_images += skipped
-        if epoch in missing:
-            regime = checkpoint_regime(model, plan, config, regime_inputs)
-            path = save_checkpoint(
-                checkpoint_path(config.checkpoints, config.model, epoch),
-                model_name=config.model,
-                preset=config.preset,
-                config=plan.model_config,
-                model=model,
-                epoch=epoch,
-                steps=result.steps,
-                data_fingerprint=plan.fingerprint,
-                seed=config.seed,
-                optimizer=optimizer,
-                training={**plan.run["training"], "samples_seen": epoch * plan.epoch_size},
-                regime=regime,
-            )
-            result.checkpoints.append(path)
-            result.regimes[epoch] = regime
-            log.info("saved %s (%s)", path, format_regime(regime))
-
-    result.final_loss = evaluation_loss(model, evaluation_batch, config.seed, plan.device, config.bf16)
-    result.images_per_second = trained_images / train_seconds if train_seconds else 0.0
-    result.existing = [existing[epoch] for epoch in plan.save_at if epoch in existing]
-    return result
+    result.checkpoints.append(path)
+    result.regimes[epoch] = regime
+    log.info("saved %s (%s)", path, format_regime(regime))
 
 
 # How `factory build` trains a missing checkpoint on its embedded default (scikit-image's 7 bundled photos, 256 crops,

@@ -113,7 +113,7 @@ class ShardWorker:
         self.degrader = get_degrader(settings.model, degrader_options(settings), self.device)
         self.labeler = None
         if settings.classifier:
-            from factory.classifier import Labeler
+            from factory.classifier.labeler import Labeler
 
             self.labeler = Labeler.load(settings.classifier, device=self.device)
         encoders = settings.threads or 1

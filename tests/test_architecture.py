@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,54 @@ def test_a_model_that_imports_ray_breaks_a_contract(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Models never import Ray" in result.stdout
     assert "factory.models.vqvae -> ray" in result.stdout
+
+
+def test_the_command_line_imports_no_torch_and_takes_its_choices_from_the_registries():
+    """`factory --help` pays for no torch, numpy or Pillow: the choices are the registries' torch-free names."""
+    code = (
+        "import sys, factory.cli; "
+        "print(sorted(name for name in ('torch', 'numpy', 'PIL') if name in sys.modules))"
+    )
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+    from factory import classifier, sr
+    from factory.cli import main
+    from factory.codec_names import CODECS
+    from factory.degraders import DEGRADER_NAMES
+    from factory.models import MODEL_NAMES
+
+    def choices(command: str, option: str) -> tuple[str, ...]:
+        group = main
+        for name in command.split():
+            group = group.commands[name]
+        (parameter,) = [parameter for parameter in group.params if parameter.name == option]
+        return tuple(parameter.type.choices)
+
+    assert choices("build", "model") == (*MODEL_NAMES, *DEGRADER_NAMES)
+    assert choices("build", "codec") == tuple(CODECS)
+    assert choices("classifier train", "arch") == classifier.ARCHITECTURES
+    assert choices("eval", "architecture") == choices("finetune", "architecture") == sr.ARCHITECTURES
+    assert choices("finetune", "preset") == sr.PRESET_NAMES
+
+
+def test_every_registered_name_builds():
+    """The torch-free names and what they name agree: each classifier and SR architecture and each codec exists."""
+    import numpy as np
+
+    from factory import classifier, sr
+    from factory.classifier.network import build_network as build_classifier
+    from factory.codec_names import CODECS
+    from factory.config import FactoryError
+    from factory.shards import decode_image, encode_image
+    from factory.sr.networks import build_network as build_sr_network
+
+    assert [type(build_classifier(arch)).__name__ for arch in classifier.ARCHITECTURES] == ["ResNet"] * 3
+    for architecture in sr.ARCHITECTURES:
+        assert build_sr_network(architecture, "tiny").architecture == architecture
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    for codec, extension in CODECS.items():
+        assert np.array_equal(decode_image(f"lr.{extension}", encode_image(image, codec)), image)
+    with pytest.raises(FactoryError, match="unknown classifier architecture 'resnet34'"):
+        build_classifier("resnet34")

@@ -6,8 +6,12 @@ command is not part of CI (issue 9).
 
 from __future__ import annotations
 
+import inspect
 import math
+import pkgutil
+import re
 
+import benchmarks
 from benchmarks import suite
 
 
@@ -33,11 +37,22 @@ def test_machine_header_names_cores_device_and_versions():
 
 
 def test_every_section_is_registered_once():
-    assert list(suite.SECTIONS) == [
-        "colour",
-        "codecs",
-        "stream",
-        "build_efficiency",
-        "ray_scaling",
-        "peak_memory",
-    ]
+    """The sections are the suite's functions that return a section's (rows, raw figures): each is registered under
+    its own name, once, and every benchmark module a section calls is one of the package's modules."""
+    sections = {
+        name: function
+        for name, function in inspect.getmembers(suite, inspect.isfunction)
+        if function.__module__ == suite.__name__
+        and str(inspect.signature(function).return_annotation) == "tuple[list[Figure], dict]"
+    }
+    registered = {**suite.SECTIONS, **suite.GPU_SECTIONS}
+    assert len(registered) == len(suite.SECTIONS) + len(suite.GPU_SECTIONS)
+    assert sorted(registered.values(), key=id) == sorted(sections.values(), key=id)
+    assert all(name == function.__name__ for name, function in suite.SECTIONS.items())
+    modules = {module.name for module in pkgutil.iter_modules(benchmarks.__path__)}
+    called = {
+        name
+        for function in sections.values()
+        for name in re.findall(r"\b(bench_\w+)\.", inspect.getsource(function))
+    }
+    assert called and called <= modules, called - modules

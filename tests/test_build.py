@@ -412,7 +412,9 @@ def test_dry_run_says_whether_the_checkpoint_is_there_or_trained_first(tmp_path:
 
 def test_other_settings_into_an_existing_dataset_are_refused(tmp_path: Path, hr_folder: Path):
     """A resume with other settings is refused, naming what differs (the commit records keep the settings)."""
-    from factory.classifier import ClassifierTrainConfig, build_network, save_classifier
+    from factory.classifier.checkpoint import save_classifier
+    from factory.classifier.network import build_network
+    from factory.classifier.training import ClassifierTrainConfig
 
     build(config_for(tmp_path, hr_folder, limit=3, actors=0))
     with pytest.raises(FactoryError, match=r"different build \(codec 'png' -> 'zst'\)"):
@@ -482,7 +484,10 @@ def test_counts_below_one_are_a_one_line_error_before_anything_runs(tmp_path: Pa
 
 def test_classifier_fills_the_label_columns(tmp_path: Path, hr_folder: Path):
     from factory.checkpoints import file_sha256
-    from factory.classifier import ClassifierTrainConfig, Labeler, build_network, save_classifier
+    from factory.classifier.checkpoint import save_classifier
+    from factory.classifier.labeler import Labeler
+    from factory.classifier.network import build_network
+    from factory.classifier.training import ClassifierTrainConfig
     from factory.corruptions import CORRUPTIONS
     from factory.manifests import LABEL_PROB_COLUMNS
 
@@ -671,13 +676,10 @@ def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_fol
 
 
 def test_a_resume_onto_a_labelled_dataset_says_the_new_pairs_are_not(tmp_path: Path, hr_folder: Path):
-    from factory.classifier import (
-        ClassifierTrainConfig,
-        LabelConfig,
-        build_network,
-        label_dataset,
-        save_classifier,
-    )
+    from factory.classifier.checkpoint import save_classifier
+    from factory.classifier.network import build_network
+    from factory.classifier.relabel import LabelConfig, label_dataset
+    from factory.classifier.training import ClassifierTrainConfig
 
     classifier = tmp_path / "classifier.safetensors"
     save_classifier(

@@ -19,19 +19,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from factory.checkpoints import file_sha256
-from factory.classifier import (
-    ClassifierTrainConfig,
-    Labeler,
-    build_network,
-    dataset_entropy,
-    degradation_entropy,
-    save_classifier,
-    synthesise,
-    tile_origins,
-    train_classifier,
-)
+from factory.classifier.checkpoint import save_classifier
+from factory.classifier.labeler import Labeler, tile_origins
+from factory.classifier.network import build_network
+from factory.classifier.relabel import dataset_entropy
+from factory.classifier.synthesis import synthesise
+from factory.classifier.training import ClassifierTrainConfig, train_classifier
 from factory.cli import main
 from factory.corruptions import CORRUPTIONS, corrupt
+from factory.diversity import degradation_entropy
 from factory.manifests import COMMIT_METADATA_KEY, LABEL_PROB_COLUMNS, read_manifests, verify, write_manifest
 from factory.shards import encode_image
 from factory.storage import Storage

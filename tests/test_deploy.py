@@ -15,7 +15,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import tomllib
 import yaml
 
@@ -181,9 +180,7 @@ def test_rayjob_entrypoint_builds_into_s3_on_the_running_cluster():
 def test_rayjob_entrypoint_options_exist_in_the_build_command():
     from factory.cli import main
 
-    build = main.commands.get("build")
-    if build is None:
-        pytest.skip("`factory build` is not registered yet")
+    build = main.commands["build"]
     known = {option for parameter in build.params for option in [*parameter.opts, *parameter.secondary_opts]}
     used = {argument for argument in entrypoint_arguments()[2:] if argument.startswith("--")}
     assert used <= known, f"options the build does not have: {sorted(used - known)}"

@@ -15,9 +15,47 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messa
 def test_auto_and_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None) == resolve_device("auto")
-    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected",
+    [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
+def test_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+
+
+def test_every_command_defaults_to_the_one_device_policy():
+    """Every --device of the command line, and every config a command fills, defaults to factory.devices'."""
+    import click
+
+    from factory.classifier.relabel import LabelConfig
+    from factory.classifier.training import ClassifierTrainConfig
+    from factory.devices import DEFAULT_DEVICE
+    from factory.evaluate import EvalConfig
+    from factory.train import TrainConfig
+
+    def commands(group: click.Group, prefix: str = ""):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    defaults = {
+        name: parameter.default
+        for name, command in commands(main)
+        for parameter in command.params
+        if parameter.name == "device"
+    }
+    assert set(defaults) >= {"train", "build", "classifier train", "label", "preview", "eval"}
+    assert set(defaults.values()) == {DEFAULT_DEVICE}, defaults
+    configs = (TrainConfig, ClassifierTrainConfig, LabelConfig, EvalConfig)
+    assert {config.__dataclass_fields__["device"].default for config in configs} == {DEFAULT_DEVICE}
 
 
 @NO_CUDA

@@ -19,7 +19,7 @@ from sr_pairs import bicubic_lr, crops
 from factory.cli import main
 from factory.config import FactoryError
 from factory.evaluate import LPIPS, image_metrics, pair_folders
-from factory.sr import build_network, save_weights
+from factory.sr.networks import build_network, save_weights
 
 
 def skimage_metrics(sr: np.ndarray, hr: np.ndarray, y_channel: bool, border: int) -> tuple[float, float]:

@@ -25,8 +25,8 @@ from sr_pairs import bicubic_lr, crops, write_pairs
 from factory.cli import main
 from factory.config import FactoryError
 from factory.finetune import FinetuneConfig, finetune
-from factory.sr import build_network, load_network, read_state_dict, save_weights
 from factory.sr.edsr import EDSR, EDSRConfig, load_edsr
+from factory.sr.networks import build_network, load_network, read_state_dict, save_weights
 
 # The parameter names of the official EDSR-baseline x4 checkpoint (EDSR-PyTorch, edsr_baseline_x4-6b446fab.pt), with
 # 16 residual blocks abbreviated to the first and the conv after them: our module must produce exactly this layout.

@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
+
+from factory.storage import Storage
 
 if TYPE_CHECKING:
     from moto_s3 import S3Bucket
@@ -23,29 +26,34 @@ if TYPE_CHECKING:
 pytest_plugins = ["moto_s3"]  # the moto_server and s3_bucket fixtures
 
 
-def test_pyarrow_round_trip_through_loopback_s3(s3_bucket: S3Bucket):
-    # The I/O layer the factory relies on: pyarrow's S3 filesystem from an s3:// URI, configured only by the
-    # AWS_* environment, writes, lists and reads objects that boto3 (an independent client) then sees.
-    filesystem, root = pafs.FileSystem.from_uri(s3_bucket.uri("x"))
-    assert isinstance(filesystem, pafs.S3FileSystem)
-    assert root == f"{s3_bucket.name}/x"
+def test_storage_round_trip_through_loopback_s3(s3_bucket: S3Bucket):
+    # factory.storage.Storage on an s3:// URI (pyarrow's S3 filesystem, configured only by the AWS_* environment):
+    # what it writes atomically, lists and reads back is what boto3, an independent client, sees in the bucket.
+    storage = Storage(s3_bucket.uri("x"))
+    assert not storage.is_local and storage.uri("a/blob.bin") == s3_bucket.uri("x", "a", "blob.bin")
 
     payload = bytes(range(256)) * 4096  # 1 MiB, one multipart upload part
-    with filesystem.open_output_stream(f"{root}/blob.bin") as stream:
-        stream.write(payload)
+    storage.write_bytes_atomic("a/blob.bin", payload)
     table = pa.table({"key": ["a", "b"], "delta_e": [1.5, 2.5]})
-    pq.write_table(table, f"{root}/table.parquet", filesystem=filesystem)
+    with storage.open_atomic("a/table.parquet") as stream:
+        pq.write_table(table, stream)
+    with pytest.raises(RuntimeError), storage.open_atomic("a/never.bin") as stream:
+        stream.write(b"half")
+        raise RuntimeError("a writer that fails leaves nothing behind")
 
-    assert s3_bucket.keys("x/") == ["x/blob.bin", "x/table.parquet"]
-    listed = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    assert {info.path: info.size for info in listed}[f"{root}/blob.bin"] == len(payload)
-    with filesystem.open_input_stream(f"{root}/blob.bin") as stream:
-        assert stream.read() == payload
-    assert pq.read_table(f"{root}/table.parquet", filesystem=filesystem).equals(table)
+    # No temporary and no failed write is left; the keys ending in "/" are the empty folder markers that pyarrow's
+    # create_dir (Storage.make_dirs) puts on S3.
+    objects = [key for key in s3_bucket.keys("x/") if not key.endswith("/")]
+    assert objects == ["x/a/blob.bin", "x/a/table.parquet"]
+    assert storage.list_dirs() == ["a"] and storage.list_files("a") == ["blob.bin", "table.parquet"]
+    assert storage.exists("a/blob.bin") and not storage.exists("a/never.bin")
+    assert storage.size("a/blob.bin") == len(payload) and storage.read_bytes("a/blob.bin") == payload
+    with storage.open_input("a/table.parquet") as handle:
+        assert pq.read_table(handle).equals(table)
 
     import boto3
 
-    body = boto3.client("s3").get_object(Bucket=s3_bucket.name, Key="x/table.parquet")["Body"].read()
+    body = boto3.client("s3").get_object(Bucket=s3_bucket.name, Key="x/a/table.parquet")["Body"].read()
     assert pq.read_table(io.BytesIO(body)).equals(table)
 
 

@@ -26,6 +26,7 @@ from factory.config import ConfigError, config_from_dict
 if (
     TYPE_CHECKING
 ):  # torch only for the type hints: MODEL_NAMES feeds the CLI's choices without importing torch
+    import torch
     from torch import nn
 
 # The paper's epoch: "Tiny-ImageNet, which contained 45,000 images" (Section 3.2). `factory train` counts an epoch as
@@ -73,6 +74,24 @@ class ModelSpec:
     presets: Mapping[str, Any]  # preset name -> Config instance ("paper", "tiny")
     native_size: int  # training / native input size from the paper (Section 3.2)
     recipe: TrainingRecipe  # the reference training recipe (the model module's RECIPE)
+
+    def configure_optimizer(
+        self, model: nn.Module, lr: float | None = None, recipe: TrainingRecipe | None = None
+    ) -> torch.optim.AdamW:
+        """The model's optimiser, as nanoGPT's model owns `configure_optimizers`: AdamW with the recipe's rate,
+        betas and weight decay (`recipe`: this spec's RECIPE unless another is given, `lr` overriding its rate), the
+        decay not applied to biases and norm weights (1-d parameters; timm's add_weight_decay, which MAE uses). With
+        weight decay 0 this is exactly Adam."""
+        import torch
+
+        recipe = recipe or self.recipe
+        decayed = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+        plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+        groups = [
+            {"params": decayed, "weight_decay": recipe.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=recipe.lr if lr is None else lr, betas=recipe.betas)
 
 
 def _vqvae() -> ModelSpec:

@@ -97,7 +97,7 @@ class VGGFeatures(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, layer: str = "conv5_4") -> VGGFeatures:
-        from factory.sr import read_state_dict
+        from factory.sr.networks import read_state_dict
 
         state = read_state_dict(path)
         model = cls(layer)
