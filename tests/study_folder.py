@@ -103,7 +103,7 @@ def lpips_weights(folder: Path) -> Path | None:
 
 def write_evals(root: Path, lr_folder: Path, hr_folder: Path) -> None:
     """eval/edsr/<run>/tiny/ for every run, by factory.evaluate on tiny EDSR weights seeded per run."""
-    from factory.sr import build_network, save_weights
+    from factory.sr.networks import build_network, save_weights
 
     lpips = lpips_weights(root)
     for seed, run in enumerate((*FINETUNED_RUNS, *COLOUR_SHIFT_RUNS)):
