@@ -358,18 +358,19 @@ def test_a_failed_report_leaves_the_previous_one_whole(study: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_unfinished_evaluations_and_a_damaged_checkpoint_are_said_not_fatal(study: Path, tmp_path: Path):
+def test_unfinished_or_damaged_inputs_are_said_not_fatal(study: Path, tmp_path: Path):
     root = tmp_path / "study"
     shutil.copytree(study, root)
-    (
-        root / "eval/edsr/vqvae2-ep2" / EVALSET / "summary.json"
-    ).unlink()  # as an eval killed before it finished
+    evals = root / "eval" / "edsr"
+    (evals / "vqvae2-ep2" / EVALSET / "summary.json").unlink()  # as an eval killed before it finished
+    (evals / "vqvae2-ep1" / EVALSET / "summary.json").write_text('{"psnr": "n/a"}')  # not a number
     (root / "checkpoints/vqvae2/epoch-2.pt").write_bytes(b"not a checkpoint")
     write_report(root)
     text = (root / "report.md").read_text()
     rows = table_with(markdown_tables(text), f"edsr on {EVALSET}")
-    assert "vqvae2-ep2" not in [row["run"] for row in rows]
-    assert f"eval/edsr/vqvae2-ep2/{EVALSET}" in text.split("## Not finished")[1]
+    assert [row["run"] for row in rows] == ["pretrained", "bicubic"]
+    unfinished = text.split("## Not finished")[1]
+    assert f"eval/edsr/vqvae2-ep1/{EVALSET}, eval/edsr/vqvae2-ep2/{EVALSET}" in unfinished
     assert "vqvae2: not drawn (" in text and "reconstructions-vqvae2.png" not in text
     assert "sr-crops-edsr-tiny.png" in text  # the rest is there
 

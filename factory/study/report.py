@@ -142,24 +142,30 @@ def _number_or_none(value) -> float | None:
 
 
 def read_eval_run(folder: Path, root: Path) -> EvalRun:
-    """The EvalRun of one eval folder from its summary.json; FactoryError when it is unreadable."""
+    """The EvalRun of one eval folder from its summary.json; FactoryError when it is unreadable or its values are
+    not numbers."""
+    architecture, run, evalset = folder.relative_to(root / "eval").parts
     try:
         summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError) as error:
+        return EvalRun(
+            architecture=architecture,
+            run=run,
+            evalset=evalset,
+            folder=folder,
+            values={metric.key: _number_or_none(summary.get(metric.key)) for metric in METRICS},
+            images=int(summary.get("images", 0)),
+            y_channel=bool(summary.get("y_channel", False)),
+            crop_border=int(summary.get("crop_border", 0)),
+        )
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+    ) as error:  # AttributeError: JSON that is not an object
         raise FactoryError(
             f"{folder.relative_to(root)}: unreadable summary.json: {error_line(error)}"
         ) from None
-    architecture, run, evalset = folder.relative_to(root / "eval").parts
-    return EvalRun(
-        architecture=architecture,
-        run=run,
-        evalset=evalset,
-        folder=folder,
-        values={metric.key: _number_or_none(summary.get(metric.key)) for metric in METRICS},
-        images=int(summary.get("images", 0)),
-        y_channel=bool(summary.get("y_channel", False)),
-        crop_border=int(summary.get("crop_border", 0)),
-    )
 
 
 def read_eval_runs(root: Path) -> tuple[list[EvalRun], list[str]]:
@@ -633,7 +639,11 @@ def build_document(found: Found, figures: Path) -> Document:
     if found.incomplete:
         document.blocks.append(Heading(1, "Not finished"))
         document.blocks.append(
-            Paragraph("Evaluations without a summary.json yet: " + ", ".join(found.incomplete) + ".")
+            Paragraph(
+                "Evaluations without a readable summary.json (still running, killed, or damaged): "
+                + ", ".join(found.incomplete)
+                + "."
+            )
         )
     return document
 
