@@ -9,6 +9,7 @@ error, the boxes of the elements asked for, and a screenshot of the whole page.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -92,26 +93,32 @@ class _Pipe:
 
 
 def _launch(binary: str, profile: str) -> tuple[subprocess.Popen, _Pipe]:
+    """Start Chromium with our command pipe on its fd 3 and its reply pipe on its fd 4. Bash moves the pipes onto 3
+    and 4 just before exec'ing Chromium (a preexec_fn would run Python in a forked child of this multi-threaded
+    process, which can deadlock; dash takes only one-digit descriptors); the pipes are first copied to 10 and above
+    so that moving one cannot clobber the other. Chromium's own output goes to chromium.log in the profile."""
     to_chromium_read, to_chromium_write = os.pipe()
     from_chromium_read, from_chromium_write = os.pipe()
-
-    def wire_fds() -> None:  # in the child: its fd 3 reads our commands, its fd 4 carries its replies
-        read_end, write_end = os.dup(to_chromium_read), os.dup(from_chromium_write)
-        os.dup2(read_end, 3)
-        os.dup2(write_end, 4)
-
-    arguments = [binary, "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe"]
-    arguments += ["--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}"]
-    arguments += [f"--window-size={VIEWPORT_WIDTH},900", "about:blank"]
-    process = subprocess.Popen(
-        arguments,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=False,
-        preexec_fn=wire_fds,
-    )
-    os.close(to_chromium_read)
-    os.close(from_chromium_write)
+    commands_in = fcntl.fcntl(to_chromium_read, fcntl.F_DUPFD, 10)
+    replies_out = fcntl.fcntl(from_chromium_write, fcntl.F_DUPFD, 10)
+    for descriptor in (to_chromium_read, from_chromium_write):
+        os.close(descriptor)
+    arguments = ["--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe", "--no-first-run"]
+    arguments += [
+        "--no-default-browser-check",
+        f"--user-data-dir={profile}",
+        f"--window-size={VIEWPORT_WIDTH},900",
+    ]
+    wiring = f'exec "$@" 3<&{commands_in} 4>&{replies_out} {commands_in}<&- {replies_out}>&-'
+    with open(Path(profile) / "chromium.log", "wb") as log:
+        process = subprocess.Popen(
+            ["bash", "-c", wiring, "bash", binary, *arguments, "about:blank"],
+            stdout=log,
+            stderr=log,
+            pass_fds=(commands_in, replies_out),
+        )
+    os.close(commands_in)
+    os.close(replies_out)
     return process, _Pipe(to_chromium_write, from_chromium_read)
 
 
@@ -142,46 +149,56 @@ def load_page(binary: str, page: Path, selector: str = "table, img") -> PageLoad
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     process, pipe = _launch(binary, profile)
     try:
-        target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Network", "Runtime", "Log"):
-            pipe.send(f"{domain}.enable", session=session)
-        pipe.events.clear()  # about:blank's own events
-        pipe.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
-        pipe.wait_for("Page.loadEventFired")
-        metrics = pipe.send("Page.getLayoutMetrics", session=session)
-        height = int(metrics["cssContentSize"]["height"]) + 1
-        pipe.send(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": VIEWPORT_WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False},
-            session=session,
-        )
-        expression = _BOXES % json.dumps(selector)
-        boxes = pipe.send(
-            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session
-        )
-        shot = pipe.send("Page.captureScreenshot", {"format": "png"}, session=session)
-        requests = [
-            event["params"]["request"]["url"]
-            for event in pipe.events
-            if event.get("method") == "Network.requestWillBeSent"
-        ]
-        return PageLoad(
-            requests=requests,
-            errors=_errors(pipe.events),
-            boxes=json.loads(boxes["result"]["value"]),
-            screenshot=base64.b64decode(shot["data"]),
-        )
+        return _visit(pipe, page, selector)
+    except (OSError, RuntimeError, TimeoutError) as error:
+        log = (Path(profile) / "chromium.log").read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"{error}; chromium's log ends:\n{log}") from error
     finally:
-        try:
-            pipe.send("Browser.close", timeout=10.0)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        os.close(pipe.commands)
-        os.close(pipe.replies)
-        shutil.rmtree(profile, ignore_errors=True)
+        _close(process, pipe, profile)
+
+
+def _visit(pipe: _Pipe, page: Path, selector: str) -> PageLoad:
+    """Navigate a fresh page to `page` and collect its requests, errors, element boxes and screenshot."""
+    target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+    session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    for domain in ("Page", "Network", "Runtime", "Log"):
+        pipe.send(f"{domain}.enable", session=session)
+    pipe.events.clear()  # about:blank's own events
+    pipe.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
+    pipe.wait_for("Page.loadEventFired")
+    metrics = pipe.send("Page.getLayoutMetrics", session=session)
+    height = int(metrics["cssContentSize"]["height"]) + 1
+    pipe.send(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": VIEWPORT_WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        session=session,
+    )
+    expression = _BOXES % json.dumps(selector)
+    boxes = pipe.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
+    shot = pipe.send("Page.captureScreenshot", {"format": "png"}, session=session)
+    requests = [
+        event["params"]["request"]["url"]
+        for event in pipe.events
+        if event.get("method") == "Network.requestWillBeSent"
+    ]
+    return PageLoad(
+        requests=requests,
+        errors=_errors(pipe.events),
+        boxes=json.loads(boxes["result"]["value"]),
+        screenshot=base64.b64decode(shot["data"]),
+    )
+
+
+def _close(process: subprocess.Popen, pipe: _Pipe, profile: str) -> None:
+    try:
+        pipe.send("Browser.close", timeout=10.0)
+    except (RuntimeError, TimeoutError, OSError):
+        pass  # already gone
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    os.close(pipe.commands)
+    os.close(pipe.replies)
+    shutil.rmtree(profile, ignore_errors=True)

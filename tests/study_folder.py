@@ -2,7 +2,8 @@
 factory's own functions (no hand-written numbers):
 
     checkpoints/vqvae2/epoch-{1,2}.pt     tiny VQ-VAE-2, perturbed random weights, their regime measured for real
-    shards/, manifests/                   factory.build (in-process): bicubic, vqvae2-ep1, vqvae2-ep2, and the
+    shards/, manifests/                   factory.build (in-process): bicubic, vqvae2-ep1, vqvae2-ep2, labelled by
+                                          an untrained ResNet-18 classifier (arbitrary labels, real columns), and the
                                           colour-shift datasets bicubic-de0 (unshifted) and bicubic-de2
     evalsets/tiny/lr, hr                  bicubic LR of crops of two photos the datasets do not use
     eval/edsr/<run>/tiny/                 factory.evaluate.evaluate of tiny EDSR weights, one set per run (the weights
@@ -55,8 +56,25 @@ def write_checkpoints(root: Path, photos: dict[str, np.ndarray]) -> None:
         )
 
 
+def write_classifier(root: Path) -> Path:
+    """An untrained ResNet-18 degradation classifier at 16 px, as tests/test_build.py makes one."""
+    try:  # the classifier package of main (#17); the fallback is this branch's single module, drop it once merged
+        from factory.classifier.checkpoint import save_classifier
+        from factory.classifier.network import build_network
+        from factory.classifier.training import ClassifierTrainConfig
+    except ModuleNotFoundError:
+        from factory.classifier import ClassifierTrainConfig, build_network, save_classifier
+
+    torch.manual_seed(0)
+    path = root / "classifier.safetensors"
+    config = ClassifierTrainConfig(data="", arch="resnet18", size=16)
+    save_classifier(build_network("resnet18"), config, 0.0, path)
+    return path
+
+
 def write_datasets(root: Path, hr_folder: Path) -> None:
     """The datasets, built by factory.build in this process (no Ray)."""
+    classifier = str(write_classifier(root))
     common = dict(
         hr=(str(hr_folder),),
         crop=128,
@@ -70,9 +88,9 @@ def write_datasets(root: Path, hr_folder: Path) -> None:
         actors=0,
         progress=False,
     )
-    build(BuildConfig(model="bicubic", **common))
+    build(BuildConfig(model="bicubic", classifier=classifier, **common))
     for epoch in (1, 2):
-        build(BuildConfig(model="vqvae2", epoch=epoch, **common))
+        build(BuildConfig(model="vqvae2", epoch=epoch, classifier=classifier, **common))
     build(BuildConfig(model="bicubic", name="bicubic-de0", **common))
     build(BuildConfig(model="bicubic", target_delta_e=2.0, **common))
 

@@ -37,6 +37,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,11 @@ from factory.study.document import (
     to_html,
     to_markdown,
 )
+
+if TYPE_CHECKING:  # matplotlib and torch load only when a section needs them
+    import torch
+
+    from factory.stats import StatsReport
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ class Found:
     root: Path
     runs: list[EvalRun]
     incomplete: list[str]  # eval folders without a readable summary.json (relative paths)
-    stats: object | None  # factory.stats.StatsReport of OUT/manifests, None without datasets
+    stats: StatsReport | None  # factory.stats of OUT/manifests, None without datasets
 
 
 def natural_key(name: str) -> list:
@@ -136,24 +142,30 @@ def _number_or_none(value) -> float | None:
 
 
 def read_eval_run(folder: Path, root: Path) -> EvalRun:
-    """The EvalRun of one eval folder from its summary.json; FactoryError when it is unreadable."""
+    """The EvalRun of one eval folder from its summary.json; FactoryError when it is unreadable or its values are
+    not numbers."""
+    architecture, run, evalset = folder.relative_to(root / "eval").parts
     try:
         summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError) as error:
+        return EvalRun(
+            architecture=architecture,
+            run=run,
+            evalset=evalset,
+            folder=folder,
+            values={metric.key: _number_or_none(summary.get(metric.key)) for metric in METRICS},
+            images=int(summary.get("images", 0)),
+            y_channel=bool(summary.get("y_channel", False)),
+            crop_border=int(summary.get("crop_border", 0)),
+        )
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+    ) as error:  # AttributeError: JSON that is not an object
         raise FactoryError(
             f"{folder.relative_to(root)}: unreadable summary.json: {error_line(error)}"
         ) from None
-    architecture, run, evalset = folder.relative_to(root / "eval").parts
-    return EvalRun(
-        architecture=architecture,
-        run=run,
-        evalset=evalset,
-        folder=folder,
-        values={metric.key: _number_or_none(summary.get(metric.key)) for metric in METRICS},
-        images=int(summary.get("images", 0)),
-        y_channel=bool(summary.get("y_channel", False)),
-        crop_border=int(summary.get("crop_border", 0)),
-    )
 
 
 def read_eval_runs(root: Path) -> tuple[list[EvalRun], list[str]]:
@@ -172,7 +184,7 @@ def read_eval_runs(root: Path) -> tuple[list[EvalRun], list[str]]:
     return runs, incomplete
 
 
-def read_stats(root: Path):
+def read_stats(root: Path) -> StatsReport | None:
     """factory.stats of OUT/manifests (None when the study has no datasets yet)."""
     from factory.stats import compute_stats
 
@@ -254,7 +266,7 @@ def results_table(runs: list[EvalRun]) -> Table:
     return Table(header, rows, caption)
 
 
-def dataset_table(stats) -> Table:
+def dataset_table(stats: StatsReport) -> Table:
     """Per dataset: pairs, ΔE, entropy H and the regime of the checkpoint that made it (its card)."""
     header = ["dataset", "model", "epoch", "pairs", "mean ΔE", "p95 ΔE", "H (nats)"]
     header += ["ckpt PSNR", "ckpt SSIM", "ckpt ΔE", "ckpt checkerboard"]
@@ -283,7 +295,7 @@ def dataset_table(stats) -> Table:
     return Table(header, rows, caption)
 
 
-def colour_shift_table(runs: list[EvalRun], stats) -> Table:
+def colour_shift_table(runs: list[EvalRun], stats: StatsReport | None) -> Table:
     """The colour-shift runs of one (architecture, evalset): target ΔE, the dataset's measured mean ΔE, metrics."""
     measured = _dataset_delta_e(stats)
     header = ["run", "target ΔE", "dataset mean ΔE", *(metric.label for metric in METRICS)]
@@ -301,7 +313,7 @@ def colour_shift_table(runs: list[EvalRun], stats) -> Table:
     return Table(header, rows, caption)
 
 
-def _dataset_delta_e(stats) -> dict[str, float]:
+def _dataset_delta_e(stats: StatsReport | None) -> dict[str, float]:
     if stats is None:
         return {}
     return {item.dataset: item.delta_e_mean for item in stats.datasets if item.delta_e_mean is not None}
@@ -373,7 +385,7 @@ def pair_images(root: Path, where: str | None, count: int, member: str) -> list[
     return images
 
 
-def sample_lr_images(root: Path, count: int):
+def sample_lr_images(root: Path, count: int) -> torch.Tensor | None:
     """The bicubic LR x of the first `count` pairs of the first dataset, (N, 3, h, w) uint8, exactly as the build
     makes x from their HR crops (factory.regime.lr_image); None when no dataset has pairs."""
     from factory.regime import lr_image
@@ -415,8 +427,13 @@ def reconstructions_section(root: Path, document: Document, figures: Path) -> No
         document.blocks.append(Paragraph("Not drawn: no dataset has pairs to take LR images from yet."))
         return
     for model in models:
+        try:
+            by_epoch = reconstructions_by_epoch(root / "checkpoints", model, images)
+        except FactoryError as error:  # an unreadable checkpoint: said in the report, the other models drawn
+            document.blocks.append(Paragraph(f"{model}: not drawn ({error})."))
+            continue
         columns = []
-        for epoch, regime, reconstructed in reconstructions_by_epoch(root / "checkpoints", model, images):
+        for epoch, regime, reconstructed in by_epoch:
             summary = f"PSNR {regime['psnr']:.1f} ΔE {regime['delta_e']:.1f}" if regime.get("psnr") else ""
             columns.append((f"epoch {epoch}\n{summary}", reconstructed))
         columns.append(("input x\n(bicubic LR)", images))
@@ -520,10 +537,13 @@ def colour_shift_examples(found: Found, figures: Path) -> FigureBlock | None:
         key=lambda item: colour_shift_target(item.dataset),
     )
     columns = []
-    for (
-        item
-    ) in datasets:  # the name matched COLOUR_SHIFT_RUN: letters, digits and '-' only, safe in the predicate
-        pairs = pair_images(found.root, f"dataset = '{item.dataset}'", COLOUR_SHIFT_EXAMPLES, "lr")
+    # Each name matched COLOUR_SHIFT_RUN (letters, digits and '-' only), so it is safe inside the predicate.
+    for item in datasets:
+        try:
+            pairs = pair_images(found.root, f"dataset = '{item.dataset}'", COLOUR_SHIFT_EXAMPLES, "lr")
+        except FactoryError as error:  # shards missing or damaged: the figure is left out, the report goes on
+            logger.warning("no colour-shift examples: %s", error)
+            return None
         columns.append((f"{item.dataset}\nΔE {format_value(item.delta_e_mean, 2)}", [lr for _, lr in pairs]))
     if not columns or len({len(images) for _, images in columns}) != 1:
         return None
@@ -539,7 +559,7 @@ def colour_shift_examples(found: Found, figures: Path) -> FigureBlock | None:
     return FigureBlock(_figure_path(name), caption)
 
 
-def _hr_image(root: Path, evalset: str, name: str):
+def _hr_image(root: Path, evalset: str, name: str) -> np.ndarray | None:
     """The ground truth `name` of an evaluation set made by the study (OUT/evalsets/<evalset>/hr), or None."""
     from factory.sources import RejectedImage, load_rgb
 
@@ -551,7 +571,7 @@ def _hr_image(root: Path, evalset: str, name: str):
     return None
 
 
-def strip_columns(root: Path, runs: list[EvalRun]) -> list[tuple[str, object]]:
+def strip_columns(root: Path, runs: list[EvalRun]) -> list[tuple[str, torch.Tensor]]:
     """(title, (N, 3, s, s) uint8) per run: centre crops of the same SR images (the first STRIP_IMAGES names
     every run has), then the ground truth where the study made the evaluation set."""
     from factory.sources import RejectedImage, load_rgb
@@ -619,7 +639,11 @@ def build_document(found: Found, figures: Path) -> Document:
     if found.incomplete:
         document.blocks.append(Heading(1, "Not finished"))
         document.blocks.append(
-            Paragraph("Evaluations without a summary.json yet: " + ", ".join(found.incomplete) + ".")
+            Paragraph(
+                "Evaluations without a readable summary.json (still running, killed, or damaged): "
+                + ", ".join(found.incomplete)
+                + "."
+            )
         )
     return document
 
