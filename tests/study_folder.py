@@ -58,12 +58,9 @@ def write_checkpoints(root: Path, photos: dict[str, np.ndarray]) -> None:
 
 def write_classifier(root: Path) -> Path:
     """An untrained ResNet-18 degradation classifier at 16 px, as tests/test_build.py makes one."""
-    try:  # the classifier package of main (#17); the fallback is this branch's single module, drop it once merged
-        from factory.classifier.checkpoint import save_classifier
-        from factory.classifier.network import build_network
-        from factory.classifier.training import ClassifierTrainConfig
-    except ModuleNotFoundError:
-        from factory.classifier import ClassifierTrainConfig, build_network, save_classifier
+    from factory.classifier.checkpoint import save_classifier
+    from factory.classifier.network import build_network
+    from factory.classifier.training import ClassifierTrainConfig
 
     torch.manual_seed(0)
     path = root / "classifier.safetensors"
