@@ -112,6 +112,20 @@ class PretrainConfig:
     seed: int = 0
 
 
+# The fine-tune settings an architecture sets for all its datasets, and `overrides` per dataset.
+FINETUNE_SETTINGS = (
+    "iterations",
+    "batch_size",
+    "patch_size",
+    "learning_rate",
+    "where",
+    "loss",
+    "vgg_weights",
+    "checkpoint_every",
+    "seed",
+)
+
+
 @dataclass(frozen=True)
 class ArchitectureConfig:
     name: str  # edsr | esrgan | swinir | hat
@@ -128,9 +142,20 @@ class ArchitectureConfig:
     vgg_weights: str | None = None  # with loss: esrgan
     checkpoint_every: int = 1000
     seed: int = 0
+    # per dataset, fine-tune settings that differ from the ones above, e.g. {bicubic: {iterations: 20000}}
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evalsets: tuple[str, ...] | str = "all"  # evaluation sets of this architecture's runs
 
     def __post_init__(self):
         _name(self.name, "architecture")
+        tunable = set(FINETUNE_SETTINGS)
+        for dataset, settings in (self.overrides or {}).items():
+            unknown = sorted(set(settings) - tunable) if isinstance(settings, dict) else ["(not a mapping)"]
+            if unknown:
+                raise ConfigError(
+                    f"architectures.{self.name}.overrides.{dataset}: unknown setting(s) {unknown}; "
+                    f"known: {sorted(tunable)}"
+                )
         if isinstance(self.pretrained, dict):
             object.__setattr__(self, "pretrained", config_from_dict(PretrainConfig, self.pretrained))
         if self.datasets != "all":
@@ -171,7 +196,12 @@ class EvalSetConfig:
 
 @dataclass(frozen=True)
 class ColorShiftConfig:
-    targets: tuple[float, ...]  # target mean ΔE of each shifted bicubic dataset (the paper: nine values)
+    targets: tuple[
+        float, ...
+    ]  # target mean ΔE of each bicubic dataset (0: unshifted; the paper: nine values)
+    evalsets: tuple[str, ...] | str = (
+        "all"  # evaluation sets of these runs (the paper: Set14, B100, Manga109)
+    )
     architecture: str = "swinir"  # trained from scratch on each
     preset: str = "paper"  # its shape
     iterations: int = 10_000
@@ -183,8 +213,8 @@ class ColorShiftConfig:
 
     def __post_init__(self):
         targets = tuple(float(target) for target in self.targets)
-        if not targets or not all(math.isfinite(target) and target > 0 for target in targets):
-            raise ConfigError("color_shift.targets: give target ΔE values > 0")
+        if not targets or not all(math.isfinite(target) and target >= 0 for target in targets):
+            raise ConfigError("color_shift.targets: give target ΔE values >= 0 (0: bicubic, no shift)")
         object.__setattr__(self, "targets", targets)
         _name(self.architecture, "color_shift.architecture")
 
@@ -296,6 +326,17 @@ def _check_references(config: StudyConfig) -> None:
                 raise ConfigError(
                     f"architecture {architecture.name}: no dataset {name!r}; the study's: {datasets}"
                 )
+        for name in architecture.overrides:
+            if name not in datasets:
+                raise ConfigError(f"architectures.{architecture.name}.overrides: no dataset {name!r}")
+    evalsets = [item.name for item in config.evalsets]
+    chosen = [(f"architectures.{item.name}", item.evalsets) for item in config.architectures]
+    if config.color_shift is not None:
+        chosen.append(("color_shift", config.color_shift.evalsets))
+    for what, names in chosen:
+        for name in () if names == "all" else names:
+            if name not in evalsets:
+                raise ConfigError(f"{what}.evalsets: no evaluation set {name!r}; the config's: {evalsets}")
     if config.architectures and not config.evalsets:
         raise ConfigError("architectures are fine-tuned but no evalsets are given to evaluate them on")
     for path in _all_paths(config):

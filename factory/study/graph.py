@@ -25,6 +25,7 @@ from typing import Any
 from factory.config import FactoryError
 from factory.storage import Storage
 from factory.study.config import (
+    FINETUNE_SETTINGS,
     ArchitectureConfig,
     PretrainConfig,
     StudyConfig,
@@ -159,7 +160,9 @@ def _build_stages(config: StudyConfig) -> list[Stage]:
     if config.color_shift is not None:
         for target in config.color_shift.targets:
             dataset = color_shift_dataset(target)
-            settings = {**_build_settings(config, dataset, "bicubic", None), "target_delta_e": target}
+            settings = _build_settings(config, dataset, "bicubic", None)
+            if target > 0:  # 0: the unshifted bicubic pairs, the study's reference point
+                settings["target_delta_e"] = target
             stages.append(
                 _build_stage(
                     dataset,
@@ -202,8 +205,10 @@ def _label_stages(config: StudyConfig) -> list[Stage]:
 
 
 def _settled(config: StudyConfig, dataset: str) -> str:
-    """The stage after which a dataset's manifests are final (labelled when the study has a classifier)."""
-    return _stage_id("label" if config.classifier is not None else "build", dataset)
+    """The stage after which a dataset's manifests are final (labelled when the study has a classifier; the
+    colour-shift datasets are not labelled)."""
+    labelled = config.classifier is not None and dataset in config.datasets
+    return _stage_id("label" if labelled else "build", dataset)
 
 
 def _stats_stage(config: StudyConfig) -> list[Stage]:
@@ -244,20 +249,14 @@ def _evalset_stages(config: StudyConfig) -> list[Stage]:
 def _finetune_settings(
     architecture: ArchitectureConfig, dataset: str, pretrained: str | None
 ) -> dict[str, Any]:
+    settings = {name: getattr(architecture, name) for name in FINETUNE_SETTINGS}
+    settings.update(architecture.overrides.get(dataset, {}))
     return {
         "architecture": architecture.name,
         "dataset": dataset,
         "pretrained": pretrained,
-        "iterations": architecture.iterations,
-        "batch_size": architecture.batch_size,
-        "patch_size": architecture.patch_size,
-        "learning_rate": architecture.learning_rate,
-        "where": architecture.where,
-        "loss": architecture.loss,
-        "vgg_weights": architecture.vgg_weights,
-        "checkpoint_every": architecture.checkpoint_every,
-        "seed": architecture.seed,
         "preset": "paper",
+        **settings,
     }
 
 
@@ -269,17 +268,15 @@ def _sr_stages(config: StudyConfig) -> list[Stage]:
         if isinstance(weights, PretrainConfig):
             stages.append(_pretrain_stage(config, architecture.name, weights))
             weights, weight_needs = f"pretrain/{architecture.name}/model.pth", (stages[-1].id,)
-        stages += _eval_stages(config, architecture.name, "pretrained", weights, weight_needs)
+        evalsets = architecture.evalsets
+        stages += _eval_stages(config, architecture.name, "pretrained", weights, weight_needs, evalsets)
         datasets = config.datasets if architecture.datasets == "all" else architecture.datasets
         for dataset in datasets:
             settings = _finetune_settings(architecture, dataset, weights)
             stages.append(_finetune_stage(config, settings, weight_needs))
+            weights_here = f"finetune/{architecture.name}/{dataset}/model.pth"
             stages += _eval_stages(
-                config,
-                architecture.name,
-                dataset,
-                f"finetune/{architecture.name}/{dataset}/model.pth",
-                (stages[-1].id,),
+                config, architecture.name, dataset, weights_here, (stages[-1].id,), evalsets
             )
     if config.color_shift is not None:
         shift = config.color_shift
@@ -302,12 +299,9 @@ def _sr_stages(config: StudyConfig) -> list[Stage]:
                 "from_scratch": True,
             }
             stages.append(_finetune_stage(config, settings, ()))
+            weights_here = f"finetune/{shift.architecture}/{dataset}/model.pth"
             stages += _eval_stages(
-                config,
-                shift.architecture,
-                dataset,
-                f"finetune/{shift.architecture}/{dataset}/model.pth",
-                (stages[-1].id,),
+                config, shift.architecture, dataset, weights_here, (stages[-1].id,), shift.evalsets
             )
     return stages
 
@@ -361,12 +355,19 @@ def _finetune_stage(config: StudyConfig, settings: dict[str, Any], weight_needs:
 
 
 def _eval_stages(
-    config: StudyConfig, architecture: str, run: str, weights: str | None, weight_needs: tuple[str, ...]
+    config: StudyConfig,
+    architecture: str,
+    run: str,
+    weights: str | None,
+    weight_needs: tuple[str, ...],
+    evalsets: tuple[str, ...] | str,
 ) -> list[Stage]:
     if weights is None:
         return []  # an architecture without pretrained weights has no "pretrained" row
     stages = []
     for item in config.evalsets:
+        if evalsets != "all" and item.name not in evalsets:
+            continue
         made = item.make is not None
         settings = {
             "architecture": architecture,

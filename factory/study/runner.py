@@ -146,14 +146,21 @@ class Progress:
         self.total = total
         self.done = self.running = self.failed = 0
 
-    def line(self, text: str) -> None:
-        counts = f"[done {self.done}, running {self.running}, failed {self.failed}, of {self.total}]"
-        message = f"{_now()} {text}  {counts}"
-        print(message, flush=True)
+    def header(self) -> None:
+        """Marks where a run starts in logs/study.log (a rerun appends to it)."""
+        self._append(f"=== study run {_iso(time.time())} pid {os.getpid()} host {socket.gethostname()}")
+
+    def _append(self, message: str) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as stream:
                 stream.write(message + "\n")
+
+    def line(self, text: str) -> None:
+        counts = f"[done {self.done}, running {self.running}, failed {self.failed}, of {self.total}]"
+        message = f"{_now()} {text}  {counts}"
+        print(message, flush=True)
+        self._append(message)
 
 
 def print_graph(states: list[StageState]) -> None:
@@ -276,6 +283,7 @@ def _run_graph(ray, config: StudyConfig, out: Path, states: list[StageState]) ->
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     outcome = StudyOutcome()
     progress = Progress(out, len(states))
+    progress.header()
     finished: set[str] = set()
     for item in states:
         if item.state == "done":
