@@ -195,10 +195,13 @@ def test_shipped_configs_parse_into_the_papers_graph():
     protocol = {item.name: (item.y_channel, item.crop_border) for item in paper.evalsets}
     assert protocol["ntire2018-t3"] == protocol["ntire2020-t2"] == (True, 4)
     assert {i for i in ids if i.startswith("eval.hat.vqvae2-ep8.")} == {
-        "eval.hat.vqvae2-ep8.ntire2018-t3", "eval.hat.vqvae2-ep8.ntire2020-t2"
+        "eval.hat.vqvae2-ep8.ntire2018-t3",
+        "eval.hat.vqvae2-ep8.ntire2020-t2",
     }
     assert {i for i in ids if i.startswith("eval.swinir.bicubic-de8.")} == {
-        "eval.swinir.bicubic-de8.set14", "eval.swinir.bicubic-de8.b100", "eval.swinir.bicubic-de8.manga109"
+        "eval.swinir.bicubic-de8.set14",
+        "eval.swinir.bicubic-de8.b100",
+        "eval.swinir.bicubic-de8.manga109",
     }
     smoke = load_study(ROOT / "studies" / "smoke.yaml")
     assert "report" in {stage.id for stage in build_graph(smoke)}
