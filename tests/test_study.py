@@ -294,6 +294,32 @@ def test_changing_one_finetune_setting_reruns_only_it_its_evals_and_the_report(
     assert f"| edsr | bicubic | cat | {summary['psnr']:.2f} |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_failed_stage_is_reported_the_others_go_on_and_downstream_is_not_run(
+    tmp_path, local_ray, stand_in_report, capsys
+):
+    from factory.study.runner import run_study
+
+    values = tiny_study(tmp_path / "study")
+    values["reconstructors"] = []
+    values["evalsets"][0]["make"]["hr"] = str(tmp_path / "no-such-folder")
+
+    outcome = run_study(study_from_dict(values))
+
+    assert outcome.failed == ["evalset.cat"] and outcome.exit_status == 1
+    assert set(outcome.blocked) == {"eval.edsr.pretrained.cat", "eval.edsr.bicubic.cat", "report"}
+    assert {"build.bicubic", "pretrain.edsr", "finetune.edsr.bicubic", "stats"} <= set(outcome.done)
+    log_path = tmp_path / "study" / "logs" / "evalset.cat.log"
+    failed_line = [line for line in capsys.readouterr().out.splitlines() if "FAILED evalset.cat" in line]
+    assert (
+        len(failed_line) == 1
+        and "not a folder of images" in failed_line[0]
+        and str(log_path) in failed_line[0]
+    )
+    assert "Traceback" in log_path.read_text()  # the log has the whole story, the driver line one sentence
+    assert records(tmp_path / "study")["evalset.cat"]["state"] == "failed"
+
+
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {
         str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)

@@ -318,6 +318,9 @@ def _run_graph(ray, config: StudyConfig, out: Path, states: list[StageState]) ->
                 )
                 running[reference] = item
         if not running:
+            if pending and not any(all(need in finished for need in item.stage.needs) for item in pending):
+                waiting = ", ".join(item.stage.id for item in pending)
+                raise FactoryError(f"stages wait for stages that are not part of this run: {waiting}")
             continue
         ready, _ = ray.wait(list(running), num_returns=1)
         for reference in ready:
