@@ -168,6 +168,13 @@ def test_config_errors_are_one_line(tmp_path):
         study_from_dict({**values, "reconstructors": [{"model": "vqvae2", "epohcs": [1]}]})
     with pytest.raises(ConfigError, match="no dataset 'vqvae-ep9'"):
         study_from_dict({**values, "architectures": [{"name": "edsr", "datasets": ["vqvae-ep9"]}]})
+    with pytest.raises(ConfigError, match=r"learning_rate: 'fast' is not a number"):
+        study_from_dict({**values, "architectures": [{"name": "edsr", "learning_rate": "fast"}]})
+    # YAML 1.1 reads 1e-4 as a string; the config takes the number it spells
+    architecture = yaml.safe_load("name: edsr\nlearning_rate: 1e-4")
+    assert architecture["learning_rate"] == "1e-4"
+    parsed = study_from_dict({**values, "architectures": [architecture]})
+    assert parsed.architectures[0].learning_rate == 1e-4
     with pytest.raises(ConfigError, match="no such photo group"):
         study_from_dict({**values, "data": {"hr": ["photos:nope"]}})
     config = write_config(tmp_path / "bad.yaml", {**values, "shards": "x"})

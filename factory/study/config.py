@@ -33,6 +33,19 @@ def _name(value: str, what: str) -> str:
     return value
 
 
+def _rates(config: Any, what: str, *names: str) -> None:
+    """Float settings as numbers: YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string, which is taken here as the
+    number it spells; anything else that is not a number is a ConfigError."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            continue
+        try:
+            object.__setattr__(config, name, float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what}.{name}: {value!r} is not a number") from None
+
+
 def _paths(value: Any, what: str) -> tuple[str, ...]:
     """A path or a list of them, as a tuple of strings."""
     items = [value] if isinstance(value, str) else value
@@ -52,9 +65,8 @@ class DataConfig:
     shard_size: int = 1000  # pairs per shard
     codec: str = "png"  # shard payload codec
     seed: int = 0  # the build seed (every dataset's pairs draw from it)
-    actors: int | None = (
-        None  # build actors (None: one per CPU or GPU of the cluster; 0: in the stage's process)
-    )
+    # build actors (None: one per CPU or GPU of the cluster; 0: in the stage's process)
+    actors: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hr", _paths(self.hr, "data.hr"))
@@ -79,14 +91,14 @@ class ReconstructorConfig:
             raise ConfigError(f"reconstructor {self.model}: epochs must be whole numbers >= 1")
         object.__setattr__(self, "epochs", tuple(sorted(set(epochs))))
         _name(self.model, "reconstructor model")
+        _rates(self, f"reconstructor {self.model}", "lr")
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     path: str | None = None  # an existing classifier checkpoint (safetensors); or train one:
-    train: dict[str, Any] | None = (
-        None  # ClassifierTrainConfig fields (data, arch, per_class, epochs, size, ...)
-    )
+    # ClassifierTrainConfig fields (data, arch, per_class, epochs, size, ...)
+    train: dict[str, Any] | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.train is None):
@@ -111,6 +123,9 @@ class PretrainConfig:
     preset: str = "tiny"
     seed: int = 0
 
+    def __post_init__(self):
+        _rates(self, "pretrained", "learning_rate")
+
 
 # The fine-tune settings an architecture sets for all its datasets, and `overrides` per dataset.
 FINETUNE_SETTINGS = (
@@ -129,9 +144,8 @@ FINETUNE_SETTINGS = (
 @dataclass(frozen=True)
 class ArchitectureConfig:
     name: str  # edsr | esrgan | swinir | hat
-    pretrained: str | PretrainConfig | None = (
-        None  # official weights (a path), or a pretraining run (a mapping)
-    )
+    # official weights (a path), or a pretraining run (a mapping)
+    pretrained: str | PretrainConfig | None = None
     datasets: tuple[str, ...] | str = "all"  # datasets to fine-tune on: "all" or a list of dataset names
     iterations: int = 10_000
     batch_size: int = 16
@@ -148,6 +162,7 @@ class ArchitectureConfig:
 
     def __post_init__(self):
         _name(self.name, "architecture")
+        _rates(self, f"architectures.{self.name}", "learning_rate")
         tunable = set(FINETUNE_SETTINGS)
         for dataset, settings in (self.overrides or {}).items():
             unknown = sorted(set(settings) - tunable) if isinstance(settings, dict) else ["(not a mapping)"]
@@ -196,12 +211,10 @@ class EvalSetConfig:
 
 @dataclass(frozen=True)
 class ColorShiftConfig:
-    targets: tuple[
-        float, ...
-    ]  # target mean ΔE of each bicubic dataset (0: unshifted; the paper: nine values)
-    evalsets: tuple[str, ...] | str = (
-        "all"  # evaluation sets of these runs (the paper: Set14, B100, Manga109)
-    )
+    # target mean ΔE of each bicubic dataset (0: unshifted; the paper: nine values)
+    targets: tuple[float, ...]
+    # evaluation sets of these runs (the paper: Set14, B100, Manga109)
+    evalsets: tuple[str, ...] | str = "all"
     architecture: str = "swinir"  # trained from scratch on each
     preset: str = "paper"  # its shape
     iterations: int = 10_000
@@ -217,6 +230,7 @@ class ColorShiftConfig:
             raise ConfigError("color_shift.targets: give target ΔE values >= 0 (0: bicubic, no shift)")
         object.__setattr__(self, "targets", targets)
         _name(self.architecture, "color_shift.architecture")
+        _rates(self, "color_shift", "learning_rate")
 
 
 def color_shift_dataset(target: float) -> str:
@@ -236,9 +250,8 @@ class StudyConfig:
     evalsets: tuple[EvalSetConfig, ...] = ()
     color_shift: ColorShiftConfig | None = None
     photos: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> bundled photo file names
-    device: str = (
-        "auto"  # torch device of train, fine-tune and eval stages (auto: CUDA where the node has one)
-    )
+    # torch device of train, fine-tune and eval stages (auto: CUDA where the node has one)
+    device: str = "auto"
     lpips_weights: str | None = None  # LPIPS (alex) weights for the evals; None: no LPIPS column
 
     @property

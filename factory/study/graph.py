@@ -44,14 +44,12 @@ class Stage:
     kind: str  # photos, train, build, classifier, label, stats, evalset, pretrain, finetune, eval, report
     settings: dict[str, Any]  # what the stage is made from (JSON); the stage functions read only these
     needs: tuple[str, ...] = ()  # ids of the stages whose outputs it reads
-    outputs: tuple[
-        str, ...
-    ] = ()  # paths under OUT it writes: removed before it reruns where it cannot resume
+    # paths under OUT it writes: removed before it reruns where it cannot resume
+    outputs: tuple[str, ...] = ()
     resumable: bool = False  # its function resumes its own partial output (train, build, finetune)
     accelerated: bool = False  # wants a GPU where the cluster has one (train, fine-tune, eval)
-    names: dict[str, Any] = field(
-        default_factory=dict
-    )  # model/epoch/dataset/architecture/run/evalset, for readers
+    # model / epoch / dataset / architecture / run / evalset, for readers of the records (the report)
+    names: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
