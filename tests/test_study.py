@@ -214,6 +214,59 @@ def test_shipped_configs_parse_into_the_papers_graph():
     assert "report" in {stage.id for stage in build_graph(smoke)}
 
 
+def test_a_config_change_makes_exactly_its_downstream_stale(tmp_path):
+    """Graph only: records as a finished run leaves them, then one setting changed at each level."""
+    from factory.study.graph import fingerprints
+
+    values = tiny_study(tmp_path / "study")
+    root = Storage(tmp_path / "study")
+    stages = build_graph(study_from_dict(values))
+    for stage_id, fingerprint in fingerprints(stages).items():
+        record = {"stage": stage_id, "state": "done", "fingerprint": fingerprint}
+        root.write_bytes_atomic(f"stages/{stage_id}.json", json.dumps(record).encode())
+
+    def stale(changed: dict) -> set[str]:
+        states = stage_states(build_graph(study_from_dict(changed)), root)
+        return {item.stage.id for item in states if item.state != "done"}
+
+    assert stale(values) == set()
+    changed = json.loads(json.dumps(values))
+    changed["architectures"][0]["overrides"] = {"vqvae2-ep1": {"where": "delta_e < 5"}}
+    assert stale(changed) == {"finetune.edsr.vqvae2-ep1", "eval.edsr.vqvae2-ep1.cat", "report"}
+    changed = json.loads(json.dumps(values))
+    changed["reconstructors"][0]["epoch_size"] = 32  # the checkpoint, its dataset and all that follows it
+    assert stale(changed) == {
+        "train.vqvae2",
+        "build.vqvae2-ep1",
+        "stats",
+        "finetune.edsr.vqvae2-ep1",
+        "eval.edsr.vqvae2-ep1.cat",
+        "report",
+    }
+    changed = json.loads(json.dumps(values))
+    changed["evalsets"][0]["crop_border"] = 0  # every eval, nothing trained
+    assert stale(changed) == {stage.id for stage in stages if stage.kind == "eval"} | {"report"}
+
+
+def test_only_selects_the_named_stages_and_what_they_need(tmp_path):
+    from factory.config import FactoryError
+    from factory.study.runner import select
+
+    stages = build_graph(study_from_dict(tiny_study(tmp_path / "study")))
+    chosen = {stage.id for stage in select(stages, ["eval.edsr.bicubic.*"])}
+    assert chosen == {
+        "photos.train",
+        "photos.eval",
+        "build.bicubic",
+        "pretrain.edsr",
+        "finetune.edsr.bicubic",
+        "evalset.cat",
+        "eval.edsr.bicubic.cat",
+    }
+    with pytest.raises(FactoryError, match="--only nope: no such stage"):
+        select(stages, ["nope"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Resume, config change, dry run
 # --------------------------------------------------------------------------------------------------------------------
