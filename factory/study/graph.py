@@ -259,7 +259,7 @@ def _finetune_settings(
 
 
 def _sr_stages(config: StudyConfig) -> list[Stage]:
-    """Pretraining (where configured), fine-tunes and their evals, for each architecture."""
+    """Pretraining (where configured), fine-tunes and their evals, for each architecture (Tables 1 and 2)."""
     stages = []
     for architecture in config.architectures:
         weights, weight_needs = architecture.pretrained, ()
@@ -276,8 +276,14 @@ def _sr_stages(config: StudyConfig) -> list[Stage]:
             stages += _eval_stages(
                 config, architecture.name, dataset, weights_here, (stages[-1].id,), evalsets
             )
-    if config.color_shift is not None:
-        shift = config.color_shift
+    return stages
+
+
+def _color_shift_stages(config: StudyConfig) -> list[Stage]:
+    """Figures 10 and 11: the architecture trained from scratch on each shifted bicubic dataset, and its evals."""
+    stages: list[Stage] = []
+    shift = config.color_shift
+    if shift is not None:
         for target in shift.targets:
             dataset = color_shift_dataset(target)
             settings = {
@@ -405,6 +411,7 @@ def build_graph(config: StudyConfig) -> list[Stage]:
         *_stats_stage(config),
         *_evalset_stages(config),
         *_sr_stages(config),
+        *_color_shift_stages(config),
     ]
     if stages:
         stages.append(
