@@ -93,6 +93,8 @@ class BuildConfig:
     seed: int = 0  # the build seed; each pair draws from a generator seeded from (seed, its key)
     max_pixels: int | None = None  # larger images are rejected as decompression bombs (None: Pillow's 89.5 M)
     color_correct: bool = False  # correct the degraded LR's colour towards the bicubic LR (colour module)
+    color_shift: tuple[float, float, float] | None = None  # bicubic only: (ΔL*, Δa*, Δb*) added to every LR
+    target_delta_e: float | None = None  # bicubic only: shift each LR in CIELAB to this mean ΔE (Fig. 10)
     classifier: str | None = None  # degradation classifier checkpoint that fills the label columns
     max_attempts: int = 3  # tries per shard before the build gives up (an actor death costs one)
     actor_timeout: float = 600.0  # seconds without any worker actor up before the build gives up
@@ -617,11 +619,12 @@ def check_counts(config: BuildConfig) -> None:
 
 
 def degradation_options(config: BuildConfig) -> dict[str, Any]:
-    """The classical degrader's options from --degradation-config ({} without one), checked by building the
-    degrader here: an unknown degrader, a bad option, or an --epoch that does not fit --model is a one-line error
-    before any work. The scale comes from --scale (a file may repeat it, not contradict it)."""
+    """The classical degrader's options from --degradation-config and --color-shift / --target-delta-e ({} without
+    them), checked by building the degrader here: an unknown degrader, a bad option, or an --epoch that does not fit
+    --model is a one-line error before any work. The scale comes from --scale (a file may repeat it, not contradict it)."""
     from factory.degraders import DEGRADER_NAMES, get_degrader, load_options
 
+    shift = color_shift_options(config)
     if reconstructs(config.model):
         if config.epoch is None:
             raise FactoryError(
@@ -635,11 +638,33 @@ def degradation_options(config: BuildConfig) -> dict[str, Any]:
     if config.epoch is not None:
         raise FactoryError(f"--epoch is for reconstructors; {config.model} has no checkpoint")
     options = load_options(config.model, config.degradation_config) if config.degradation_config else {}
+    options.update(shift)
     scale = options.pop("scale", config.scale)
     if scale != config.scale:
         raise FactoryError(f"{config.degradation_config} sets scale {scale!r} but --scale is {config.scale}")
     get_degrader(config.model, {**options, "scale": config.scale})
     return options
+
+
+def color_shift_options(config: BuildConfig) -> dict[str, Any]:
+    """--color-shift / --target-delta-e as the bicubic degrader's options ({} without them); a one-line error when
+    both are given or the degrader does not make its LR by bicubic downsampling alone."""
+    if config.color_shift is None and config.target_delta_e is None:
+        return {}
+    if config.color_shift is not None and config.target_delta_e is not None:
+        raise FactoryError("--color-shift and --target-delta-e are mutually exclusive: give one")
+    if config.model != "bicubic":
+        raise FactoryError(
+            f"--color-shift and --target-delta-e shift the bicubic LR: only --model bicubic takes them, "
+            f"not {config.model}"
+        )
+    if config.color_correct:
+        raise FactoryError(
+            "--color-correct would remove the colour shift that --color-shift / --target-delta-e add"
+        )
+    if config.color_shift is not None:
+        return {"color_shift": [float(component) for component in config.color_shift]}
+    return {"target_delta_e": float(config.target_delta_e)}
 
 
 def _uncommitted(

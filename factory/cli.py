@@ -224,6 +224,19 @@ def train_command(
 # --- build commands ---
 
 
+def _lab_shift_option(context, parameter, value: str | None) -> tuple[float, float, float] | None:
+    """'L,a,b' -> (ΔL*, Δa*, Δb*)."""
+    if value is None:
+        return None
+    try:
+        components = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        components = ()
+    if len(components) != 3:
+        raise click.BadParameter(f"expected three numbers L,a,b such as 0,4,-2.5, got {value!r}")
+    return components
+
+
 @main.command("build")
 @click.option(
     "--hr",
@@ -374,6 +387,23 @@ def train_command(
     "color_correct",
     is_flag=True,
     help="Correct the degraded LR's colours towards the bicubic LR.",
+)
+@click.option(
+    "--color-shift",
+    "color_shift",
+    default=None,
+    callback=_lab_shift_option,
+    metavar="L,a,b",
+    help="--model bicubic only: shift every LR in CIELAB by (ΔL*, Δa*, Δb*), e.g. --color-shift=0,4,-2.5 "
+    "(the paper's colour-difference datasets, Figures 10 and 11) [default name: bicubic-lab<L>_<a>_<b>].",
+)
+@click.option(
+    "--target-delta-e",
+    "target_delta_e",
+    default=None,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="--model bicubic only: shift each LR in CIELAB along (0, 1, 1) until its mean CIEDE2000 to the bicubic "
+    "LR is this [default name: bicubic-de<X>]; not with --color-shift.",
 )
 @click.option(
     "--classifier",

@@ -86,9 +86,19 @@ def reconstructs(model: str) -> bool:
     return model in MODEL_NAMES
 
 
+def _name_number(value: float) -> str:
+    """A number as dataset names write it: shortest form, '.' as 'p' (3 -> "3", 1.5 -> "1p5")."""
+    return f"{float(value):g}".replace(".", "p")
+
+
 def dataset_name(config: BuildConfig) -> str:
-    """--name, or "<model>-ep<E>" for a reconstructor, or the degrader's name ("bicubic", "realesrgan", ...)."""
+    """--name, or "<model>-ep<E>" for a reconstructor, or the degrader's name ("bicubic", "realesrgan", ...), with
+    "-de<X>" or "-lab<L>_<a>_<b>" for a colour-shifted bicubic build."""
     name = config.name or (f"{config.model}-ep{config.epoch}" if reconstructs(config.model) else config.model)
+    if not config.name and config.target_delta_e is not None:  # bicubic-de3, bicubic-de1p5
+        name += f"-de{_name_number(config.target_delta_e)}"
+    elif not config.name and config.color_shift is not None:  # bicubic-lab0_4_-2p5
+        name += "-lab" + "_".join(_name_number(component) for component in config.color_shift)
     if not _DATASET_NAME.match(name):
         raise FactoryError(f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (no '.' or '/')")
     return name

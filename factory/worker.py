@@ -281,7 +281,8 @@ class ShardWorker:
         generators = [pair_generator(settings.seed, crop.key) for crop, _, _, _ in batch]
         with torch.inference_mode():
             degraded, records = self.degrader.degrade(y8, generators, bicubic_lr=x8)
-            if settings.model == BICUBIC:  # x_deg = x: nothing to correct
+            # x_deg = x (bicubic without a colour shift, its only options): nothing to correct
+            if settings.model == BICUBIC and not settings.degradation_options:
                 return x8, x8, False, records
             degraded = degraded.float().clamp(0, 1)
             corrected = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -232,3 +233,106 @@ def test_a_dataset_built_when_the_batch_size_mattered_is_refused_saying_so(tmp_p
         FactoryError, match=r"batch_size 8 -> None; that dataset was built before pairs drew per key"
     ):
         build(config)
+
+
+# --- colour-shift datasets (paper Section 4.3.2, Figures 10 and 11) ------------------------------------------------
+
+
+def _pairs(shards: Path) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """(manifest row, HR, LR) of every sample in the shards under `shards`, decoded."""
+    from factory.shards import decode_image, read_samples
+
+    pairs = []
+    for path in sorted(shards.glob("*.tar")):
+        with path.open("rb") as stream:
+            for sample in read_samples(stream):
+                members = sample.members
+                hr_name = next(name for name in members if name.startswith("hr."))
+                lr_name = next(name for name in members if name.startswith("lr."))
+                row = json.loads(members["json"])
+                pairs.append(
+                    (row, decode_image(hr_name, members[hr_name]), decode_image(lr_name, members[lr_name]))
+                )
+    return pairs
+
+
+def _pillow_bicubic(hr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The reference bicubic LR: Pillow's BICUBIC (the kernel the project's bicubic matches, to rounding)."""
+    return np.asarray(Image.fromarray(hr).resize(size, Image.Resampling.BICUBIC))
+
+
+def test_target_delta_e_dataset_measures_the_target_against_skimage(tmp_path: Path, hr_folder: Path):
+    """`factory build --model bicubic --target-delta-e 3`: the dataset is named bicubic-de3, every pair records the
+    shift it got, the card records the target, and skimage's CIEDE2000 between Pillow's bicubic of each stored HR and
+    its stored LR averages 3. Tolerance 0.03 (1%): each pair is calibrated to 0.1% on its stored 8-bit LR against
+    our bicubic; Pillow's bicubic rounds a few reference pixels one level the other way, which moves a pair's mean
+    ΔE by about 0.01 (measured on these crops)."""
+    import skimage.color
+
+    manifests = tmp_path / "manifests"
+    command = ["build", "--hr", str(hr_folder), "--model", "bicubic", "--target-delta-e", "3"]
+    command += ["--crop", "128", "--stride", "256", "--limit", "6", "--actors", "0", "--no-progress"]
+    command += ["--out", str(tmp_path / "shards"), "--manifests", str(manifests)]
+    outcome = CliRunner().invoke(main, command)
+    assert outcome.exit_code == 0, outcome.output
+
+    pairs = _pairs(tmp_path / "shards" / "bicubic-de3")
+    assert len(pairs) == 6
+    measured = []
+    for row, hr, lr in pairs:
+        reference = _pillow_bicubic(hr, (lr.shape[1], lr.shape[0]))
+        per_pixel = skimage.color.deltaE_ciede2000(
+            skimage.color.rgb2lab(reference), skimage.color.rgb2lab(lr)
+        )
+        measured.append(per_pixel.mean())
+        record = json.loads(row["degradation"])
+        assert record["target_delta_e"] == 3.0 and record["color_shift"][0] == 0.0  # along (0, 1, 1): L* kept
+        assert (
+            record["color_shift"][1] == pytest.approx(record["color_shift"][2])
+            and record["color_shift"][1] > 0
+        )
+        assert abs(row["delta_e"] - 3.0) <= 0.003  # the manifest's ΔE measures the shift
+    assert abs(np.mean(measured) - 3.0) <= 0.03, measured
+    card = json.loads((manifests / "bicubic-de3" / CARD_NAME).read_text())
+    assert card["degradation"]["options"] == {"target_delta_e": 3.0}
+    assert card["degradation"]["config"]["target_delta_e"] == 3.0
+    assert abs(card["delta_e"]["mean"] - 3.0) <= 0.003
+
+
+def test_color_shift_moves_every_lr_by_the_given_lab_offset(tmp_path: Path, hr_folder: Path):
+    """--color-shift=0,4,-2.5: skimage's Lab of each stored LR minus that of Pillow's bicubic of its HR is the
+    offset, as a median over pixels (gamut clipping moves a few saturated ones; 8-bit rounding moves each by
+    < 0.5 in L*, a*, b*)."""
+    import skimage.color
+
+    config = config_for(tmp_path, hr_folder, "bicubic", color_shift=(0.0, 4.0, -2.5), limit=3)
+    assert build(config).pairs == 3
+    pairs = _pairs(tmp_path / "shards" / "bicubic-lab0_4_-2p5")
+    assert len(pairs) == 3
+    for row, hr, lr in pairs:
+        reference = _pillow_bicubic(hr, (lr.shape[1], lr.shape[0]))
+        offset = skimage.color.rgb2lab(lr) - skimage.color.rgb2lab(reference)
+        np.testing.assert_allclose(np.median(offset.reshape(-1, 3), axis=0), [0.0, 4.0, -2.5], atol=0.3)
+        assert json.loads(row["degradation"])["color_shift"] == [0.0, 4.0, -2.5]
+    card = json.loads((Path(config.manifests) / "bicubic-lab0_4_-2p5" / CARD_NAME).read_text())
+    assert card["degradation"]["config"]["color_shift"] == [0.0, 4.0, -2.5]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "bicubic", "--color-shift", "0,4,1", "--target-delta-e", "3"], "mutually exclusive"),
+        (["--model", "realesrgan", "--target-delta-e", "3"], "only --model bicubic"),
+        (["--model", "vqvae2", "--epoch", "1", "--color-shift", "0,4,1"], "only --model bicubic"),
+        (["--model", "bicubic", "--color-shift", "0,4"], "three numbers"),
+        (["--model", "bicubic", "--color-shift", "nan,1,1"], "finite"),
+        (["--model", "bicubic", "--target-delta-e", "0"], "x>0"),
+        (["--model", "bicubic", "--target-delta-e", "3", "--color-correct"], "remove the colour shift"),
+    ],
+)
+def test_colour_shift_options_are_checked_in_one_line(tmp_path: Path, hr_folder: Path, arguments, message):
+    command = ["build", "--hr", str(hr_folder), *arguments, "--actors", "0", "--no-progress"]
+    command += ["--out", str(tmp_path / "shards"), "--manifests", str(tmp_path / "manifests")]
+    outcome = CliRunner().invoke(main, command)
+    assert outcome.exit_code != 0 and message in outcome.output, outcome.output
+    assert "Traceback" not in outcome.output and not (tmp_path / "shards").exists()

@@ -31,10 +31,15 @@ def test_reconstruct_keeps_shape_and_range(name, size):
 
 
 @pytest.mark.parametrize(
-    "name, overrides",
-    [("vae", {}), ("vae", {"sample_posterior": True}), ("ddim", {}), ("ddim", {"encoding": "noise"})],
+    "name, overrides, samples",
+    [
+        ("vae", {}, False),
+        ("vae", {"sample_posterior": True}, True),
+        ("ddim", {}, True),  # the default encoding noises the input (the paper's reverse process)
+        ("ddim", {"encoding": "inversion"}, False),
+    ],
 )
-def test_reconstruct_is_deterministic_for_a_generator(name, overrides):
+def test_reconstruct_is_deterministic_for_a_generator(name, overrides, samples):
     model = build_model(name, config=make_config(name, "tiny", {**FAST[name], **overrides})).eval()
     with (
         torch.no_grad()
@@ -46,8 +51,8 @@ def test_reconstruct_is_deterministic_for_a_generator(name, overrides):
     second = model.reconstruct(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, second)
     other = model.reconstruct(x, generator=torch.Generator().manual_seed(4))
-    assert model.samples == bool(overrides)  # the build records a generator seed exactly then
-    if overrides:  # sampling variants must actually use the generator
+    assert model.samples == samples  # the build records a generator seed exactly then
+    if samples:  # sampling variants must actually use the generator
         assert not torch.equal(first, other)
     else:  # posterior mean / DDIM inversion ignore it
         assert torch.equal(first, other)
@@ -158,17 +163,14 @@ def test_ddim_with_the_exact_noise_predictor_samples_the_data_distribution():
 
 def test_ddim_inversion_then_sampling_reconstructs_with_the_exact_noise_predictor():
     # DDIM paper, Section 5.4: with a good e_theta, encoding by the DDIM ODE and decoding returns the input.
-    model = build_model(
-        "ddim", config=make_config("ddim", "tiny", {"sampling_steps": 100, "clip_denoised": False})
-    )
+    settings = {"sampling_steps": 100, "clip_denoised": False, "encoding": "inversion"}
+    model = build_model("ddim", config=make_config("ddim", "tiny", settings))
     model.unet = GaussianOptimalNoise(model.alphas_cumprod, 0.0, 0.5)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     x_hat = model.reconstruct(x)
     assert (x_hat - x).abs().max().item() < 0.05
     # ...and the error shrinks with more steps (a wrong index or sign in either direction would not).
-    model_10 = build_model(
-        "ddim", config=make_config("ddim", "tiny", {"sampling_steps": 10, "clip_denoised": False})
-    )
+    model_10 = build_model("ddim", config=make_config("ddim", "tiny", {**settings, "sampling_steps": 10}))
     model_10.unet = model.unet
     assert (model_10.reconstruct(x) - x).abs().mean() > 2 * (x_hat - x).abs().mean()
     # The encoding is a Gaussian-like latent: x_T has about unit variance.
@@ -183,3 +185,24 @@ def test_ddim_pads_to_its_downsampling_factor():
     model.unet.forward = lambda x, t: seen.append(tuple(x.shape[-2:])) or original(x, t)
     model.reconstruct(torch.rand(1, 3, 37, 53))
     assert set(seen) == {(40, 56)}
+
+
+class ZeroNoise(nn.Module):
+    """An e_theta that predicts no noise at all: the limit of a barely trained network."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def test_the_default_encoding_hands_the_reverse_process_real_noise_which_inversion_does_not():
+    """Why the default is "noise" (the paper, Section 3.2: DDIM fails through "instability in noise removal during the
+    reverse process"): with an e_theta that removes nothing, DDIM inversion and decoding cancel exactly and return the
+    input, whereas the noised input comes back as noise."""
+    settings = {"sampling_steps": 20, "clip_denoised": False}
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    inverting = build_model("ddim", config=make_config("ddim", "tiny", {**settings, "encoding": "inversion"}))
+    noising = build_model("ddim", config=make_config("ddim", "tiny", settings))
+    assert noising.config.encoding == "noise"
+    inverting.unet = noising.unet = ZeroNoise()
+    assert (inverting.reconstruct(x) - x).abs().max().item() < 1e-4
+    assert (noising.reconstruct(x, generator=torch.Generator().manual_seed(0)) - x).abs().mean().item() > 0.2

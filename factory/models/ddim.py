@@ -10,16 +10,15 @@ Training (DDPM's L_simple): t ~ U{0..T-1}, e ~ N(0, I), x_t = sqrt(abar_t) x_0 +
 || e - e_theta(x_t, t) ||^2, with T = 1000 and the linear schedule beta_t from 1e-4 to 0.02. Images are mapped from
 [0, 1] to [-1, 1] inside the model.
 
-Reconstruction (`encoding="inversion"`, the default): the input is encoded to x_T by deterministic DDIM inversion
-(the DDIM update run forwards, eta = 0) over the `sampling_steps` timesteps tau = 0, T/S, 2T/S, ..., and decoded
-back with S deterministic DDIM steps (S = 100 as in the paper). Why inversion rather than noising to some t and
-denoising: it is the one encoding that is a reconstruction for DDIM itself (a well-trained model maps x_T back to
-x_0 almost exactly, DDIM paper Section 5.4), it adds no noise of our choosing and no free parameter t, and it is
-deterministic, so a checkpoint fixes its outputs. The degradation then comes only from the undertrained e_theta:
-its errors accumulate over the 2S steps, which is exactly why the paper finds DDIM "fails to reconstruct" at
-these epochs (Section 3.2). `encoding="noise"` (SDEdit-style: x_t drawn from q(x_t | x_0) at t = noise_strength
-* T with the caller's generator, then DDIM back to 0) is available for comparison. Predicted x_0 is clipped to
-[-1, 1] at every step (DDPM's clip_denoised) so an undertrained model cannot diverge numerically.
+Reconstruction (`encoding="noise"`, the default): the input is noised to x_t ~ q(x_t | x_0) at t = noise_strength * T
+with the caller's generator, then denoised back to t = 0 with the deterministic DDIM updates over the
+`sampling_steps` timesteps tau = 0, T/S, 2T/S, ... (S = 100 as in the paper; the reverse process runs the last
+noise_strength * S of them). Why: the paper attributes DDIM's failure to "instability in noise removal during the
+reverse process" (Section 3.2), so the reverse process must be handed real noise to remove. `encoding="inversion"`
+(x_T by running the DDIM update forwards, eta = 0, then decoding) is kept for comparison but is not the paper's
+regime: with an undertrained e_theta the inversion and the decoding nearly cancel, so the output is close to the input
+(measured: 38 dB, SSIM 0.99 at epoch 4 in the fidelity report), the opposite of the paper's Figure 3. Predicted x_0 is
+clipped to [-1, 1] at every step (DDPM's clip_denoised) so an undertrained model cannot diverge numerically.
 
 Sizes: the U-Net downsamples by 2 ** (levels - 1) (32 for the paper preset); other sizes are reflect-padded up to a
 multiple of it (replicate-padded when too small to reflect) and cropped back.
@@ -57,9 +56,7 @@ class DDIMConfig:
     beta_start: float = 1e-4  # beta_1 of the linear schedule (DDPM)
     beta_end: float = 0.02  # beta_T of the linear schedule (DDPM)
     sampling_steps: int = 100  # S, DDIM steps for reconstruction (paper: 100); must divide train_steps
-    encoding: str = (
-        "inversion"  # how reconstruct encodes x_0: "inversion" (deterministic) or "noise" (q(x_t|x_0))
-    )
+    encoding: str = "noise"  # how reconstruct encodes x_0: "noise" (q(x_t|x_0)) or "inversion" (deterministic)
     noise_strength: float = 0.5  # for encoding="noise": start at t = noise_strength * T
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at each DDIM step
 
@@ -302,7 +299,7 @@ class DDIM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: (N, 3, H, W) in [0, 1], any size -> x_hat: (N, 3, H, W) in [0, 1]. `generator` is used only by
+        """x: (N, 3, H, W) in [0, 1], any size -> x_hat: (N, 3, H, W) in [0, 1]. `generator` draws the noise of
         encoding="noise"; inversion is deterministic."""
         height, width = x.shape[-2:]
         multiple = self.size_multiple
