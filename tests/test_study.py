@@ -380,6 +380,37 @@ def test_a_failed_stage_is_reported_the_others_go_on_and_downstream_is_not_run(
     assert records(tmp_path / "study")["evalset.cat"]["state"] == "failed"
 
 
+@pytest.mark.slow
+def test_colour_shift_study_builds_shifted_bicubic_datasets_and_trains_from_scratch(
+    tmp_path, local_ray, stand_in_report
+):
+    from factory.study.runner import run_study
+
+    values = tiny_study(tmp_path / "study")
+    values.update(reconstructors=[], classical=[], architectures=[])
+    values["color_shift"] = {
+        "targets": [0, 3],
+        "architecture": "swinir",
+        "preset": "tiny",
+        "iterations": 2,
+        "batch_size": 2,
+        "patch_size": 16,
+        "checkpoint_every": 2,
+    }
+
+    outcome = run_study(study_from_dict(values))
+
+    assert outcome.failed == []
+    out = tmp_path / "study"
+    # target 0 is the unshifted bicubic reference; 3 is met on the stored 8-bit LR (the build's own card)
+    for dataset, target in (("bicubic-de0", 0.0), ("bicubic-de3", 3.0)):
+        card = json.loads((out / "manifests" / dataset / "_card.json").read_text())
+        assert card["delta_e"]["mean"] == pytest.approx(target, abs=0.05)
+        record = records(out)[f"finetune.swinir.{dataset}"]
+        assert record["settings"]["pretrained"] is None and record["names"]["from_scratch"] is True
+        assert (out / "eval" / "swinir" / dataset / "cat" / "metrics.csv").is_file()
+
+
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {
         str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
