@@ -476,15 +476,6 @@ def stage_states(stages: list[Stage], root: Storage) -> list[StageState]:
     return states
 
 
-def downstream(stages: list[Stage], roots: set[str]) -> set[str]:
-    """The ids of `roots` and of every stage that needs one of them, directly or not."""
-    found = set(roots)
-    for stage in stages:  # topological order: a stage's needs come before it
-        if any(need in found for need in stage.needs):
-            found.add(stage.id)
-    return found
-
-
 def upstream(stages: list[Stage], roots: set[str]) -> set[str]:
     """The ids of `roots` and of every stage they need, directly or not."""
     by_id = {stage.id: stage for stage in stages}
