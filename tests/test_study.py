@@ -5,8 +5,9 @@ loses a node mid-study.
     python -m pytest -q tests/test_study.py
 
 Every study here is tiny (two bundled photos, 128 crops, a 1-epoch tiny VQ-VAE-2, tiny EDSR trained for a few
-iterations). The report stage is the other half of the study (factory/study/report.py); these tests put a stand-in
-for it in place (`StandInReport`) so they test the runner, not the report.
+iterations). The report stage is the other half of the study (factory/study/report.py, tested in test_report.py);
+the in-process studies here put a stand-in for it in place (`stand_in_report`) so that they test the runner, not the
+report; the kill -9 test's killed run (a subprocess) writes the real one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from factory.study.graph import build_graph, stage_states  # noqa: E402
 pytest_plugins = ["moto_s3"]  # the moto_server and s3_bucket fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
-ONLY_NO_REPORT = ["eval.*", "stats"]  # every stage but the report
 
 
 def tiny_study(out: str | Path, finetune_iterations: int = 3) -> dict:
@@ -278,17 +278,7 @@ def test_kill_9_then_rerun_finishes_without_redoing_done_stages(tmp_path, local_
 
     out = tmp_path / "study"
     config = write_config(tmp_path / "study.yaml", tiny_study(out, finetune_iterations=40))
-    command = [
-        sys.executable,
-        "-m",
-        "factory.cli",
-        "study",
-        str(config),
-        "--only",
-        ",".join(ONLY_NO_REPORT),
-        "--num-cpus",
-        "2",
-    ]
+    command = [sys.executable, "-m", "factory.cli", "study", str(config), "--num-cpus", "2"]
     # A session of its own, so that kill -9 takes the driver and the embedded Ray it started, as a crash would.
     process = subprocess.Popen(
         command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -313,11 +303,11 @@ def test_kill_9_then_rerun_finishes_without_redoing_done_stages(tmp_path, local_
     done_before = {stage for stage, record in records(out).items() if record["state"] == "done"}
     assert done_before and "eval.edsr.bicubic.cat" not in done_before
 
-    outcome = run_study(load_study(config), only=ONLY_NO_REPORT)
+    outcome = run_study(load_study(config))
 
     assert outcome.failed == [] and set(outcome.skipped_done) == done_before
     assert not done_before & set(outcome.done)
-    expected = {stage.id for stage in build_graph(load_study(config))} - {"report"}
+    expected = {stage.id for stage in build_graph(load_study(config))}
     assert set(records(out)) == expected and all(r["state"] == "done" for r in records(out).values())
     killed_run, rerun = driver_runs(out)
     assert (
