@@ -267,6 +267,21 @@ def test_only_selects_the_named_stages_and_what_they_need(tmp_path):
         select(stages, ["nope"])
 
 
+def test_a_second_driver_on_the_same_study_folder_is_refused(tmp_path):
+    from factory.config import FactoryError
+    from factory.storage import OutputLock
+    from factory.study.runner import LOCK_NAME, run_study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with OutputLock(Storage(out), LOCK_NAME, "study", "a study"):  # a driver that is running (this process)
+        with pytest.raises(
+            FactoryError, match=rf"another study is writing the study in {out} \(pid {os.getpid()}"
+        ):
+            run_study(study_from_dict(tiny_study(out)))
+    assert sorted(path.name for path in out.iterdir()) == []  # refused before anything was written
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Resume, config change, dry run
 # --------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.config import FactoryError, error_line
-from factory.storage import Storage
+from factory.storage import OutputLock, Storage
 from factory.study.config import StudyConfig
 from factory.study.graph import (
     LOGS,
@@ -44,6 +44,7 @@ from factory.study.stages import StageContext, run_stage
 
 NODE_RETRIES = 3  # runs of a stage lost with their node (or worker process) before it counts as failed
 DRIVER_LOG = "study.log"
+LOCK_NAME = "_study.lock"  # OUT/_study.lock while a driver runs the study
 
 
 @dataclass
@@ -262,15 +263,18 @@ def run_study(
             "study folder can be shown with --dry-run only (train, finetune and eval write files)"
         )
     out = Path(root.base)
-    root.write_bytes_atomic(STUDY_FILE, (json.dumps(_config_json(config), indent=2) + "\n").encode())
-    from factory.build import connect_ray
+    root.make_dirs()
+    # One driver per study folder: a second one would run the same stages into the same outputs.
+    with OutputLock(root, LOCK_NAME, "study", f"the study in {config.out}"):
+        root.write_bytes_atomic(STUDY_FILE, (json.dumps(_config_json(config), indent=2) + "\n").encode())
+        from factory.build import connect_ray
 
-    ray, started_here = connect_ray(address, num_cpus)
-    try:
-        return _run_graph(ray, config, out, states)
-    finally:
-        if started_here:
-            ray.shutdown()
+        ray, started_here = connect_ray(address, num_cpus)
+        try:
+            return _run_graph(ray, config, out, states)
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
 def _config_json(config: StudyConfig) -> dict[str, Any]:
