@@ -166,14 +166,10 @@ class Progress:
 
 def print_graph(states: list[StageState]) -> None:
     """The dry run's output: each stage, its state and what it needs."""
-    width = max(len(item.stage.id) for item in states)
+    width = max((len(item.stage.id) for item in states), default=0)
     for item in states:
-        needs = (
-            f"  <- {', '.join(item.stage.needs)}" if item.stage.needs and item.stage.kind != "report" else ""
-        )
-        if item.stage.kind == "report":
-            needs = "  <- every other stage"
-        print(f"{item.stage.id:<{width}}  {item.state:<6}{needs}")
+        needs = "every other stage" if item.stage.kind == "report" else ", ".join(item.stage.needs)
+        print(f"{item.stage.id:<{width}}  {item.state:<6}{'  <- ' + needs if needs else ''}".rstrip())
     counts = {state: sum(item.state == state for item in states) for state in ("done", "stale", "to run")}
     print(f"{len(states)} stages: {counts['done']} done, {counts['stale']} stale, {counts['to run']} to run")
 
