@@ -110,27 +110,34 @@ class BuildConfig:
 
 def _ray_cluster(config: BuildConfig):
     """Connect to `--address`, or start an embedded local Ray; returns (ray module, whether we started it)."""
+    return connect_ray(config.address, config.num_cpus)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None):
+    """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379"), or start an embedded local
+    Ray with `num_cpus` CPUs (None: all) when it is None; returns (ray module, whether we started it). A process
+    that runs inside Ray already (a Ray task) keeps its cluster. The build and `factory study` share this."""
     import ray
 
     if ray.is_initialized():
         return ray, False
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     try:
-        if config.address:
-            ray.init(address=config.address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         else:
             # address="local": always a new embedded cluster. Plain ray.init() would silently join any cluster
             # this machine has running (`ray start`, another build's test cluster), with its resources and fate.
             ray.init(
                 address="local",
-                num_cpus=config.num_cpus,
+                num_cpus=num_cpus,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=True,
                 runtime_env=runtime_env,
             )
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise FactoryError(f"cannot start or reach Ray ({config.address or 'local'}): {error}") from None
+        raise FactoryError(f"cannot start or reach Ray ({address or 'local'}): {error}") from None
     return ray, True
 
 

@@ -1122,5 +1122,54 @@ def finetune_command(
         )
 
 
+# --- study ---
+
+
+@main.command("study")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run on ('auto', 'ray://host:10001') [default: an embedded local Ray].",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the stage graph with each stage's state (done, stale, to run); write nothing.",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    help="Run only these stages (ids or shell patterns such as 'eval.*', comma-separated) and what they need; "
+    "repeatable.",
+)
+@click.option("--num-cpus", default=None, type=int, help="CPUs of the embedded Ray [default: all].")
+@user_errors
+def study_command(
+    config_file: str, address: str | None, dry_run: bool, only: tuple[str, ...], num_cpus
+) -> None:
+    """Run a whole study (train -> build -> label -> stats -> fine-tune -> eval -> report) from one YAML file.
+
+    Rerunning resumes: done stages are skipped, partial ones redone, and a changed config reruns only the stages
+    downstream of the change. Exit status: the number of failed stages (at most 100).
+    """
+    from factory.study.config import load_study
+    from factory.study.runner import run_study
+
+    outcome = run_study(
+        load_study(config_file),
+        address=address,
+        dry_run=dry_run,
+        only=[item for value in only for item in value.split(",") if item],
+        num_cpus=num_cpus,
+    )
+    if not dry_run:
+        click.echo(
+            f"study: {len(outcome.done)} stage(s) run, {len(outcome.skipped_done)} already done, "
+            f"{len(outcome.failed)} failed, {len(outcome.blocked)} not run (a stage they need failed)"
+        )
+    sys.exit(outcome.exit_status)
+
+
 if __name__ == "__main__":
     main()
