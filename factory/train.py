@@ -597,14 +597,6 @@ def announce(
     return line
 
 
-def step_lr(plan: TrainPlan, step_in_epoch: int) -> float:
-    """The learning rate of an epoch's `step_in_epoch`-th step (from 0): the plan's rate, stepped down over the
-    epoch's last `recipe.epoch_tail_fraction` of steps (the same in every epoch, so resume stays exact)."""
-    steps = math.ceil(plan.epoch_size / plan.batch_size)
-    tail_start = steps - round(steps * plan.recipe.epoch_tail_fraction)
-    return plan.lr * (plan.recipe.epoch_tail_lr_factor if step_in_epoch >= tail_start else 1.0)
-
-
 def _train_epoch(
     model, optimizer, plan: TrainPlan, config: TrainConfig, epoch: int, end_epoch: int
 ) -> tuple[int, int]:
@@ -621,8 +613,6 @@ def _train_epoch(
     )
     steps, skipped_epoch, started = 0, 0, time.perf_counter()
     for batch, skipped in _loader(samples, plan.batch_size, config.workers, plan.device):
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr(plan, steps)
         value = _train_step(model, optimizer, batch, plan, config.bf16)
         steps += 1
         if not math.isfinite(value):

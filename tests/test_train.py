@@ -24,7 +24,6 @@ from factory.train import (
     plan_run,
     prepare_sample,
     split_heldout,
-    step_lr,
     train,
 )
 
@@ -459,26 +458,3 @@ def test_a_run_that_trains_says_so_first_with_steps_and_an_estimate(photo_folder
     with caplog.at_level(logging.WARNING, logger="factory.train"):
         train(tiny_run("vqvae2", photo_folder, tmp_path / "checkpoints"))
     assert not [record for record in caplog.records if record.getMessage().startswith("training ")]
-
-
-def test_the_epoch_tail_steps_the_rate_down_in_every_epoch_and_keeps_epochs_independent_of_the_run(
-    photo_folder, tmp_path
-):
-    """The embedded default's per-epoch step-down: the last half of each 4-step epoch at lr/10, so a checkpoint of
-    epoch 1 is the same whether the run stops there or goes on (what resume and `--epoch 8` vs `16` rely on)."""
-    recipe = dataclasses.replace(
-        get_spec("vqvae2").recipe, batch_size=4, epoch_tail_fraction=0.5, epoch_tail_lr_factor=0.1
-    )
-    run = tiny_run("vqvae2", photo_folder, tmp_path / "long", epoch_size=16, recipe=recipe, lr=None)
-    plan = plan_run(run)
-    assert [step_lr(plan, step) for step in range(4)] == pytest.approx([recipe.lr] * 2 + [recipe.lr / 10] * 2)
-    train(run)
-    train(dataclasses.replace(run, checkpoints=str(tmp_path / "short"), epochs=1, save_at=(1,)))
-    constant = dataclasses.replace(recipe, epoch_tail_fraction=0.0)
-    train(dataclasses.replace(run, checkpoints=str(tmp_path / "flat"), epochs=1, save_at=(1,), recipe=constant))
-    long, short, flat = (
-        read_checkpoint(checkpoint_path(tmp_path / folder, "vqvae2", 1))["weights"]
-        for folder in ("long", "short", "flat")
-    )
-    assert all(torch.equal(long[key], short[key]) for key in long)
-    assert not all(torch.equal(long[key], flat[key]) for key in long)  # the schedule did act

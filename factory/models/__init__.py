@@ -40,7 +40,7 @@ class TrainingRecipe:
     says where every value comes from). `factory train` uses it unless told otherwise."""
 
     batch_size: int  # images per optimiser step
-    lr: float  # learning rate (constant in the references: the point is a model stopped early)
+    lr: float  # learning rate (constant: schedules are left out, the point is a model stopped early)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's (beta_1, beta_2)
     weight_decay: float = (
         0.0  # decoupled (AdamW); 0 makes AdamW exactly Adam. Not applied to biases and norms
@@ -59,11 +59,6 @@ class TrainingRecipe:
         1  # bicubic-downsample each image by this first (the build's scale: crops with LR statistics)
     )
     grad_clip: float | None = None  # clip the gradients' global norm to this (None: no clipping)
-    # A step down at the end of every epoch: its last `epoch_tail_fraction` of steps run at lr x
-    # `epoch_tail_lr_factor`. Per epoch, not per run, so the checkpoint of epoch E is the same whether the run stops
-    # at E or goes on (resume stays exact). 0: a constant rate, as the references train.
-    epoch_tail_fraction: float = 0.0
-    epoch_tail_lr_factor: float = 1.0
 
 
 @dataclass(frozen=True)
