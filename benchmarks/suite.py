@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from benchmarks import bench_build, bench_codecs, bench_color, bench_stream
+from benchmarks import bench_build, bench_codecs, bench_color, bench_degraders, bench_stream
 
 
 @dataclass
@@ -195,6 +195,41 @@ def peak_memory(quick: bool) -> tuple[list[Figure], dict]:
     return [figure("peak_memory_100_vs_1000", result["ratio"], "x", at_most=1.1, detail=detail)], result
 
 
+def degrader_rows(result: dict) -> list[Figure]:
+    """The classical degraders' rows of a `bench_degraders.run` result: each against the per-image numpy reference
+    (issue 18: >= 5x) and against bicubic, the I/O floor (>= 0.8), then the pairs/s behind them."""
+    size, floor = result["hr_size"], result["bicubic_pairs_per_core_s"]
+    rows = []
+    for name in ("realesrgan", "bsrgan"):
+        pairs, numpy_pairs = result[f"{name}_pairs_per_core_s"], result[f"{name}_numpy_pairs_per_core_s"]
+        rows.append(
+            figure(
+                "classical_vs_numpy_reference",
+                result[f"{name}_vs_numpy"],
+                "x",
+                variant=name,
+                at_least=5,
+                detail=f"{size}² HR, 1 thread, CPU time, same draws: {pairs:.2f} vs {numpy_pairs:.2f} pairs/s",
+            )
+        )
+        rows.append(
+            figure(
+                "classical_vs_bicubic",
+                result[f"{name}_vs_bicubic"],
+                "x",
+                variant=name,
+                at_least=0.8,
+                detail=f"{size}² HR, 1 thread, CPU time: {pairs:.2f} vs bicubic {floor:.1f} pairs/s",
+            )
+        )
+    return rows
+
+
+def degraders(quick: bool) -> tuple[list[Figure], dict]:
+    result = bench_degraders.run(quick=quick)
+    return degrader_rows(result), result
+
+
 def gpu_sections(quick: bool) -> tuple[list[Figure], dict]:
     from benchmarks import bench_gpu
 
@@ -208,6 +243,9 @@ SECTIONS: dict[str, Callable[[bool], tuple[list[Figure], dict]]] = {
     "build_efficiency": build_efficiency,
     "ray_scaling": ray_scaling,
     "peak_memory": peak_memory,
+    # Last: it tunes this process's allocator as a CPU build worker does (factory.color.tune_cpu_allocator), which
+    # would otherwise carry over into the in-process sections after it.
+    "degraders": degraders,
 }
 GPU_SECTIONS = {"gpu": gpu_sections}
 # These share one embedded Ray, started once and kept out of their figures.
