@@ -163,6 +163,10 @@ def resize(
         return x
     if size is None and scale_factor == 1.0:
         return x
+    if x.device.type == "cpu":
+        # torch's CPU kernels give the same values in either memory layout, not at the same speed (1024², one
+        # thread): bilinear runs ~2x faster channels-last, bicubic ~2x and area ~1.3x faster contiguous.
+        x = x.contiguous(memory_format=torch.channels_last if mode == "bilinear" else torch.contiguous_format)
     corners = None if mode == "area" else False
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=corners)
 
