@@ -3,10 +3,12 @@
     python -m benchmarks --quick                      # ~5-7 min on 2 CPU cores
     python -m benchmarks --json bench.json            # full run; raw figures of every module into bench.json
     python -m benchmarks --only build_efficiency      # one section (names: see SECTIONS)
+    python -m benchmarks --only degraders             # realesrgan, bsrgan vs their numpy reference and bicubic (#18)
     python -m benchmarks --gpu --json gpu.json        # on a GPU machine: adds the GPU sections (benchmarks/gpu.sh)
 
 Each section calls a benchmark module that also runs on its own (`python -m benchmarks.bench_color`, ...); each
-figure is a median over repeats inside that module, and every ratio compares two things measured in the same run.
+figure is a median over repeats inside that module (bench_degraders: a total over the same pairs, whose costs vary
+too much between pairs for a median), and every ratio compares two things measured in the same run.
 The header describes the machine (cores, CPU model, device, library versions) and the load average before and
 after, since these machines may be shared while measuring.
 """
