@@ -1,6 +1,6 @@
 """Every performance figure of the factory side by side in one run, one table, against the targets of issue 9.
 
-    python -m benchmarks --quick                      # ~5-7 min on 2 CPU cores
+    python -m benchmarks --quick                      # ~6-8 min on 2 CPU cores
     python -m benchmarks --json bench.json            # full run; raw figures of every module into bench.json
     python -m benchmarks --only build_efficiency      # one section (names: see SECTIONS)
     python -m benchmarks --only degraders             # realesrgan, bsrgan vs their numpy reference and bicubic (#18)
@@ -229,7 +229,7 @@ def degrader_rows(result: dict) -> list[Figure]:
 
 def degraders(quick: bool) -> tuple[list[Figure], dict]:
     # Always the 16 pairs (~70 s on 2 shared cores): a pair's cost varies several-fold with its draws, so 4 pairs
-    # give another mix and ratios that are not comparable (4.1x / 3.7x against 5.5x / 5.9x in one test).
+    # are another mix whose ratios are not comparable (here 4.1x / 3.7x for 4 pairs, 5.5x / 5.9x for the 16).
     result = bench_degraders.run(quick=False)
     return degrader_rows(result), result
 
