@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_degraders            # 16 pairs each, prints a table and the JSON result
     python -m benchmarks.bench_degraders --quick    # 4 pairs each
+    python -m benchmarks.bench_degraders --hashes pairs.json   # also the sha256 of every pair's 8-bit LR
+
+A speed change must not change a pair's bytes: `--hashes` at two commits gives two files that must be equal.
 
 `realesrgan` and `bsrgan` (factory.degraders, torch on the CPU, one intra-op thread) against a straightforward
 per-image implementation of the same draws in numpy, scipy.ndimage and Pillow (the records come from the same
@@ -16,6 +19,7 @@ first noise and JPEG), so the figure is the total over the same pairs, not a med
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import time
@@ -27,6 +31,7 @@ import scipy.ndimage
 import torch
 from PIL import Image
 
+from factory.color import quantize, tune_cpu_allocator
 from factory.degraders import bsrgan, get_degrader, pair_generator, pair_seed, realesrgan
 
 HR_SIZE = 1024
@@ -38,16 +43,15 @@ PIL_FILTERS = {
 }
 
 
-def hr_crops(count: int) -> torch.Tensor:
-    """`count` 1024x1024 HR images in [0, 1]: the bundled photos scikit-image ships, upscaled, and flipped in turn."""
+def hr_crops(count: int, size: int = HR_SIZE) -> torch.Tensor:
+    """`count` size x size HR images in [0, 1] (count, 3, size, size): the bundled photos scikit-image ships,
+    resized, and flipped in turn."""
     import skimage.data
 
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
     images = []
     for index in range(count):
-        photo = Image.fromarray(photos[index % 4][..., :3]).resize(
-            (HR_SIZE, HR_SIZE), Image.Resampling.BICUBIC
-        )
+        photo = Image.fromarray(photos[index % 4][..., :3]).resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(photo)[:, :: (-1 if index // 4 % 2 else 1)]
         images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
     return torch.stack(images).float() / 255.0
@@ -197,16 +201,37 @@ def reference(name: str, hr: torch.Tensor, keys: list[str]) -> Callable[[], None
     return work
 
 
-def run(quick: bool = False) -> dict:
-    """Pairs per CPU-second of one thread, for ours, the numpy reference and bicubic, on the same pairs."""
+def pair_hashes(quick: bool = False) -> dict[str, str]:
+    """sha256 of the 8-bit LR of every pair the benchmark times, by "degrader/key"."""
     count = 4 if quick else 16
-    hr = hr_crops(count)
+    hr, keys = hr_crops(count), [f"bench/{index}" for index in range(count)]
+    hashes = {}
+    for name in ("realesrgan", "bsrgan"):
+        degrader = get_degrader(name)
+        for index, key in enumerate(keys):
+            lr, _ = degrader.degrade(hr[index : index + 1], [pair_generator(SEED, key)])
+            hashes[f"{name}/{key}"] = hashlib.sha256(quantize(lr).numpy().tobytes()).hexdigest()
+    return hashes
+
+
+def run(quick: bool = False, hr_size: int = HR_SIZE) -> dict:
+    """Pairs per CPU-second of one thread, for ours, the numpy reference and bicubic, on the same pairs (HR
+    `hr_size` square; the figures are defined at 1024, smaller sizes only check the harness)."""
+    count = 4 if quick else 16
+    # As a CPU build worker does (ShardWorker): freed memory stays in the process, for both sides alike.
+    allocator_tuned = tune_cpu_allocator()
+    hr = hr_crops(count, hr_size)
     keys = [f"bench/{index}" for index in range(count)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         ours("bicubic", hr[:1], keys[:1])()  # warm-up
-        result: dict[str, Any] = {"hr_size": HR_SIZE, "pairs": count, "threads": 1}
+        result: dict[str, Any] = {
+            "hr_size": hr_size,
+            "pairs": count,
+            "threads": 1,
+            "allocator_tuned": allocator_tuned,
+        }
         result["bicubic_pairs_per_core_s"] = count / cpu_seconds(ours("bicubic", hr, keys))
         for name in ("realesrgan", "bsrgan"):
             result[f"{name}_pairs_per_core_s"] = count / cpu_seconds(ours(name, hr, keys))
@@ -225,7 +250,11 @@ def run(quick: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 pairs per side instead of 16")
-    result = run(quick=parser.parse_args().quick)
+    parser.add_argument(
+        "--hashes", default=None, help="also write the sha256 of every pair's 8-bit LR to this file"
+    )
+    arguments = parser.parse_args()
+    result = run(quick=arguments.quick)
     print(f"pairs per CPU-second, one thread, {HR_SIZE}x{HR_SIZE} HR -> {HR_SIZE // 4}x{HR_SIZE // 4} LR:")
     print(f"  bicubic (floor)      {result['bicubic_pairs_per_core_s']:8.2f}")
     for name in ("realesrgan", "bsrgan"):
@@ -235,6 +264,9 @@ def main() -> None:
             f"{result[f'{name}_vs_numpy']:.2f}x numpy, {result[f'{name}_vs_bicubic']:.3f} of bicubic"
         )
     print(json.dumps(result, indent=2))
+    if arguments.hashes:
+        with open(arguments.hashes, "w") as file:
+            json.dump(pair_hashes(quick=arguments.quick), file, indent=0, sort_keys=True)
 
 
 if __name__ == "__main__":

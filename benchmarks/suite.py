@@ -1,12 +1,14 @@
 """Every performance figure of the factory side by side in one run, one table, against the targets of issue 9.
 
-    python -m benchmarks --quick                      # ~5-7 min on 2 CPU cores
+    python -m benchmarks --quick                      # ~6-8 min on 2 CPU cores
     python -m benchmarks --json bench.json            # full run; raw figures of every module into bench.json
     python -m benchmarks --only build_efficiency      # one section (names: see SECTIONS)
+    python -m benchmarks --only degraders             # realesrgan, bsrgan vs their numpy reference and bicubic (#18)
     python -m benchmarks --gpu --json gpu.json        # on a GPU machine: adds the GPU sections (benchmarks/gpu.sh)
 
 Each section calls a benchmark module that also runs on its own (`python -m benchmarks.bench_color`, ...); each
-figure is a median over repeats inside that module, and every ratio compares two things measured in the same run.
+figure is a median over repeats inside that module (bench_degraders: a total over the same pairs, whose costs vary
+too much between pairs for a median), and every ratio compares two things measured in the same run.
 The header describes the machine (cores, CPU model, device, library versions) and the load average before and
 after, since these machines may be shared while measuring.
 """
@@ -24,7 +26,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from benchmarks import bench_build, bench_codecs, bench_color, bench_stream
+from benchmarks import bench_build, bench_codecs, bench_color, bench_degraders, bench_stream
 
 
 @dataclass
@@ -195,6 +197,43 @@ def peak_memory(quick: bool) -> tuple[list[Figure], dict]:
     return [figure("peak_memory_100_vs_1000", result["ratio"], "x", at_most=1.1, detail=detail)], result
 
 
+def degrader_rows(result: dict) -> list[Figure]:
+    """The classical degraders' rows of a `bench_degraders.run` result: each against the per-image numpy reference
+    (issue 18: >= 5x) and against bicubic, the I/O floor (>= 0.8), then the pairs/s behind them."""
+    size, floor = result["hr_size"], result["bicubic_pairs_per_core_s"]
+    rows = []
+    for name in ("realesrgan", "bsrgan"):
+        pairs, numpy_pairs = result[f"{name}_pairs_per_core_s"], result[f"{name}_numpy_pairs_per_core_s"]
+        rows.append(
+            figure(
+                "classical_vs_numpy_reference",
+                result[f"{name}_vs_numpy"],
+                "x",
+                variant=name,
+                at_least=5,
+                detail=f"{size}² HR, 1 thread, CPU time, same draws: {pairs:.2f} vs {numpy_pairs:.2f} pairs/s",
+            )
+        )
+        rows.append(
+            figure(
+                "classical_vs_bicubic",
+                result[f"{name}_vs_bicubic"],
+                "x",
+                variant=name,
+                at_least=0.8,
+                detail=f"{size}² HR, 1 thread, CPU time: {pairs:.2f} vs bicubic {floor:.1f} pairs/s",
+            )
+        )
+    return rows
+
+
+def degraders(quick: bool) -> tuple[list[Figure], dict]:
+    # Always the 16 pairs (~70 s on 2 shared cores): a pair's cost varies several-fold with its draws, so 4 pairs
+    # are another mix whose ratios are not comparable (here 4.1x / 3.7x for 4 pairs, 5.5x / 5.9x for the 16).
+    result = bench_degraders.run(quick=False)
+    return degrader_rows(result), result
+
+
 def gpu_sections(quick: bool) -> tuple[list[Figure], dict]:
     from benchmarks import bench_gpu
 
@@ -208,6 +247,9 @@ SECTIONS: dict[str, Callable[[bool], tuple[list[Figure], dict]]] = {
     "build_efficiency": build_efficiency,
     "ray_scaling": ray_scaling,
     "peak_memory": peak_memory,
+    # Last: it tunes this process's allocator as a CPU build worker does (factory.color.tune_cpu_allocator), which
+    # would otherwise carry over into the in-process sections after it.
+    "degraders": degraders,
 }
 GPU_SECTIONS = {"gpu": gpu_sections}
 # These share one embedded Ray, started once and kept out of their figures.

@@ -12,7 +12,7 @@ import pkgutil
 import re
 
 import benchmarks
-from benchmarks import suite
+from benchmarks import bench_degraders, suite
 
 
 def test_colour_section_gives_a_positive_figure_with_its_target():
@@ -56,3 +56,18 @@ def test_every_section_is_registered_once():
         for name in re.findall(r"\b(bench_\w+)\.", inspect.getsource(function))
     }
     assert called and called <= modules, called - modules
+
+
+def test_degraders_section_turns_a_real_measurement_into_ratio_rows():
+    """bench_degraders on 4 small crops (128², a few seconds; the figures themselves are defined at 1024²)."""
+    raw = bench_degraders.run(quick=True, hr_size=128)
+    rows = {(row.name, row.variant): row for row in suite.degrader_rows(raw)}
+    for name in ("realesrgan", "bsrgan"):
+        versus_numpy = rows["classical_vs_numpy_reference", name]
+        expected = raw[f"{name}_pairs_per_core_s"] / raw[f"{name}_numpy_pairs_per_core_s"]
+        assert versus_numpy.measured == expected and math.isfinite(expected) and expected > 0
+        assert versus_numpy.target == ">= 5" and versus_numpy.holds == (expected >= 5)
+        versus_bicubic = rows["classical_vs_bicubic", name]
+        assert versus_bicubic.measured == raw[f"{name}_pairs_per_core_s"] / raw["bicubic_pairs_per_core_s"]
+        assert versus_bicubic.target == ">= 0.8"
+    assert "| classical_vs_bicubic (bsrgan) |" in suite.format_table(list(rows.values()))

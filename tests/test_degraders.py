@@ -17,6 +17,7 @@ import scipy.ndimage
 import scipy.special
 import scipy.stats
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from factory.color import quantize
@@ -146,6 +147,40 @@ def test_filter2d_is_scipy_mirror_correlation(height, width, size):
     for channel in range(3):
         expected = scipy.ndimage.correlate(image[0, channel].numpy(), kernel.numpy(), mode="mirror")
         np.testing.assert_allclose(ours[channel], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size", "step"), [(40, 33, 21, 4), (9, 6, 21, 2), (30, 31, 25, 3)]
+)
+def test_filter2d_with_a_step_is_every_step_th_pixel_of_scipy_mirror_correlation(height, width, size, step):
+    image = torch.rand(1, 3, height, width, dtype=torch.float64)
+    kernel = K.shifted_gaussian(size, 1.7, 1.5)
+    ours = ops.filter2d(image, kernel, step=step)[0].numpy()
+    for channel in range(3):
+        expected = scipy.ndimage.correlate(image[0, channel].numpy(), kernel.numpy(), mode="mirror")
+        np.testing.assert_allclose(ours[channel], expected[::step, ::step], atol=1e-12)
+    assert torch.equal(
+        ops.filter2d(image, kernel, step=step), ops.filter2d(image, kernel)[..., ::step, ::step]
+    )
+
+
+@pytest.mark.parametrize("mode", ops.RESIZE_MODES)
+def test_resize_gives_torch_interpolate_values_whatever_the_input_layout(mode):
+    """ops.resize picks the faster memory layout per mode; the values must be those of F.interpolate on the plain
+    contiguous image, bit for bit, or a pair's bytes would depend on the layout the previous step left."""
+    generator = torch.Generator().manual_seed(7)
+    for height, width, factor in ((97, 130, 1.37), (128, 128, 0.61), (64, 45, 0.3)):
+        image = torch.rand(1, 3, height, width, generator=generator)
+        corners = None if mode == "area" else False
+        expected = F.interpolate(image, scale_factor=factor, mode=mode, align_corners=corners)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = ops.resize(image.contiguous(memory_format=layout), mode, scale_factor=factor)
+            assert torch.equal(got, expected)
+        size = (height // 3 + 1, width // 2)
+        expected = F.interpolate(image, size=size, mode=mode, align_corners=corners)
+        assert torch.equal(
+            ops.resize(image.contiguous(memory_format=torch.channels_last), mode, size=size), expected
+        )
 
 
 @pytest.mark.parametrize("quality", [30, 57, 95])

@@ -349,7 +349,9 @@ def degrade_one(
     x = add_noise(x, second["noise"], generator)
     size = (height // scale, width // scale)
     if final["order"] == "resize_sinc_then_jpeg":
-        x = jpeg(resize_and_sinc(x, final, size).clamp(0.0, 1.0), final["jpeg_quality"])
+        x = jpeg(
+            resize_and_sinc(x, final, size), final["jpeg_quality"]
+        )  # jpeg clamps to [0, 1] as it quantises
     else:
         x = resize_and_sinc(jpeg(x, final["jpeg_quality"]), final, size)
     return (x * 255.0).round().clamp(0.0, 255.0) / 255.0
