@@ -137,7 +137,7 @@ def run_build(stage: Stage, context: StageContext) -> dict[str, Any]:
 
 
 def run_classifier(stage: Stage, context: StageContext) -> dict[str, Any]:
-    from factory.classifier import ClassifierTrainConfig, train_classifier
+    from factory.classifier.training import ClassifierTrainConfig, train_classifier
     from factory.config import config_from_dict
 
     settings = {**stage.settings, "data": study_path(context, str(stage.settings.get("data", "")))}
@@ -149,7 +149,7 @@ def run_classifier(stage: Stage, context: StageContext) -> dict[str, Any]:
 
 
 def run_label(stage: Stage, context: StageContext) -> dict[str, Any]:
-    from factory.classifier import LabelConfig, label_dataset
+    from factory.classifier.relabel import LabelConfig, label_dataset
 
     classifier = stage.settings["classifier"]
     if classifier == "classifier/classifier.safetensors":  # the study's own
