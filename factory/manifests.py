@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,6 +119,18 @@ PENDING_NAME = (
 COMMIT_METADATA_KEY = (
     b"factory.commit"  # Parquet key-value metadata of a pair manifest: its shard's commit record
 )
+
+
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_dataset_name(name: str) -> None:
+    """A dataset name is a folder and a key prefix: letters, digits, '-' and '_', first a letter or digit (so no
+    '.', which WebDataset splits keys at, no '/', and no '_' or '.' start, which readers skip)."""
+    if not _DATASET_NAME.fullmatch(name):
+        raise FactoryError(
+            f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)"
+        )
 
 
 def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:

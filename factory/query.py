@@ -38,6 +38,7 @@ from factory.manifests import (
     CARD_NAME,
     PAIR_SCHEMA,
     PENDING_NAME,
+    check_dataset_name,
     check_manifest_root,
     manifest_files,
     pair_manifest_paths,
@@ -398,14 +399,6 @@ def _default_name(parents: list[str], where: str) -> str:
     return f"{parents[0]}-where-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def _check_name(name: str) -> None:
-    # The build's rule for dataset names (letters, digits, '-' and '_', not starting with '_' or '-').
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise FactoryError(
-            f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)"
-        )
-
-
 def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
     """(manifest row, {member extension: bytes}) for each given manifest row, in shard order then member order.
 
@@ -502,7 +495,7 @@ def filter_dataset(config: FilterConfig) -> FilterSummary:
     rows = unique_pairs(rows)
     parents = sorted({row["dataset"] for row in rows})
     name = config.name if config.name is not None else _default_name(parents, config.where)
-    _check_name(name)
+    check_dataset_name(name)
     shard_storage, manifest_storage = Storage(config.out), Storage(out_manifests)
     pending = f"{name}/{PENDING_NAME}"
     left_by_a_dead_run = manifest_storage.exists(pending)

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from factory import __version__
+from factory.build.config import BICUBIC, reconstructs
+from factory.build.identity import build_fingerprint
+from factory.build.plan import PlannedCrop, ShardTask, reject_row
 from factory.devices import resolve_device
 from factory.manifests import rows_to_table, write_manifest
-from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reconstructs, reject_row
 from factory.quality import checkerboard_index, image_quality
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
@@ -58,16 +60,12 @@ class WorkerSettings:
     out: str  # shard root (folder or URI)
     manifests: str  # manifest root (folder or URI)
     max_pixels: int | None  # decompression-bomb limit (None: Pillow's)
-    build_settings: dict  # factory.build.build_settings: recorded with their digest in each commit record
+    build_settings: (
+        dict  # factory.build.identity.build_settings: recorded with their digest in each commit record
+    )
     threads: int | None  # torch intra-op threads and payload encoders (None: torch's default, one encoder)
-    crash_marker: (
-        str | None
-    )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
     bf16: bool = False  # the reconstructor under bf16 autocast on CUDA (faster; other bytes than float32)
     degradation_options: dict | None = None  # the classical degrader's options (--degradation-config)
-    shard_delay: float = (
-        0.0  # tests only (factory.build.SHARD_DELAY_ENVIRONMENT): seconds each shard waits first
-    )
 
 
 @dataclass
@@ -135,8 +133,6 @@ class ShardWorker:
 
         started, started_epoch = time.perf_counter(), time.time()
         settings = self.settings
-        if settings.shard_delay:
-            time.sleep(settings.shard_delay)
         shard_path = f"{settings.dataset}/{task.stem}.tar"
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, str]] = []
@@ -184,14 +180,6 @@ class ShardWorker:
         for row, members in pairs:
             writer.add_sample(row["key"], members)
             rows.append(row)
-        self._maybe_crash()
-
-    def _maybe_crash(self) -> None:
-        """Tests only: die like a killed process, mid-shard, the first time any worker gets here."""
-        marker = self.settings.crash_marker
-        if marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)
 
     def _batches(self, task: ShardTask, rejects: list[dict[str, str]]):
         """Yield lists of (PlannedCrop, source, source_sha256, y (crop, crop, 3) uint8) of at most batch_size,
