@@ -23,12 +23,14 @@ committed shards on a rerun; `verify` (`factory verify`) checks every shard agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +272,45 @@ def write_manifest(storage, relative: str, rows: list[dict], commit: dict[str, A
     table = table.replace_schema_metadata(metadata)
     with storage.open_atomic(relative) as stream:
         pq.write_table(table, stream)
+
+
+class ShardOutput:
+    """One shard being written (`commit_shard`): `add` writes a sample to its tar and keeps its manifest row;
+    `record` is its commit record so far, which the writer may complete until the block ends."""
+
+    def __init__(self, shard: str, writer, stream, record: dict[str, Any]):
+        self.shard = shard  # path of the tar relative to the shard root
+        self.rows: list[dict] = []
+        self.record = record
+        self._writer, self._stream = writer, stream
+
+    def add(self, row: dict, members: dict[str, bytes]) -> None:
+        """Write sample `row["key"]` (`members`: extension -> bytes) and keep `row` for the manifest."""
+        self._writer.add_sample(row["key"], members)
+        self.rows.append(row)
+
+
+@contextlib.contextmanager
+def commit_shard(
+    shard_storage: Storage, manifest_storage: Storage, dataset: str, stem: str, record: dict[str, Any]
+) -> Iterator[ShardOutput]:
+    """Write shard `<dataset>/<stem>.tar` and commit it: the one way a dataset is written (the build's workers and
+    `factory filter`). Samples go into the tar under a temporary name, through a reproducible tar writer, hashed as
+    they stream; when the block ends without an error the tar takes its name, then its manifest is written with the
+    commit record in its metadata (`record` completed with the shard's path, size, sha256 and pair count), and its
+    presence commits the shard. An error leaves neither (nor a temporary)."""
+    from factory.shards import HashingWriter, TarShardWriter
+
+    shard = f"{dataset}/{stem}.tar"
+    with shard_storage.open_atomic(shard) as raw:
+        stream = HashingWriter(raw)
+        with TarShardWriter(stream) as writer:
+            output = ShardOutput(shard, writer, stream, dict(record))
+            yield output
+    output.record.update(
+        shard=shard, shard_bytes=stream.size, shard_sha256=stream.hexdigest(), pairs=len(output.rows)
+    )
+    write_manifest(manifest_storage, f"{dataset}/{stem}.parquet", output.rows, output.record)
 
 
 def write_rejects(storage, relative: str, rows: list[dict]) -> None:

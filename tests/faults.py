@@ -22,8 +22,8 @@ def crash_once_worker(marker: Path) -> type[ShardWorker]:
     batch of samples: the first to find `marker` absent creates it and dies."""
 
     class CrashOnceWorker(ShardWorker):
-        def _write(self, writer, pairs, rows) -> None:
-            super()._write(writer, pairs, rows)
+        def _write(self, output, pairs) -> None:
+            super()._write(output, pairs)
             if not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os._exit(1)
