@@ -165,25 +165,14 @@ def pair_manifest_paths(storage: Storage, dataset: str | None = None) -> list[st
 
 def dataset_folders(root: str | os.PathLike) -> list[Path]:
     """The dataset folders of a local manifest root that readers read (`is_readable_dataset`), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
     storage = Storage(root)
-    return sorted(
-        path for path in root.iterdir() if path.is_dir() and is_readable_dataset(storage, path.name)
-    )
+    return [Path(root) / name for name in storage.list_dirs() if is_readable_dataset(storage, name)]
 
 
 def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[Path]:
-    """The pair manifests under `root` (all datasets, or one), sorted; rejects and cards are not included, nor is a
-    derived dataset still being written (PENDING_NAME)."""
-    root = Path(root)
-    if dataset and not is_readable_dataset(Storage(root), dataset):
-        return []
-    folders = [root / dataset] if dataset else dataset_folders(root)
-    return sorted(
-        path for folder in folders for path in folder.glob("*.parquet") if is_pair_manifest(path.name)
-    )
+    """The pair manifests under a local `root` (all datasets, or one), sorted; rejects and cards are not included,
+    nor is a derived dataset still being written (PENDING_NAME): `pair_manifest_paths` as local paths."""
+    return [Path(root) / relative for relative in pair_manifest_paths(Storage(root), dataset)]
 
 
 def check_manifest_root(root: str | os.PathLike) -> None:
