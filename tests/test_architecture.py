@@ -48,3 +48,20 @@ def test_a_model_that_imports_ray_breaks_a_contract(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Models never import Ray" in result.stdout
     assert "factory.models.vqvae -> ray" in result.stdout
+
+
+def test_the_build_config_importing_the_pool_breaks_the_build_layers(tmp_path):
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(
+        ROOT / "factory", tmp_path / "factory", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+    )
+    config = tmp_path / "factory" / "build" / "config.py"
+    config.write_text(
+        config.read_text() + "\nimport factory.build.pool  # the options must not know the pool\n"
+    )
+
+    result = lint_imports(tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The build's parts in layers" in result.stdout
+    assert "factory.build.config -> factory.build.pool" in result.stdout
