@@ -679,7 +679,7 @@ def query_command(expression, manifests_root, output_format, order_by, random_or
 @user_errors
 def filter_command(where, shards_root, manifests_root, out, out_manifests, name, pairs_per_shard) -> None:
     """Write a new dataset with exactly the pairs matching --where (payloads copied byte for byte)."""
-    from factory.query import FilterConfig, filter_dataset
+    from factory.filter import FilterConfig, filter_dataset
 
     summary = filter_dataset(
         FilterConfig(

@@ -23,11 +23,14 @@ committed shards on a rerun; `verify` (`factory verify`) checks every shard agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,18 @@ COMMIT_METADATA_KEY = (
 )
 
 
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_dataset_name(name: str) -> None:
+    """A dataset name is a folder and a key prefix: letters, digits, '-' and '_', first a letter or digit (so no
+    '.', which WebDataset splits keys at, no '/', and no '_' or '.' start, which readers skip)."""
+    if not _DATASET_NAME.fullmatch(name):
+        raise FactoryError(
+            f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)"
+        )
+
+
 def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:
     return Path(root) / dataset
 
@@ -150,25 +165,14 @@ def pair_manifest_paths(storage: Storage, dataset: str | None = None) -> list[st
 
 def dataset_folders(root: str | os.PathLike) -> list[Path]:
     """The dataset folders of a local manifest root that readers read (`is_readable_dataset`), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
     storage = Storage(root)
-    return sorted(
-        path for path in root.iterdir() if path.is_dir() and is_readable_dataset(storage, path.name)
-    )
+    return [Path(root) / name for name in storage.list_dirs() if is_readable_dataset(storage, name)]
 
 
 def manifest_files(root: str | os.PathLike, dataset: str | None = None) -> list[Path]:
-    """The pair manifests under `root` (all datasets, or one), sorted; rejects and cards are not included, nor is a
-    derived dataset still being written (PENDING_NAME)."""
-    root = Path(root)
-    if dataset and not is_readable_dataset(Storage(root), dataset):
-        return []
-    folders = [root / dataset] if dataset else dataset_folders(root)
-    return sorted(
-        path for folder in folders for path in folder.glob("*.parquet") if is_pair_manifest(path.name)
-    )
+    """The pair manifests under a local `root` (all datasets, or one), sorted; rejects and cards are not included,
+    nor is a derived dataset still being written (PENDING_NAME): `pair_manifest_paths` as local paths."""
+    return [Path(root) / relative for relative in pair_manifest_paths(Storage(root), dataset)]
 
 
 def check_manifest_root(root: str | os.PathLike) -> None:
@@ -257,6 +261,45 @@ def write_manifest(storage, relative: str, rows: list[dict], commit: dict[str, A
     table = table.replace_schema_metadata(metadata)
     with storage.open_atomic(relative) as stream:
         pq.write_table(table, stream)
+
+
+class ShardOutput:
+    """One shard being written (`commit_shard`): `add` writes a sample to its tar and keeps its manifest row;
+    `record` is its commit record so far, which the writer may complete until the block ends."""
+
+    def __init__(self, shard: str, writer, stream, record: dict[str, Any]):
+        self.shard = shard  # path of the tar relative to the shard root
+        self.rows: list[dict] = []
+        self.record = record
+        self._writer, self._stream = writer, stream
+
+    def add(self, row: dict, members: dict[str, bytes]) -> None:
+        """Write sample `row["key"]` (`members`: extension -> bytes) and keep `row` for the manifest."""
+        self._writer.add_sample(row["key"], members)
+        self.rows.append(row)
+
+
+@contextlib.contextmanager
+def commit_shard(
+    shard_storage: Storage, manifest_storage: Storage, dataset: str, stem: str, record: dict[str, Any]
+) -> Iterator[ShardOutput]:
+    """Write shard `<dataset>/<stem>.tar` and commit it: the one way a dataset is written (the build's workers and
+    `factory filter`). Samples go into the tar under a temporary name, through a reproducible tar writer, hashed as
+    they stream; when the block ends without an error the tar takes its name, then its manifest is written with the
+    commit record in its metadata (`record` completed with the shard's path, size, sha256 and pair count), and its
+    presence commits the shard. An error leaves neither (nor a temporary)."""
+    from factory.shards import HashingWriter, TarShardWriter
+
+    shard = f"{dataset}/{stem}.tar"
+    with shard_storage.open_atomic(shard) as raw:
+        stream = HashingWriter(raw)
+        with TarShardWriter(stream) as writer:
+            output = ShardOutput(shard, writer, stream, dict(record))
+            yield output
+    output.record.update(
+        shard=shard, shard_bytes=stream.size, shard_sha256=stream.hexdigest(), pairs=len(output.rows)
+    )
+    write_manifest(manifest_storage, f"{dataset}/{stem}.parquet", output.rows, output.record)
 
 
 def write_rejects(storage, relative: str, rows: list[dict]) -> None:

@@ -1,5 +1,6 @@
-"""Manifest queries: SQL over every pair manifest under a folder (all datasets at once), in a sandbox; `filter`
-writes the matching pairs out as a new dataset.
+"""Manifest queries: SQL over every pair manifest under a folder (all datasets at once), in a sandbox; the rows and
+pairs they select (`select`, `read_pairs`), which `factory filter` (factory.filter), preview, export and the
+streaming consumer read.
 
     factory query "delta_e < 5 AND label = 'gaussian_noise'"
     factory query "SELECT dataset, avg(delta_e) FROM manifests GROUP BY dataset" --format csv
@@ -23,30 +24,22 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-from tqdm import tqdm
 
-from factory import __version__
 from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
-from factory.diversity import labels_card
 from factory.manifests import (
-    CARD_NAME,
     PAIR_SCHEMA,
-    PENDING_NAME,
     check_manifest_root,
     manifest_files,
     pair_manifest_paths,
-    shard_stem,
     unreadable_manifests,
-    write_manifest,
 )
-from factory.shards import HashingWriter, TarShardWriter, payload_extension, read_samples, row_json
-from factory.storage import OutputLock, Storage
+from factory.shards import payload_extension, read_samples
+from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -361,51 +354,6 @@ def format_table(table: pa.Table, fmt: str, summary: bool = False) -> str:
     return "\n".join(lines + [footer]) + "\n"
 
 
-# --- filter: a new dataset holding exactly the matching pairs ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    where: str  # SQL predicate over the manifest columns, e.g. "delta_e < 5 AND label = 'gaussian_noise'"
-    # where the parent datasets' shards live (the `shard` column is relative to it); a folder or storage URI
-    shards_root: str | Path
-    manifests_root: (
-        str | Path
-    )  # the parent datasets' manifest root, a folder or storage URI (all datasets there are searched)
-    out: (
-        str | Path
-    )  # shard root of the new dataset: it goes to <out>/<name>/<name>-NNNNNN.tar (folder or URI)
-    # manifest root of the new dataset (folder or URI); None: manifests_root, beside its parents
-    out_manifests: str | Path | None = None
-    # the new dataset's name; None: "<parent>-where-<sha256(where)[:8]>" (one parent only)
-    name: str | None = None
-    pairs_per_shard: int = 1000  # samples per new shard
-
-
-@dataclass(frozen=True)
-class FilterSummary:
-    dataset: str
-    pairs: int
-    shards: list[str]  # shard paths relative to `out`
-    parent_datasets: list[str]
-
-
-def _default_name(parents: list[str], where: str) -> str:
-    if len(parents) != 1:
-        raise FactoryError(
-            f"the matching pairs come from {len(parents)} datasets {parents}; give the new one a --name"
-        )
-    return f"{parents[0]}-where-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
-
-
-def _check_name(name: str) -> None:
-    # The build's rule for dataset names (letters, digits, '-' and '_', not starting with '_' or '-').
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise FactoryError(
-            f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (first a letter or digit)"
-        )
-
-
 def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict, dict[str, bytes]]]:
     """(manifest row, {member extension: bytes}) for each given manifest row, in shard order then member order.
 
@@ -442,26 +390,6 @@ def read_pairs(shards_root: str | Path, rows: list[dict]) -> Iterator[tuple[dict
             )
 
 
-class _ShardOutput:
-    """One new shard, written sample by sample through the build's tar writer to a temporary name; `close` moves
-    it onto its final name, `abandon` deletes the temporary."""
-
-    def __init__(self, storage: Storage, shard: str):
-        self.shard = shard
-        self._target = storage.open_atomic(shard)
-        self.stream = HashingWriter(self._target.__enter__())
-        self.writer = TarShardWriter(self.stream)
-        self.rows: list[dict] = []
-
-    def close(self) -> None:
-        self.writer.close()
-        self._target.__exit__(None, None, None)
-
-    def abandon(self, error: BaseException) -> None:
-        self.writer.abandon()  # before its file goes, or tarfile writes to it when collected
-        self._target.__exit__(type(error), error, error.__traceback__)
-
-
 def unique_pairs(rows: list[dict]) -> list[dict]:
     """One row per pair key, in order. A filtered dataset repeats its parents' keys with the same bytes (filter copies
     them), so rows of one key with equal HR and LR sha256s are one pair, met again: the first row (manifest order,
@@ -476,146 +404,6 @@ def unique_pairs(rows: list[dict]) -> list[dict]:
                 f"{row['dataset']!r}; narrow --where to one of them"
             )
     return list(kept.values())
-
-
-def filter_dataset(config: FilterConfig) -> FilterSummary:
-    """Write a new dataset holding exactly the pairs matching `config.where`: whole or not at all.
-
-    HR and LR payloads are copied byte for byte (no re-encoding). Each new row keeps its parent's `key` (it names
-    the pair's source crop, so provenance stays traceable) and every other column; only `dataset` and `shard`
-    change, and the sample's `json` member is the new row. Shards are written as the build writes them (same tar
-    conventions, reproducible bytes), each atomically and committed by its manifest with a commit record (size,
-    sha256) written after it; the dataset card (parents, predicate) comes last. `out` and `out_manifests` may be
-    any factory.storage location (a local folder or e.g. s3://bucket/prefix).
-
-    Whole or not at all: the new manifest folder holds PENDING_NAME (an OutputLock) from before the first file to
-    after the card, and readers leave it out meanwhile (factory.manifests). An error deletes what was written; a
-    run that died (kill -9) leaves the lock, and running the same filter again deletes what it left and starts over.
-    """
-
-    out_manifests = config.out_manifests if config.out_manifests is not None else config.manifests_root
-    if config.pairs_per_shard < 1:
-        raise FactoryError("pairs per shard must be at least 1")
-    rows = select(config.manifests_root, config.where).to_pylist()
-    if not rows:
-        raise FactoryError(f"no pairs match {config.where!r} under {config.manifests_root}")
-    rows = unique_pairs(rows)
-    parents = sorted({row["dataset"] for row in rows})
-    name = config.name if config.name is not None else _default_name(parents, config.where)
-    _check_name(name)
-    shard_storage, manifest_storage = Storage(config.out), Storage(out_manifests)
-    pending = f"{name}/{PENDING_NAME}"
-    left_by_a_dead_run = manifest_storage.exists(pending)
-    with OutputLock(manifest_storage, pending, "filter", f"dataset {name}"):
-        _clear_or_refuse(shard_storage, manifest_storage, name, left_by_a_dead_run)
-        try:
-            shards = _write_filtered(config, shard_storage, manifest_storage, name, rows, parents)
-        except BaseException:
-            _remove_dataset_files(shard_storage, manifest_storage, name)
-            raise
-    logger.info("filter: %d pairs from %s -> %s (%d shards)", len(rows), parents, name, len(shards))
-    return FilterSummary(dataset=name, pairs=len(rows), shards=shards, parent_datasets=parents)
-
-
-def _dataset_files(shard_storage: Storage, manifest_storage: Storage, name: str) -> list[tuple[Storage, str]]:
-    """Every file of dataset `name` in both folders but the pending lock, as (storage, relative path)."""
-    return [
-        (storage, f"{name}/{file}")
-        for storage in (shard_storage, manifest_storage)
-        for file in storage.list_files(name)
-        if not (storage is manifest_storage and file == PENDING_NAME)
-    ]
-
-
-def _remove_dataset_files(shard_storage: Storage, manifest_storage: Storage, name: str) -> int:
-    files = _dataset_files(shard_storage, manifest_storage, name)
-    for storage, relative in files:
-        storage.delete(relative)
-    return len(files)
-
-
-def _clear_or_refuse(
-    shard_storage: Storage, manifest_storage: Storage, name: str, left_by_a_dead_run: bool
-) -> None:
-    """With the pending lock held: delete what a dead run of a filter left, or refuse a dataset that exists."""
-    if left_by_a_dead_run:
-        removed = _remove_dataset_files(shard_storage, manifest_storage, name)
-        logger.warning("filter: removed %d file(s) of dataset %s that a run which died left", removed, name)
-        return
-    files = _dataset_files(shard_storage, manifest_storage, name)
-    if files:
-        storage, relative = files[0]
-        raise FactoryError(
-            f"dataset {name!r} already exists ({storage.uri(relative)}); choose another --name or remove it"
-        )
-
-
-def _write_filtered(
-    config: FilterConfig,
-    shard_storage: Storage,
-    manifest_storage: Storage,
-    name: str,
-    rows: list[dict],
-    parents: list[str],
-) -> list[str]:
-    """The new dataset's tars, then their manifests (which commit them), then its card; the new shard paths."""
-    finished: list[_ShardOutput] = []
-    current: _ShardOutput | None = None
-    progress = tqdm(total=len(rows), desc=f"filter -> {name}", unit="pair", disable=None)
-    try:
-        for row, members in read_pairs(config.shards_root, rows):
-            if current is None:
-                current = _ShardOutput(shard_storage, f"{name}/{shard_stem(name, len(finished))}.tar")
-            new_row = {**row, "dataset": name, "shard": current.shard}
-            copied = {extension: data for extension, data in members.items() if extension != "json"}
-            current.writer.add_sample(row["key"], {**copied, "json": row_json(new_row)})
-            current.rows.append(new_row)
-            progress.update(1)
-            if len(current.rows) == config.pairs_per_shard:
-                current.close()
-                finished.append(current)
-                current = None
-        if current is not None:
-            current.close()
-            finished.append(current)
-            current = None
-    except BaseException as error:
-        if current is not None:
-            current.abandon(error)
-        raise
-    finally:
-        progress.close()
-    for output in finished:
-        record = {
-            "shard": output.shard,
-            "shard_bytes": output.stream.size,
-            "shard_sha256": output.stream.hexdigest(),
-            "pairs": len(output.rows),
-            "planned": len(output.rows),
-            "filter_predicate": config.where,
-            "parent_datasets": parents,
-            "factory_version": __version__,
-        }
-        stem = output.shard.rsplit("/", 1)[1][: -len(".tar")]
-        write_manifest(manifest_storage, f"{name}/{stem}.parquet", output.rows, record)
-    shards = [output.shard for output in finished]
-    card = {
-        "dataset": name,
-        "command": "filter",
-        "parent_datasets": parents,
-        "predicate": config.where,
-        "pairs": len(rows),
-        "shards": shards,
-        "labels": labels_card([row["label"] for row in rows], [row["classifier_sha256"] for row in rows]),
-        "config": {
-            key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()
-        },
-        "factory_version": __version__,
-    }
-    manifest_storage.write_bytes_atomic(
-        f"{name}/{CARD_NAME}", (json.dumps(card, indent=2, sort_keys=True) + "\n").encode()
-    )
-    return shards
 
 
 def selected_rows(

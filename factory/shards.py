@@ -17,7 +17,7 @@ import json
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -184,26 +184,52 @@ class ShardSample:
     members: dict[str, bytes]  # extension ("hr.png", "lr.png", "json") -> payload bytes
 
 
-def read_samples(stream: BinaryIO) -> Iterator[ShardSample]:
-    """The samples of a tar shard in order, grouping consecutive members by key as WebDataset does. Raises
-    tarfile.TarError / OSError on an unreadable or truncated shard, ValueError on a member name without a key."""
+def sample_key(name: str) -> tuple[str, str]:
+    """Tar member name -> (sample key, field), as WebDataset splits it: the key is everything before the base name's
+    first dot (`dir/0001.hr.npy.zst` -> `dir/0001`, `hr.npy.zst`)."""
+    directory, _, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), field
+
+
+def read_samples(
+    stream: BinaryIO,
+    keys: Collection[str] | None = None,
+    kinds: Collection[str] | None = None,
+    on_end: Callable[[BaseException], None] | None = None,
+) -> Iterator[ShardSample]:
+    """The samples of a tar shard in order, grouping consecutive members by key as WebDataset does (a repeated
+    member starts a new sample, so a duplicated sample shows up as two samples with one key). The one tar reader:
+    `factory verify`, `filter`, the classifier's synthesis and the streaming consumer all read through it.
+
+    keys: read only these samples; the members of the others are skipped without being read into memory.
+    kinds: read only the members whose field starts with one of these (`("hr", "lr")`: the images, not the json).
+    on_end: None: an unreadable or truncated shard raises tarfile.TarError / OSError / EOFError, and a member that
+    is not a regular file or has no extension raises ValueError. Given: a shard that ends early ends the iteration
+    after the sample being read (with the members that arrived whole), and the error is handed to `on_end`; members
+    that are not regular files are skipped."""
     current: ShardSample | None = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                raise ValueError(f"shard member {info.name!r} is not a regular file")
-            base = info.name.rsplit("/", 1)[-1]
-            key, dot, extension = base.partition(".")
-            if not dot:
-                raise ValueError(f"shard member {info.name!r} has no extension")
-            data = tar.extractfile(info).read()
-            # A repeated member starts a new sample: a duplicated sample shows up as two samples with one key.
-            if current is None or current.key != key or extension in current.members:
-                if current is not None:
-                    yield current
-                current = ShardSample(key=key, members={})
-            current.members[extension] = data
-    if current is not None:
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    if on_end is None:
+                        raise ValueError(f"shard member {info.name!r} is not a regular file")
+                    continue
+                key, field = sample_key(info.name)
+                if not field and on_end is None:
+                    raise ValueError(f"shard member {info.name!r} has no extension")
+                if current is None or current.key != key or field in current.members:
+                    if current is not None and current.members:
+                        yield current
+                    current = ShardSample(key=key, members={})
+                if (keys is None or key in keys) and (kinds is None or field.split(".", 1)[0] in kinds):
+                    current.members[field] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        if on_end is None:
+            raise
+        on_end(error)
+    if current is not None and current.members:
         yield current
 
 

@@ -164,6 +164,10 @@ class Storage:
         with self.filesystem.open_input_stream(self.path(relative)) as stream:
             return stream.read()
 
+    def open_stream(self, relative: str) -> BinaryIO:
+        """A readable file object for one front-to-back pass (read ahead on object stores; caller closes it)."""
+        return self.filesystem.open_input_stream(self.path(relative))
+
     def open_input(self, relative: str) -> BinaryIO:
         """A readable, seekable file object (caller closes it)."""
         return self.filesystem.open_input_file(self.path(relative))

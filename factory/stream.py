@@ -46,7 +46,8 @@ import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
 
 from factory.config import FactoryError, error_line
-from factory.shards import decode_image
+from factory.shards import decode_image, read_samples, sample_key
+from factory.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -113,32 +114,27 @@ def _visible(paths) -> list[str]:
 def _object_store_shards(url: str) -> list[str]:
     """The *.tar objects under the object-store folder `url`: directly in it (`s3://bucket/shards/<dataset>`), or,
     for a shard root (`s3://bucket/shards`), in its dataset folders; sorted."""
-    import pyarrow.fs
-
-    scheme = url.partition("://")[0]
+    storage = Storage(url)
     try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
-        root = path.rstrip("/")
-        entries = filesystem.get_file_info(
-            pyarrow.fs.FileSelector(root, allow_not_found=True, recursive=True)
+        direct = [storage.uri(name) for name in storage.list_files() if name.endswith(".tar")]
+        if direct:
+            return _visible(direct)
+        return _visible(
+            storage.uri(f"{folder}/{name}")
+            for folder in storage.list_dirs()
+            for name in storage.list_files(folder)
+            if name.endswith(".tar")
         )
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise FactoryError(f"cannot list {url}: {error}") from None
-    by_depth: dict[int, list[str]] = {0: [], 1: []}
-    for entry in entries:
-        depth = entry.path[len(root) + 1 :].count("/")
-        if entry.type == pyarrow.fs.FileType.File and entry.base_name.endswith(".tar") and depth in by_depth:
-            by_depth[depth].append(f"{scheme}://{entry.path}")
-    return _visible(by_depth[0]) or _visible(by_depth[1])
+        raise FactoryError(f"cannot list {url}: {error_line(error)}") from None
 
 
 def open_shard(url: str):
-    """A readable binary stream of one shard: pyarrow for s3:// and gs://, webdataset's gopen for the rest."""
+    """A readable binary stream of one shard: Storage (pyarrow) for s3:// and gs://, webdataset's gopen for the
+    rest."""
     if _is_object_store(url):
-        import pyarrow.fs
-
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
-        return filesystem.open_input_stream(path)
+        folder, _, name = url.rpartition("/")
+        return Storage(folder).open_stream(name)
     return webdataset.gopen(url, "rb")
 
 
@@ -196,14 +192,6 @@ def _match_shard(url: str, selection: Mapping[str, list[dict]]) -> list[dict] | 
     return None
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """Tar member name -> (sample key, field), as webdataset does: the key is everything before the basename's
-    first dot (`dir/0001.hr.npy.zst` -> `dir/0001`, `hr.npy.zst`)."""
-    directory, _, base = name.rpartition("/")
-    stem, _, field = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), field
-
-
 @dataclass
 class ReadOutcome:
     """How reading one shard went, for a caller that counts rather than warns."""
@@ -227,36 +215,30 @@ def _complete(
 def iterate_pairs(
     url: str, keys: frozenset[str] | None = None, outcome: ReadOutcome | None = None
 ) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
-    """(key, {"hr": (member name, bytes), "lr": ...}) for each complete sample of one shard, in shard order.
+    """(key, {"hr": (member name, bytes), "lr": ...}) for each complete sample of one shard, in shard order
+    (`factory.shards.read_samples`, the one tar reader).
 
     Members of samples not in `keys` are skipped without being read into memory; a truncated or corrupt shard ends
     after its last complete sample, never with an exception: with a warning, or, given `outcome`, noted there (and
     samples without both images are skipped without a warning: the caller counts them as missing)."""
-    current_key: str | None = None
-    wanted = False  # whether current_key is selected
-    fields: dict[str, tuple[str, bytes]] = {}
-    try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, field = _split_name(member.name)
-                if key != current_key:
-                    if wanted and _complete(current_key, fields, url, outcome):
-                        yield current_key, fields
-                    current_key, fields = key, {}
-                    wanted = keys is None or key in keys
-                kind = field.split(".", 1)[0]
-                if wanted and kind in IMAGE_FIELDS:
-                    fields[kind] = (field, archive.extractfile(member).read())
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+
+    def ended(error: BaseException) -> None:
         # Whatever was fully read stays usable: the pair being read is kept if both images arrived whole.
         if outcome is None:
             logger.warning("shard %s ends early (%s); keeping the complete samples before it", url, error)
         else:
             outcome.error = error_line(error)
-    if wanted and _complete(current_key, fields, url, outcome):
-        yield current_key, fields
+
+    try:
+        stream = open_shard(url)
+    except (OSError, ValueError) as error:
+        ended(error)
+        return
+    with stream:
+        for sample in read_samples(stream, keys=keys, kinds=IMAGE_FIELDS, on_end=ended):
+            fields = {name.split(".", 1)[0]: (name, data) for name, data in sample.members.items()}
+            if _complete(sample.key, fields, url, outcome):
+                yield sample.key, fields
 
 
 @dataclass
@@ -281,7 +263,7 @@ def list_pairs(url: str) -> ShardListing:
         with stream, tarfile.open(fileobj=stream, mode="r:" if local else "r|*") as archive:
             for member in archive:
                 last = member
-                key, field = _split_name(member.name)
+                key, field = sample_key(member.name)
                 kind = field.split(".", 1)[0]
                 if member.isfile() and kind in IMAGE_FIELDS:
                     kinds.setdefault(key, set()).add(kind)
@@ -294,7 +276,7 @@ def list_pairs(url: str) -> ShardListing:
         problem = f"it ends early ({error_line(error)})"
         cut = not local or (last is not None and last.offset_data + last.size > os.path.getsize(url))
         if cut and last is not None and last.isfile():  # the member read last is the one cut off
-            key, field = _split_name(last.name)
+            key, field = sample_key(last.name)
             kinds.get(key, set()).discard(field.split(".", 1)[0])
     complete = [key for key, found in kinds.items() if found.issuperset(IMAGE_FIELDS)]
     return ShardListing(samples=list(kinds), complete=complete, problem=problem)

@@ -101,3 +101,20 @@ def test_every_registered_name_builds():
         assert np.array_equal(decode_image(f"lr.{extension}", encode_image(image, codec)), image)
     with pytest.raises(FactoryError, match="unknown classifier architecture 'resnet34'"):
         build_classifier("resnet34")
+
+
+def test_the_build_config_importing_the_pool_breaks_the_build_layers(tmp_path):
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(
+        ROOT / "factory", tmp_path / "factory", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+    )
+    config = tmp_path / "factory" / "build" / "config.py"
+    config.write_text(
+        config.read_text() + "\nimport factory.build.pool  # the options must not know the pool\n"
+    )
+
+    result = lint_imports(tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The build's parts in layers" in result.stdout
+    assert "factory.build.config -> factory.build.pool" in result.stdout

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,19 @@ import pytest
 import torch
 import webdataset as wds
 from click.testing import CliRunner
+from faults import crash_once_worker
 from PIL import Image
 from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from test_sources import write_awkward_inputs
 
-from factory.build import CRASH_ONCE_ENVIRONMENT, BuildConfig, build, image_quality, plan_build
+from factory.build import BuildConfig, build
+from factory.build.plan import plan_build
 from factory.cli import main
 from factory.color import downsample, quantize
 from factory.config import FactoryError
 from factory.manifests import CARD_NAME, LOCK_NAME, REJECTS_NAME, read_manifests, verify
-from factory.quality import checkerboard_index
+from factory.quality import checkerboard_index, image_quality
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -269,13 +272,10 @@ def test_bad_and_awkward_inputs(tmp_path: Path, photos):
 
 
 @pytest.mark.slow  # ~1 min on two busy cores: three actors start
-def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, hr_folder: Path, monkeypatch):
+def test_actor_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, hr_folder: Path):
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(
-        CRASH_ONCE_ENVIRONMENT, str(marker)
-    )  # the first worker to finish a batch calls os._exit
     config = config_for(tmp_path, hr_folder, batch_size=2)
-    result = build(config)
+    result = build(config, worker_class=crash_once_worker(marker))  # the first worker to write a batch dies
     assert marker.is_file()  # an actor did die
     table = read_manifests(config.manifests, "bicubic")
     assert result.pairs == table.num_rows == 24
@@ -345,6 +345,23 @@ def test_dry_run_writes_nothing(tmp_path: Path, hr_folder: Path):
     assert (result.plan["crops"], result.plan["shards"], result.plan["images"]) == (24, 5, 3)
     assert result.estimated_bytes > 0
     assert not Path(config.out).exists() and not Path(config.manifests).exists()
+
+
+def test_more_inputs_after_a_partial_last_shard_are_refused_and_the_dry_run_says_so(
+    tmp_path: Path, hr_folder: Path
+):
+    """#16 item 5: a resume with more inputs changes the crops of the partial last shard; the run is refused as a
+    different build, and the dry run says beforehand that it would be, and why."""
+    build(config_for(tmp_path, hr_folder, limit=7, actors=0))  # shards of 5: the second holds 2 crops
+    grown = config_for(tmp_path, hr_folder, limit=12, actors=0)
+    said = "\n".join(build(replace(grown, dry_run=True)).summary_lines())
+    assert "the real run would be refused: dataset bicubic already holds shard bicubic-000001" in said
+    assert "holds 2 planned crops and this plan puts 5 in it" in said
+    with pytest.raises(FactoryError, match="holds 2 planned crops and this plan puts 5 in it") as refused:
+        build(grown)
+    assert str(refused.value) in said  # the dry run gives the real run's own message
+    same = "\n".join(build(config_for(tmp_path, hr_folder, limit=7, actors=0, dry_run=True)).summary_lines())
+    assert "refused" not in same  # the same build resumes
 
 
 def test_dry_run_checks_what_a_run_checks_before_writing(tmp_path: Path, hr_folder: Path):
@@ -520,7 +537,7 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
     (factory.train's EMBEDDED_DEFAULT_* constants): LR-sized crops (256 / 4 = 64), its steps an epoch, the `embedded`
     preset, the regime measured at the LR size; with --hr, with train's defaults (the paper's epoch and recipe)."""
     import factory.train
-    from factory.build import ensure_checkpoint
+    from factory.build.driver import ensure_checkpoint
     from factory.sources import list_sources
     from factory.train import (
         EMBEDDED_DEFAULT_PRESET,
@@ -637,10 +654,9 @@ def test_a_full_disk_in_process_is_one_line_and_leaves_committed_shards(tmp_path
     assert verify(config.out, config.manifests).ok
 
 
-def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_folder: Path, monkeypatch):
+def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_folder: Path):
     """With Ray a full disk was retried three times, worker tracebacks printed, and a 0-byte temporary left."""
-    import factory.build
-    from factory.worker import ShardWorker
+    from factory.build.worker import ShardWorker
 
     attempts = tmp_path / "attempts"
 
@@ -664,10 +680,9 @@ def test_a_full_disk_on_ray_fails_at_once_without_retries(tmp_path: Path, hr_fol
             factory.shards.HashingWriter = FullDisk  # in the actor's process
             return super().build_shard(task)
 
-    monkeypatch.setattr(factory.build, "ShardWorker", FullDiskWorker)
     config = config_for(tmp_path, hr_folder, actors=1)  # one actor: shards 0 and 1 commit first
     with pytest.raises(FactoryError, match=r"bicubic-000002.tar: No space left on device$") as raised:
-        build(config)
+        build(config, worker_class=FullDiskWorker)
     assert "\n" not in str(raised.value)
     assert attempts.read_text().splitlines() == ["bicubic-000002"]  # tried once: no retry can help
     assert not temporaries(Path(config.out), Path(config.manifests))

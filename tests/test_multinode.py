@@ -27,12 +27,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from factory.build import SHARD_DELAY_ENVIRONMENT  # noqa: E402  (after the importorskip)
-
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "bicubic"
 BUILD_OPTIONS = ["--model", "bicubic", "--crop", "128", "--shard-size", "2", "--no-progress"]
-TASK_NAME = "ShardWorker.build_shard"
+TASK_NAME = "WorkerHost.build_shard"  # factory.build.pool: the actor around each worker
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,8 @@ def gpu_nodes(cluster) -> list:
 
 def planned_keys(photo_folder: Path, limit: int, crop: int = 128, shard_size: int = 2) -> list[str]:
     """The pair keys the build plans for these options (the build's own deterministic planner)."""
-    from factory.build import BuildConfig, plan_build
+    from factory.build import BuildConfig
+    from factory.build.plan import plan_build
 
     plan = plan_build(
         BuildConfig(model="bicubic", hr=(str(photo_folder),), crop=crop, limit=limit, shard_size=shard_size)
@@ -74,10 +73,12 @@ def start_build(
     out: Path,
     limit: int,
     options: list[str] = (),
-    environment: dict | None = None,
+    shard_delay: float | None = None,
 ) -> subprocess.Popen:
+    # With a shard delay the CLI runs under tests/faults.py, which hands the build a worker that waits per shard.
+    faults = [str(ROOT / "tests" / "faults.py"), "--shard-delay", str(shard_delay)] if shard_delay else []
     command = [
-        sys.executable, "-m", "factory.cli", "build", *BUILD_OPTIONS, *options, "--limit", str(limit),
+        sys.executable, *(faults or ["-m", "factory.cli"]), "build", *BUILD_OPTIONS, *options, "--limit", str(limit),
         "--hr", str(photo_folder), "--out", str(out / "shards"), "--manifests", str(out / "manifests"),
         "--address", cluster.address,
     ]  # fmt: skip
@@ -86,7 +87,7 @@ def start_build(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(environment or {})},
+        env=dict(os.environ),
     )
 
 
@@ -159,11 +160,10 @@ def test_shards_spread_over_the_gpu_nodes(cluster, photo_folder: Path, tmp_path:
     workers = {node.node_id for node in gpu_nodes(cluster)}
     assert len(workers) == 2
     before = job_ids()
-    # Shards of 4 pairs that each take at least a second (SHARD_DELAY_ENVIRONMENT), so that the queue outlasts the
+    # Shards of 4 pairs that each take at least a second (tests/faults.py), so that the queue outlasts the
     # start-up of the second actor however fast the machine: the build gives shards only to actors that are up.
     options = ["--crop", "256", "--shard-size", "4"]
-    slow = {SHARD_DELAY_ENVIRONMENT: "1.0"}
-    output = finish(start_build(cluster, photo_folder, tmp_path, limit=32, options=options, environment=slow))
+    output = finish(start_build(cluster, photo_folder, tmp_path, limit=32, options=options, shard_delay=1.0))
     assert "8 shards (8 built" in output
     check_exactly_once(tmp_path, planned_keys(photo_folder, limit=32, crop=256, shard_size=4))
 

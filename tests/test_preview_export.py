@@ -24,7 +24,7 @@ from factory.color import downsample
 from factory.config import FactoryError
 from factory.export import ExportConfig, export_basicsr
 from factory.preview import PreviewConfig, make_preview
-from factory.query import FilterConfig, filter_dataset
+from factory.filter import FilterConfig, filter_dataset
 from factory.shards import decode_image
 
 

@@ -208,7 +208,7 @@ def test_a_root_whose_datasets_hold_only_rejects_answers_no_rows(tmp_path):
 
 
 def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
-    from factory.query import FilterConfig, filter_dataset
+    from factory.filter import FilterConfig, filter_dataset
 
     predicate = "delta_e < 4.5 AND label IS NOT NULL"
     out_shards, out_manifests = tmp_path / "shards", tmp_path / "manifests"
@@ -265,7 +265,7 @@ def test_filter_copies_exactly_the_matching_pairs(built, tmp_path):
 
 
 def test_filter_is_reproducible_and_refuses_bad_requests(built, tmp_path):
-    from factory.query import FilterConfig, filter_dataset
+    from factory.filter import FilterConfig, filter_dataset
 
     def run(target: Path, name: str = "mae-low", where: str = "model = 'mae' AND delta_e < 6"):
         return filter_dataset(
@@ -294,7 +294,7 @@ def test_filter_is_reproducible_and_refuses_bad_requests(built, tmp_path):
 
 
 def test_filter_of_a_damaged_parent_leaves_nothing(tmp_path, photos):
-    from factory.query import FilterConfig, filter_dataset
+    from factory.filter import FilterConfig, filter_dataset
 
     shards, manifests = tmp_path / "shards", tmp_path / "manifests"
     make_dataset(
@@ -465,13 +465,13 @@ def test_manifests_from_before_a_new_column_are_read_with_it_null(tmp_path, phot
 
 
 @pytest.mark.parametrize(
-    "killed_in, calls",
+    "module, killed_in, calls",
     [
-        ("row_json", 3),  # mid-tar: the first new shard written, the second half-written (a .tmp)
-        ("write_manifest", 1),  # mid-manifests: one of three manifests committed, no card
+        ("factory.filter", "row_json", 3),  # mid-tar: the first new shard committed, the second half-written (a .tmp)
+        ("factory.manifests", "write_manifest", 1),  # mid-manifests: one of three shards committed, no card
     ],
 )
-def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(built, tmp_path, killed_in, calls):
+def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(built, tmp_path, module, killed_in, calls):
     """kill -9 left .tmp files, orphan tars or a partial set of manifests without a card, which query and stats showed
     as a valid dataset, and a rerun was refused as "already exists"."""
     import shutil
@@ -486,7 +486,7 @@ def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(built, t
     request = ["filter", "--where", "delta_e < 4.5 AND label IS NOT NULL", "--shards", str(shards),
                "--manifests", str(manifests), "--name", "low", "--pairs-per-shard", "3"]  # fmt: skip
     arguments = [*request, "--out", str(shards)]
-    run_killed_mid_write("factory.query", killed_in, calls, arguments)
+    run_killed_mid_write(module, killed_in, calls, arguments)
     assert list((manifests / "low").iterdir()), "the kill came before anything was written"
     parents = select(manifests, None)
     assert set(parents["dataset"].to_pylist()) == {"vqvae2-ep8", "mae-ep4"}
@@ -518,7 +518,7 @@ def test_a_live_filter_of_the_same_name_is_refused(built, tmp_path):
     import socket
 
     from factory.manifests import PENDING_NAME
-    from factory.query import FilterConfig, filter_dataset
+    from factory.filter import FilterConfig, filter_dataset
 
     pending = tmp_path / "m" / "low" / PENDING_NAME
     pending.parent.mkdir(parents=True)

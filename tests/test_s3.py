@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.storage import Storage
+from factory.config import FactoryError
 
 if TYPE_CHECKING:
     from moto_s3 import S3Bucket
@@ -263,3 +264,27 @@ def test_query_and_stream_where_over_s3_manifests(s3_bucket: S3Bucket, photo_fol
         patches_per_pair=1, augment=False, shuffle=0,
     )  # fmt: skip
     assert sorted(patch["key"] for patch in dataset) == expected
+
+
+def test_filter_refuses_a_dataset_that_exists_on_s3(s3_bucket: S3Bucket, photo_folder: Path, tmp_path: Path):
+    """#17 item 2: the "already exists" check of `filter` on an object store, where a dataset is a key prefix and
+    not a folder (in process: the parents are a local build, the new dataset goes to the bucket)."""
+    from factory.build import BuildConfig, build
+    from factory.filter import FilterConfig, filter_dataset
+
+    local = BuildConfig(
+        hr=(str(photo_folder),), model="bicubic", crop=64, stride=256, limit=4, shard_size=2, actors=0,
+        out=str(tmp_path / "shards"), manifests=str(tmp_path / "manifests"), progress=False,
+    )  # fmt: skip
+    build(local)
+    out, manifests = s3_bucket.uri("shards"), s3_bucket.uri("manifests")
+    config = FilterConfig(
+        where="crop_top >= 0", shards_root=local.out, manifests_root=local.manifests, out=out,
+        out_manifests=manifests, name="copy", pairs_per_shard=3,
+    )  # fmt: skip
+    assert filter_dataset(config).pairs == 4
+    written = s3_bucket.keys()
+    assert "shards/copy/copy-000001.tar" in written and "manifests/copy/_card.json" in written
+    with pytest.raises(FactoryError, match=r"^dataset 'copy' already exists \(s3://"):
+        filter_dataset(config)
+    assert s3_bucket.keys() == written  # refused before it wrote or deleted anything

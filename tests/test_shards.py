@@ -106,6 +106,46 @@ def test_read_samples_groups_members_and_splits_duplicates(tmp_path: Path, image
         assert [sample.key for sample in read_samples(handle)] == ["a", "a"]
 
 
+def test_read_samples_groups_members_as_webdataset_does(tmp_path: Path):
+    """The reference is webdataset's own tar reader (`wds.WebDataset`, no decoding): the same samples, keys (a
+    folder in a member name belongs to the key), fields and bytes, for a tar written by plain tarfile."""
+    path = tmp_path / "foreign.tar"
+    members = [("dir/a.hr.png", b"A-hr"), ("dir/a.lr.png", b"A-lr"), ("dir/a.json", b"{}")]
+    members += [("b.hr.npy.zst", b"B-hr"), ("b.lr.npy.zst", b"B-lr"), ("c.lr.png", b"C-lr")]
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as handle:
+        ours = [(sample.key, sample.members) for sample in read_samples(handle)]
+    theirs = [
+        (sample["__key__"], {name: data for name, data in sample.items() if not name.startswith("__")})
+        for sample in wds.WebDataset(str(path), shardshuffle=False)
+    ]
+    assert ours == theirs
+    assert [key for key, _ in ours] == ["dir/a", "b", "c"]
+
+
+def test_read_samples_selects_and_keeps_what_came_before_a_cut(tmp_path: Path, images):
+    path = tmp_path / "s.tar"
+    write_shard(path, images, "png")
+    with tarfile.open(path) as archive:  # cut inside the third sample's LR payload
+        cut = next(member.offset_data for member in archive if member.name == "sample-002.lr.png") + 10
+    path.write_bytes(path.read_bytes()[:cut])
+    ended: list[BaseException] = []
+    with open(path, "rb") as handle:
+        samples = list(
+            read_samples(handle, keys={"sample-000", "sample-002"}, kinds=("hr", "lr"), on_end=ended.append)
+        )
+    # sample-001 is skipped (not read), the json members are left out, and sample-002 keeps the HR that arrived whole.
+    assert [(sample.key, sorted(sample.members)) for sample in samples] == [
+        ("sample-000", ["hr.png", "lr.png"]),
+        ("sample-002", ["hr.png"]),
+    ]
+    assert len(ended) == 1 and isinstance(ended[0], (tarfile.TarError, OSError, EOFError))
+
+
 def test_truncated_shard_raises(tmp_path: Path, images):
     path = tmp_path / "s.tar"
     write_shard(path, images, "png")

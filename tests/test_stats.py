@@ -17,7 +17,7 @@ from PIL import Image
 from factory.cli import main
 from factory.config import FactoryError
 from factory.corruptions import CORRUPTIONS
-from factory.query import FilterConfig, filter_dataset
+from factory.filter import FilterConfig, filter_dataset
 from factory.stats import (
     FIGURE_NAMES,
     StatsConfig,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from factory.color import downsample
 from factory.config import FactoryError
 from factory.manifests import read_manifests
-from factory.query import FilterConfig, filter_dataset
+from factory.filter import FilterConfig, filter_dataset
 from factory.stream import PairedPatches, expand_urls, iterate_pairs, plan_pass
 
 SCALE = 4

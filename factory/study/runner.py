@@ -263,7 +263,7 @@ def run_study(
     # One driver per study folder: a second one would run the same stages into the same outputs.
     with OutputLock(root, LOCK_NAME, "study", f"the study in {config.out}"):
         root.write_bytes_atomic(STUDY_FILE, (json.dumps(_config_json(config), indent=2) + "\n").encode())
-        from factory.build import connect_ray
+        from factory.build.pool import connect_ray
 
         ray, started_here = connect_ray(address, num_cpus)
         try:

@@ -7,27 +7,18 @@ rerun finds the same shards, keys and order, and a committed shard can be recogn
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from factory.build.config import BuildConfig
 from factory.config import FactoryError
 from factory.manifests import shard_stem
-from factory.models import MODEL_NAMES
 from factory.sources import RejectedImage, SourceFile, crop_boxes, list_sources, probe_image
 
-if TYPE_CHECKING:
-    from factory.build import BuildConfig
-
 log = logging.getLogger(__name__)
-
-BICUBIC = "bicubic"  # the degrader of the baseline dataset: x_deg = x
-DEFAULT_CROP = 1024  # the paper's HR crop (Section 4.1)
-EMBEDDED_DEFAULT_CROP = 256  # with the embedded default photos (300-1411 px) 1024 would leave almost nothing
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +56,7 @@ class BuildPlan:
     crops: int  # planned pairs
     shards: list[ShardTask]
     rejects: list[dict[str, str]]  # REJECT_SCHEMA rows found while planning
+    source_files: tuple[SourceFile, ...] = ()  # every input file found (a missing checkpoint trains on them)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -80,48 +72,12 @@ class BuildPlan:
         }
 
 
-def reconstructs(model: str) -> bool:
-    """Whether degrader `model` is a reconstructor (a checkpoint at an epoch) rather than bicubic or a classical
-    pipeline."""
-    return model in MODEL_NAMES
-
-
-def _name_number(value: float) -> str:
-    """A number as dataset names write it: shortest form, '.' as 'p' (3 -> "3", 1.5 -> "1p5")."""
-    return f"{float(value):g}".replace(".", "p")
-
-
-def dataset_name(config: BuildConfig) -> str:
-    """--name, or "<model>-ep<E>" for a reconstructor, or the degrader's name ("bicubic", "realesrgan", ...), with
-    "-de<X>" or "-lab<L>_<a>_<b>" for a colour-shifted bicubic build."""
-    name = config.name or (f"{config.model}-ep{config.epoch}" if reconstructs(config.model) else config.model)
-    if not config.name and config.target_delta_e is not None:  # bicubic-de3, bicubic-de1p5
-        name += f"-de{_name_number(config.target_delta_e)}"
-    elif not config.name and config.color_shift is not None:  # bicubic-lab0_4_-2p5
-        name += "-lab" + "_".join(_name_number(component) for component in config.color_shift)
-    if not _DATASET_NAME.match(name):
-        raise FactoryError(f"invalid dataset name {name!r}: use letters, digits, '-' and '_' (no '.' or '/')")
-    return name
-
-
-def effective_crop(config: BuildConfig) -> int:
-    if config.crop is not None:
-        return config.crop
-    return DEFAULT_CROP if (config.hr or config.hr_list) else EMBEDDED_DEFAULT_CROP
-
-
 def pair_key(dataset: str, source: SourceFile, top: int, left: int) -> str:
     """`<dataset>-<file stem>-<8 hex of the source's identity>-<top>-<left>`: readable, stable across machines (it
     uses the root's folder name, not its absolute path), and free of '.' (WebDataset's key separator)."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source.relative).stem)[:40] or "image"
     identity = f"{Path(source.root).name}/{source.relative}"
     return f"{dataset}-{stem}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}-{top:05d}-{left:05d}"
-
-
-def build_fingerprint(settings: dict[str, Any]) -> str:
-    """The digest of a build's settings (`factory.build.build_settings`): with `plan_sha256` it decides whether a
-    committed shard belongs to this build."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def reject_row(dataset: str, source: SourceFile, error: RejectedImage) -> dict[str, str]:
@@ -137,11 +93,8 @@ def reject_row(dataset: str, source: SourceFile, error: RejectedImage) -> dict[s
 def plan_build(config: BuildConfig) -> BuildPlan:
     """List the sources, read each one's header, and cut the crop grid into shards of `shard_size` crops.
     Deterministic: the same inputs and options give the same shards, keys and order."""
-    dataset = dataset_name(config)
-    crop = effective_crop(config)
+    dataset, crop = config.dataset_name, config.effective_crop
     stride = config.stride or max(1, crop // 2)
-    if crop < 16 or crop % config.scale:
-        raise FactoryError(f"--crop {crop} must be at least 16 and a multiple of --scale {config.scale}")
     if config.crop is None and not (config.hr or config.hr_list):
         log.warning(
             "no --hr given: building from scikit-image's bundled colour photos with %dx%d crops", crop, crop
@@ -194,4 +147,4 @@ def plan_build(config: BuildConfig) -> BuildPlan:
                 close_shard()
     if pending_crops:
         close_shard()
-    return BuildPlan(dataset, crop, stride, len(sources), images, crops, shards, rejects)
+    return BuildPlan(dataset, crop, stride, len(sources), images, crops, shards, rejects, tuple(sources))

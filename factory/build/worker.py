@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from factory import __version__
+from factory.build.config import BICUBIC, reconstructs
+from factory.build.identity import build_fingerprint
+from factory.build.plan import PlannedCrop, ShardTask, reject_row
 from factory.devices import resolve_device
-from factory.manifests import rows_to_table, write_manifest
-from factory.plan import BICUBIC, PlannedCrop, ShardTask, build_fingerprint, reconstructs, reject_row
+from factory.manifests import ShardOutput, commit_shard, rows_to_table
 from factory.quality import checkerboard_index, image_quality
 from factory.shards import row_json
 from factory.sources import RejectedImage, SourceFile, decode_rgb
@@ -58,16 +60,12 @@ class WorkerSettings:
     out: str  # shard root (folder or URI)
     manifests: str  # manifest root (folder or URI)
     max_pixels: int | None  # decompression-bomb limit (None: Pillow's)
-    build_settings: dict  # factory.build.build_settings: recorded with their digest in each commit record
+    build_settings: (
+        dict  # factory.build.identity.build_settings: recorded with their digest in each commit record
+    )
     threads: int | None  # torch intra-op threads and payload encoders (None: torch's default, one encoder)
-    crash_marker: (
-        str | None
-    )  # tests only (factory.build.CRASH_ONCE_ENVIRONMENT): die mid-shard if it is absent
     bf16: bool = False  # the reconstructor under bf16 autocast on CUDA (faster; other bytes than float32)
     degradation_options: dict | None = None  # the classical degrader's options (--degradation-config)
-    shard_delay: float = (
-        0.0  # tests only (factory.build.SHARD_DELAY_ENVIRONMENT): seconds each shard waits first
-    )
 
 
 @dataclass
@@ -131,36 +129,10 @@ class ShardWorker:
     # -- one shard -----------------------------------------------------------------------------------------------
 
     def build_shard(self, task: ShardTask) -> ShardSummary:
-        from factory.shards import HashingWriter, TarShardWriter
-
         started, started_epoch = time.perf_counter(), time.time()
         settings = self.settings
-        if settings.shard_delay:
-            time.sleep(settings.shard_delay)
-        shard_path = f"{settings.dataset}/{task.stem}.tar"
-        rows: list[dict[str, Any]] = []
-        rejects: list[dict[str, str]] = []
-        with self.shards.open_atomic(shard_path) as raw:
-            stream = HashingWriter(raw)
-            with TarShardWriter(stream) as writer:
-                # A three-stage pipeline: while the model degrades batch k (this thread), batch k + 1 is decoded,
-                # cropped and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the
-                # `finisher` thread. Samples are still written here, in plan order, so the shard's bytes do not depend
-                # on the overlap.
-                pending = None
-                for batch, y8, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
-                    degraded = self._degrade(batch, y8, x8)
-                    finishing = self.finisher.submit(self._finish, batch, shard_path, *degraded)
-                    if pending is not None:
-                        self._write(writer, pending.result(), rows)
-                    pending = finishing
-                if pending is not None:
-                    self._write(writer, pending.result(), rows)
-        commit = {
-            "shard": shard_path,
-            "shard_bytes": stream.size,
-            "shard_sha256": stream.hexdigest(),
-            "pairs": len(rows),
+        rejects: list[dict[str, str]] = []  # filled while the shard is written
+        record = {
             "planned": len(task.crops),
             "plan_sha256": task.plan_sha256,
             "build_fingerprint": build_fingerprint(settings.build_settings),
@@ -168,30 +140,34 @@ class ShardWorker:
             "rejects": rejects,
             "factory_version": __version__,
         }
-        write_manifest(self.manifests, f"{settings.dataset}/{task.stem}.parquet", rows, commit)
+        with commit_shard(self.shards, self.manifests, settings.dataset, task.stem, record) as output:
+            # A three-stage pipeline: while the model degrades batch k (this thread), batch k + 1 is decoded, cropped
+            # and downsampled on a prefetch thread and batch k - 1 is measured, encoded and hashed on the `finisher`
+            # thread. Samples are still written here, in plan order, so the shard's bytes do not depend on the
+            # overlap.
+            pending = None
+            for batch, y8, x8 in _prefetched(self._downsampled(self._batches(task, rejects))):
+                degraded = self._degrade(batch, y8, x8)
+                finishing = self.finisher.submit(self._finish, batch, output.shard, *degraded)
+                if pending is not None:
+                    self._write(output, pending.result())
+                pending = finishing
+            if pending is not None:
+                self._write(output, pending.result())
         return ShardSummary(
             index=task.index,
             stem=task.stem,
-            pairs=len(rows),
+            pairs=len(output.rows),
             rejects=rejects,
-            shard_bytes=stream.size,
+            shard_bytes=output.record["shard_bytes"],
             seconds=time.perf_counter() - started,
             started=started_epoch,
-            delta_e_sum=float(sum(row["delta_e"] for row in rows)),
+            delta_e_sum=float(sum(row["delta_e"] for row in output.rows)),
         )
 
-    def _write(self, writer, pairs: list[tuple[dict[str, Any], dict[str, bytes]]], rows: list) -> None:
+    def _write(self, output: ShardOutput, pairs: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:
         for row, members in pairs:
-            writer.add_sample(row["key"], members)
-            rows.append(row)
-        self._maybe_crash()
-
-    def _maybe_crash(self) -> None:
-        """Tests only: die like a killed process, mid-shard, the first time any worker gets here."""
-        marker = self.settings.crash_marker
-        if marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)
+            output.add(row, members)
 
     def _batches(self, task: ShardTask, rejects: list[dict[str, str]]):
         """Yield lists of (PlannedCrop, source, source_sha256, y (crop, crop, 3) uint8) of at most batch_size,
