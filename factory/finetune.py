@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from factory.config import FactoryError, config_to_dict, error_line
 from factory.shards import decode_image
-from factory.sr import ARCHITECTURES
+from factory.sr import check_architecture
 from factory.sr.losses import (
     ESRGANLossConfig,
     VGGFeatures,
@@ -198,8 +198,7 @@ def _one_thread(worker: int) -> None:
 
 
 def _check(config: FinetuneConfig) -> None:
-    if config.architecture not in ARCHITECTURES:
-        raise FactoryError(f"unknown --arch {config.architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    check_architecture(config.architecture)
     if not config.shards:
         raise FactoryError("give --shards (a shard folder or pattern, one per dataset)")
     if config.dataset_weights is not None and len(config.dataset_weights) != len(config.shards):

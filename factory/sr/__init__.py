@@ -12,3 +12,12 @@ Every network maps x: (N, 3, h, w) in [0, 1] to (N, 3, scale*h, scale*w).
 # The registry's names, torch-free (the CLI's choices); the networks are in networks.py.
 ARCHITECTURES: tuple[str, ...] = ("edsr", "esrgan", "swinir", "hat")
 PRESET_NAMES: tuple[str, ...] = ("paper", "tiny")
+
+
+def check_architecture(architecture: str) -> None:
+    """The one check of an SR architecture's name (fine-tune, eval, the networks): a one-line error listing the
+    known ones."""
+    from factory.config import FactoryError
+
+    if architecture not in ARCHITECTURES:
+        raise FactoryError(f"unknown SR architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")

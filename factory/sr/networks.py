@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from factory.config import FactoryError, error_line
-from factory.sr import ARCHITECTURES, PRESET_NAMES
+from factory.sr import ARCHITECTURES, PRESET_NAMES, check_architecture
 from factory.sr.edsr import EDSR, is_edsr_state_dict, load_edsr
 from factory.sr.edsr import PRESETS as EDSR_PRESETS
 from factory.storage import Storage
@@ -80,8 +80,7 @@ def _spandrel_presets(architecture: str, preset: str) -> nn.Module:
 
 def build_network(architecture: str, preset: str = "paper") -> SRNetwork:
     """A randomly initialised x4 network: `paper` = the official pre-trained models' shape, `tiny` = for tests."""
-    if architecture not in ARCHITECTURES:
-        raise FactoryError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    check_architecture(architecture)
     if preset not in PRESET_NAMES:
         raise FactoryError(f"unknown preset {preset!r}; known: {', '.join(PRESET_NAMES)}")
     if architecture == "edsr":
