@@ -5,7 +5,8 @@ parallel, done stages skipped, a failed stage's downstream skipped, one record a
     factory study studies/paper.yaml --address auto  # a cluster (OUT on storage every node sees)
     factory study studies/paper.yaml --dry-run       # the graph and each stage's state; writes nothing
 
-Resources: train, pretrain, fine-tune and eval stages take one GPU where the cluster has GPUs (else one CPU);
+Resources: train, pretrain, fine-tune and eval stages take one GPU where the cluster has GPUs (else one CPU; a
+fine-tune with `processes: N` takes N, on one node, and runs under torchrun: factory/study/stages.py);
 builds coordinate the build's own actor pool from a task that takes no CPU (`data.actors: 0`: the build runs in its
 task, one CPU); the report runs on the driver, where the study folder is. A task whose node dies is retried by Ray
 on another node (its stage function resumes or redoes its partial output); its record is written once, by the
