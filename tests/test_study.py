@@ -666,3 +666,22 @@ def test_a_two_process_finetune_runs_under_torchrun_and_delivers_what_one_proces
 def log_since_last_start(path: Path) -> str:
     """A stage log's last run (each starts with a '=== <time> <stage> starts on node ...' line)."""
     return path.read_text().rsplit(" starts on node ", 1)[-1]
+
+
+@pytest.mark.slow  # ~20 s on two busy cores: torchrun and two ranks start
+def test_a_failing_torchrun_fails_its_stage_with_the_ranks_error_in_the_log(tmp_path):
+    from factory.study.runner import execute_stage
+
+    values = tiny_study(tmp_path / "study")
+    values["architectures"][0]["processes"] = 2
+    stage = next(s for s in build_graph(study_from_dict(values)) if s.id == "finetune.edsr.bicubic")
+    # nothing upstream ran: no pretrained weights, no shards; the ranks refuse in one line and torchrun exits 1
+
+    outcome = execute_stage(stage, str(tmp_path / "study"), "cpu", False)
+
+    assert outcome.state == "failed"
+    weights = tmp_path / "study" / "pretrain" / "edsr" / "model.pth"
+    assert outcome.error == f"torchrun (2 processes) exited with status 1: no weights file at {weights}"
+    log = (tmp_path / "study" / "logs" / "finetune.edsr.bicubic.log").read_text()
+    assert "--nproc-per-node=2" in log and "pretrain/edsr/model.pth" in log
+    assert "ChildFailedError" in log  # torchrun's own report of the failed ranks, after theirs

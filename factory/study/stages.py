@@ -299,12 +299,20 @@ def _finetune_under_torchrun(config, processes: int, context: StageContext) -> d
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as launcher:
+        rank_error = (
+            ""  # the first rank's one-line refusal (`factory` prints "error: ..."), for the driver's line
+        )
         for line in launcher.stdout:  # into the stage's log as it comes (stdout is the log here)
             sys.stdout.write(line)
+            if not rank_error and line.startswith("error: "):
+                rank_error = line.strip()[len("error: ") :]
         status = launcher.wait()
     out = Path(config.out)
     if status != 0:
-        raise FactoryError(f"torchrun ({processes} processes) exited with status {status}; see the log")
+        raise FactoryError(
+            f"torchrun ({processes} processes) exited with status {status}"
+            + (f": {rank_error}" if rank_error else "; see the log")
+        )
     if not _finetune_done(out, config.iterations):
         raise FactoryError(
             f"torchrun exited with 0 but {out} holds no model.pth at {config.iterations} iterations"
