@@ -1,6 +1,6 @@
 """`factory study`: the config's errors, the stage graph's states, resume after kill -9, a config change rerunning only
-what is downstream of it, a dry run that writes nothing (local and loopback S3), and a two-node Ray cluster that
-loses a node mid-study.
+what is downstream of it, a dry run that writes nothing (local and loopback S3), a two-node Ray cluster that
+loses a node mid-study, and a fine-tune on two DDP processes (torchrun, gloo) against the same one in one process.
 
     python -m pytest -q tests/test_study.py
 
