@@ -14,11 +14,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.config import FactoryError
 from factory.study.config import PHOTOS_PREFIX
 from factory.study.graph import Stage
+
+if TYPE_CHECKING:  # imported where used: a stage pays for torch only when it trains
+    from factory.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ def _finetune_done(out: Path, iterations: int) -> bool:
     return (out / "model.pth").is_file() and max(reached, default=0) >= iterations
 
 
-def _finetune_config(stage: Stage, context: StageContext):
+def _finetune_config(stage: Stage, context: StageContext) -> FinetuneConfig:
     """The stage's settings as `factory finetune`'s config (paths under OUT made absolute)."""
     from factory.finetune import FinetuneConfig
 
@@ -285,7 +288,7 @@ def run_finetune(stage: Stage, context: StageContext) -> dict[str, Any]:
     }
 
 
-def _finetune_under_torchrun(config, processes: int, context: StageContext) -> dict[str, Any]:
+def _finetune_under_torchrun(config: FinetuneConfig, processes: int, context: StageContext) -> dict[str, Any]:
     """`torchrun --standalone --nproc-per-node N ... factory finetune` in a subprocess of this stage's task (which
     holds the node's N GPUs, or N CPUs: gloo), its output into the stage's log; a non-zero exit fails the stage.
     The ranks end when torchrun does (factory/finetune.py); a rank that fails ends torchrun with its status."""
