@@ -685,3 +685,61 @@ def test_a_failing_torchrun_fails_its_stage_with_the_ranks_error_in_the_log(tmp_
     log = (tmp_path / "study" / "logs" / "finetune.edsr.bicubic.log").read_text()
     assert "--nproc-per-node=2" in log and "pretrain/edsr/model.pth" in log
     assert "ChildFailedError" in log  # torchrun's own report of the failed ranks, after theirs
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """pid -> command line of this machine's live processes whose command line holds `text` (a tmp_path: ours)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and text in command and state != "Z":
+            found[int(entry.name)] = command
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_killing_the_stage_worker_ends_torchrun_and_its_ranks_and_the_retry_resumes(
+    tmp_path, local_ray, stand_in_report
+):
+    from factory.study.runner import run_study
+
+    out = tmp_path / "study"
+    values = tiny_study(out, finetune_iterations=60)
+    values["reconstructors"] = []
+    values["architectures"][0].update(processes=2, checkpoint_every=10)
+    run_folder = out / "finetune" / "edsr" / "bicubic"
+    seen: dict[str, object] = {}
+
+    def kill_the_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not list(run_folder.glob("checkpoints/iter_*.pt")):
+            time.sleep(0.2)
+        ours = processes_mentioning(str(run_folder))  # torchrun and its two ranks
+        launcher = [pid for pid, command in ours.items() if "torch.distributed.run" in command]
+        if len(ours) != 3 or len(launcher) != 1:
+            seen["found"] = ours
+            return
+        worker = int(Path(f"/proc/{launcher[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        seen["killed"] = set(ours)
+        os.kill(worker, signal.SIGKILL)  # the Ray worker running the stage, as when its process dies
+        time.sleep(10)
+        seen["alive"] = set(processes_mentioning(str(run_folder))) & set(ours)
+
+    killer = threading.Thread(target=kill_the_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = run_study(study_from_dict(values))
+    killer.join(timeout=60)
+
+    assert "killed" in seen, f"torchrun and two ranks not found: {seen.get('found')}"
+    assert seen["alive"] == set()  # Ray ends the worker's children (torchrun); the ranks end with torchrun
+    assert outcome.failed == [] and outcome.done.count("finetune.edsr.bicubic") == 1
+    record = records(out)["finetune.edsr.bicubic"]
+    assert record["result"]["iterations"] == 60 and record["result"]["processes"] == 2
+    log = (out / "logs" / "finetune.edsr.bicubic.log").read_text()
+    assert log.count(" starts on node ") == 2  # Ray ran the task again ...
+    assert re.search(r"resumed from \S+iter_00000\d0\.pt", log)  # ... and it went on from a checkpoint

@@ -291,7 +291,9 @@ def run_finetune(stage: Stage, context: StageContext) -> dict[str, Any]:
 def _finetune_under_torchrun(config: FinetuneConfig, processes: int, context: StageContext) -> dict[str, Any]:
     """`torchrun --standalone --nproc-per-node N ... factory finetune` in a subprocess of this stage's task (which
     holds the node's N GPUs, or N CPUs: gloo), its output into the stage's log; a non-zero exit fails the stage.
-    The ranks end when torchrun does (factory/finetune.py); a rank that fails ends torchrun with its status."""
+    A rank that fails ends torchrun with its status. If this task's worker dies, Ray ends its child processes,
+    torchrun among them, and the ranks end with torchrun (factory/finetune.py); the retried task resumes from the
+    newest checkpoint (tests/test_study.py kills the worker to show it)."""
     import subprocess
     import sys
 
