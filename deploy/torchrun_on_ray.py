@@ -35,9 +35,11 @@ def rendezvous_address() -> tuple[str, int]:
 
 def run_torchrun(torchrun_arguments: list[str], command: list[str]) -> int:
     """torchrun on this node; returns its exit status (its output goes to the Ray driver's log)."""
-    # --no-python: the command runs as given (`factory finetune ...`, `python train.py ...`).
-    full = [sys.executable, "-m", "torch.distributed.run", *torchrun_arguments, "--no-python", *command]
-    return subprocess.run(full, check=False).returncode
+    # the command runs as given (`factory finetune ...`, `python train.py ...`); the study's single-node launch
+    # (factory/study/stages.py) builds its torchrun line with the same function
+    from factory.finetune import torchrun_command
+
+    return subprocess.run(torchrun_command(torchrun_arguments, command), check=False).returncode
 
 
 def launch(

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -475,6 +475,79 @@ class _Trainer:
     adversary: Adversary | None
     dataset: PairedPatches
     loader: DataLoader
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The same run as a command line (torchrun starts each rank as a process of its own)
+# --------------------------------------------------------------------------------------------------------------------
+
+# FinetuneConfig field -> its `factory finetune` option. A flag option (no value) is written when the field differs
+# from its default; `perceptual_layer` has no option and must keep its default.
+FINETUNE_OPTIONS: dict[str, str] = {
+    "architecture": "--arch",
+    "pretrained": "--pretrained",
+    "preset": "--preset",
+    "shards": "--shards",
+    "dataset_weights": "--weights",
+    "manifests": "--manifests",
+    "where": "--where",
+    "allow_partial": "--allow-partial",
+    "iterations": "--iters",
+    "batch_size": "--batch-size",
+    "patch_size": "--patch-size",
+    "learning_rate": "--lr",
+    "patches_per_pair": "--patches-per-pair",
+    "workers": "--workers",
+    "checkpoint_every": "--checkpoint-every",
+    "log_every": "--log-every",
+    "amp": "--no-amp",
+    "resume": "--no-resume",
+    "seed": "--seed",
+    "out": "--out",
+    "loss": "--loss",
+    "vgg_weights": "--vgg-weights",
+}
+# on/off options: present when the field is not its default
+FLAG_OPTIONS = ("allow_partial", "amp", "resume")
+
+
+def finetune_arguments(config: FinetuneConfig) -> list[str]:
+    """The `factory finetune` arguments that rebuild `config` (a list, for subprocess: nothing is parsed by a shell).
+    Floats are written with repr, which reads back to the same float."""
+    arguments: list[str] = []
+    for item in fields(FinetuneConfig):
+        value = getattr(config, item.name)
+        option = FINETUNE_OPTIONS.get(item.name)
+        if option is None:
+            if value != item.default:
+                raise FactoryError(f"finetune: {item.name}={value!r} has no command-line option (torchrun)")
+            continue
+        if item.name in FLAG_OPTIONS:
+            arguments += [option] if value != item.default else []
+        elif item.name == "shards":
+            arguments += [part for shard in value for part in (option, str(shard))]
+        elif item.name == "dataset_weights":
+            arguments += [] if value is None else [option, ",".join(repr(float(weight)) for weight in value)]
+        elif value is not None:
+            arguments += [option, repr(value) if isinstance(value, float) else str(value)]
+    return arguments
+
+
+def torchrun_command(launcher_options: list[str], command: list[str]) -> list[str]:
+    """torchrun (this interpreter's torch.distributed.run) with its options, running `command` as given in each
+    rank (--no-python: `factory finetune ...` or `python -m ...`, not a script for torchrun's Python)."""
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_options, "--no-python", *command]
+
+
+def single_node_finetune_command(config: FinetuneConfig, processes: int) -> list[str]:
+    """`factory finetune` as `processes` DDP ranks on this machine (torchrun --standalone: a rendezvous on a free
+    local port, so several such runs can share a node). The ranks run this interpreter's `-m factory.cli`, not a
+    `factory` script found on PATH, so they import the same factory as the caller."""
+    return torchrun_command(
+        ["--standalone", f"--nproc-per-node={processes}"],
+        # -v: rank 0's loss lines reach the caller's log, as they do from an in-process run
+        [sys.executable, "-m", "factory.cli", "-v", "finetune", *finetune_arguments(config)],
+    )
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:

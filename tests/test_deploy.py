@@ -15,6 +15,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -222,3 +223,28 @@ def test_every_yaml_and_readme_reference_points_at_a_real_file():
     for path in re.findall(r"\bdeploy/[\w./-]+\.(?:yaml|py|md)\b|\bdeploy/Dockerfile\b", readme):
         assert (ROOT / path).exists(), f"deploy/README.md mentions a missing file: {path}"
     assert "docker build" in readme and "cannot run" in readme
+
+
+@pytest.mark.slow  # ~15 s on two busy cores: torchrun starts twice
+def test_torchrun_on_ray_runs_the_command_in_each_rank_and_passes_on_its_status(capfd):
+    """deploy/torchrun_on_ray.py's per-node step (run_torchrun, which builds its line with the study's
+    factory.finetune.torchrun_command): torch's own launcher starts the ranks with RANK / WORLD_SIZE set, and a rank's
+    exit status comes back. The placement group around it needs a multi-node cluster and is not run here."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("torchrun_on_ray", DEPLOY / "torchrun_on_ray.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    rank_line = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)"
+
+    assert (
+        launcher.run_torchrun(["--standalone", "--nproc-per-node=2"], [sys.executable, "-c", rank_line]) == 0
+    )
+    assert sorted(line for line in capfd.readouterr().out.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2",
+        "rank 1 of 2",
+    ]
+    assert (
+        launcher.run_torchrun(["--standalone", "--nproc-per-node=1"], [sys.executable, "-c", "exit(3)"]) == 1
+    )

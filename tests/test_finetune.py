@@ -24,7 +24,7 @@ from sr_pairs import bicubic_lr, crops, write_pairs
 
 from factory.cli import main
 from factory.config import FactoryError
-from factory.finetune import FinetuneConfig, finetune
+from factory.finetune import FinetuneConfig, FinetuneResult, finetune
 from factory.sr.edsr import EDSR, EDSRConfig, load_edsr
 from factory.sr.networks import build_network, load_network, read_state_dict, save_weights
 
@@ -614,3 +614,68 @@ def test_a_cut_shard_stops_training_in_one_line_and_allow_partial_trains_with_th
     # 8 patches per epoch, 4 per pair: a whole pass (4 expected, 1 read), then the one pair of the next, where the
     # epoch ends (what it did not reach is not counted).
     assert "epoch 0, rank 0" in line and "bicubic/bicubic-000000.tar: expected 5, read 2, missing 3" in line
+
+
+def test_finetune_arguments_read_back_through_the_cli_to_the_same_config(tmp_path, monkeypatch):
+    """The torchrun path (factory study, `processes` > 1) passes a FinetuneConfig as `factory finetune` arguments.
+    Reference: the CLI's own click parser, which turns them back into a config; every field set off its default."""
+    from factory import finetune as finetune_module
+    from factory.finetune import FINETUNE_OPTIONS, finetune_arguments, single_node_finetune_command
+
+    config = FinetuneConfig(
+        architecture="swinir",
+        pretrained=str(tmp_path / "weights with space.pth"),
+        preset="tiny",
+        shards=(str(tmp_path / "a"), "s3://bucket/b/{000..003}.tar"),
+        dataset_weights=(3.0, 0.1),
+        manifests=str(tmp_path / "manifests"),
+        where="label = 'defocus_blur' and delta_e < 5",
+        allow_partial=True,
+        iterations=7,
+        batch_size=3,
+        patch_size=24,
+        learning_rate=1e-4 / 3,  # a float whose decimal form is long
+        patches_per_pair=2,
+        workers=0,
+        checkpoint_every=5,
+        log_every=2,
+        amp=False,
+        resume=False,
+        seed=11,
+        out=str(tmp_path / "run"),
+        loss="esrgan",
+        vgg_weights=str(tmp_path / "vgg19.pth"),
+    )
+    defaults = FinetuneConfig()
+    unset = [
+        f.name for f in dataclasses.fields(config) if getattr(config, f.name) == getattr(defaults, f.name)
+    ]
+    assert unset == ["perceptual_layer"]  # the one field without an option
+    assert set(FINETUNE_OPTIONS) == {f.name for f in dataclasses.fields(config)} - {"perceptual_layer"}
+    seen: list[FinetuneConfig] = []
+
+    def capture(parsed: FinetuneConfig) -> FinetuneResult:
+        seen.append(parsed)
+        return FinetuneResult(
+            weights=Path(parsed.out) / "model.pth", iterations=0, final_loss=0.0, patches_per_second=0.0
+        )
+
+    monkeypatch.setattr(finetune_module, "finetune", capture)
+    for candidate in (config, dataclasses.replace(defaults, shards=("shards",))):  # --shards is required
+        run = CliRunner().invoke(main, ["finetune", *finetune_arguments(candidate)])
+        assert run.exit_code == 0, run.output
+        assert seen[-1] == candidate
+    command = single_node_finetune_command(config, 2)
+    assert command[:7] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--no-python",
+        sys.executable,
+    ]
+    assert command[7:11] == ["-m", "factory.cli", "-v", "finetune"]
+    assert command[11:] == finetune_arguments(config)
+    with pytest.raises(FactoryError, match="perceptual_layer='conv3_4' has no command-line option"):
+        finetune_arguments(dataclasses.replace(config, perceptual_layer="conv3_4"))

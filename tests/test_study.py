@@ -1,6 +1,6 @@
 """`factory study`: the config's errors, the stage graph's states, resume after kill -9, a config change rerunning only
-what is downstream of it, a dry run that writes nothing (local and loopback S3), and a two-node Ray cluster that
-loses a node mid-study.
+what is downstream of it, a dry run that writes nothing (local and loopback S3), a two-node Ray cluster that
+loses a node mid-study, and a fine-tune on two DDP processes (torchrun, gloo) against the same one in one process.
 
     python -m pytest -q tests/test_study.py
 
@@ -553,3 +553,193 @@ def test_two_node_cluster_spreads_stages_and_survives_a_lost_node(tmp_path, stan
         assert final[stage]["node"] != worker.node_id  # lost with the node, run again on the head
     done_lines = stages_with(driver_runs(out)[-1], "done")
     assert sorted(done_lines) == sorted(expected)  # every stage done exactly once
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A fine-tune on several processes (DDP under torchrun, in the stage's Ray task)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_processes_setting_is_checked_and_one_process_keeps_the_fingerprints(tmp_path):
+    values = tiny_study(tmp_path / "out")
+    for bad in (0, "two", 1.5, True):
+        with pytest.raises(ConfigError, match=r"processes: .* is not a whole number >= 1"):
+            study_from_dict({**values, "architectures": [{"name": "edsr", "processes": bad}]})
+    with pytest.raises(ConfigError, match=r"overrides\.bicubic\.processes: 0 is not a whole number"):
+        study_from_dict(
+            {**values, "architectures": [{"name": "edsr", "overrides": {"bicubic": {"processes": 0}}}]}
+        )
+
+    def prints(architecture_changes: dict) -> dict[str, str]:
+        changed = tiny_study(tmp_path / "out")
+        changed["architectures"][0].update(architecture_changes)
+        stages = build_graph(study_from_dict(changed))
+        return {item.stage.id: item.fingerprint for item in stage_states(stages, Storage(tmp_path / "out"))}
+
+    default = prints({})
+    assert prints({"processes": 1}) == default  # a study made before the setting keeps its fine-tunes done
+    two = prints({"overrides": {"bicubic": {"processes": 2}}})
+    assert {stage for stage in default if two[stage] != default[stage]} == {
+        "finetune.edsr.bicubic",
+        "eval.edsr.bicubic.cat",
+        "report",
+    }
+
+
+def test_processes_beyond_the_largest_node_are_refused_in_one_line(tmp_path, local_ray, stand_in_report):
+    from factory.config import FactoryError
+    from factory.study.runner import run_study
+
+    values = tiny_study(tmp_path / "study")
+    values["architectures"][0]["processes"] = 3  # the module's Ray has one node, 2 CPUs, no GPU
+    with pytest.raises(FactoryError) as refusal:
+        run_study(study_from_dict(values))
+    message = str(refusal.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "finetune.edsr.vqvae2-ep1: processes 3 > the 2 CPUs of the cluster's largest node"
+    )
+    assert not (tmp_path / "study" / "stages").exists()  # refused before any stage ran
+
+
+def finetune_trace(run: Path) -> dict:
+    """What a fine-tune delivered: its log lines' iterations and the checkpoints' iterations (read back)."""
+    from factory.finetune import CHECKPOINT_PATTERN
+
+    checkpoints = sorted(
+        path for path in (run / "checkpoints").iterdir() if CHECKPOINT_PATTERN.match(path.name)
+    )
+    return {
+        "logged": [json.loads(line)["iteration"] for line in (run / "log.jsonl").read_text().splitlines()],
+        "checkpoints": [path.name for path in checkpoints],
+        "saved": [torch_load(path)["iteration"] for path in checkpoints],
+    }
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_two_process_finetune_runs_under_torchrun_and_delivers_what_one_process_does(
+    tmp_path, local_ray, stand_in_report
+):
+    from factory.sr.networks import load_network
+    from factory.study.runner import run_study
+
+    values = tiny_study(tmp_path / "study", finetune_iterations=4)
+    values["reconstructors"] = []
+    values["architectures"][0]["processes"] = 2  # gloo on the module's 2 CPUs
+    out = tmp_path / "study"
+
+    outcome = run_study(study_from_dict(values))
+
+    assert outcome.failed == [] and outcome.blocked == []
+    record = records(out)["finetune.edsr.bicubic"]
+    assert record["settings"]["processes"] == 2 and record["result"]["processes"] == 2
+    assert record["result"]["iterations"] == 4
+    run = out / "finetune" / "edsr" / "bicubic"
+    assert load_network(run / "model.pth", "edsr").scale == 4
+    log = (out / "logs" / "finetune.edsr.bicubic.log").read_text()
+    assert "torch.distributed.run --standalone --nproc-per-node=2 --no-python" in log  # ran under torchrun
+    assert "INFO factory.finetune: iteration 4  loss" in log  # rank 0's lines reach the stage's log
+    assert (out / "eval" / "edsr" / "bicubic" / "cat" / "metrics.csv").is_file()
+    two_processes = finetune_trace(run)
+    assert two_processes == {
+        "logged": [1, 2, 3, 4],
+        "checkpoints": ["iter_0000002.pt", "iter_0000004.pt"],
+        "saved": [2, 4],
+    }
+
+    values["architectures"][0]["processes"] = 1  # the same settings in one process, in the stage's task
+    outcome = run_study(study_from_dict(values))
+
+    assert set(outcome.done) == {"finetune.edsr.bicubic", "eval.edsr.bicubic.cat", "report"}
+    record = records(out)["finetune.edsr.bicubic"]
+    assert "processes" not in record["settings"] and record["result"]["processes"] == 1
+    assert finetune_trace(run) == two_processes
+    assert "torch.distributed.run" not in log_since_last_start(out / "logs" / "finetune.edsr.bicubic.log")
+
+
+def log_since_last_start(path: Path) -> str:
+    """A stage log's last run (each starts with a '=== <time> <stage> starts on node ...' line)."""
+    return path.read_text().rsplit(" starts on node ", 1)[-1]
+
+
+@pytest.mark.slow  # ~20 s on two busy cores: torchrun and two ranks start
+def test_a_failing_torchrun_fails_its_stage_with_the_ranks_error_in_the_log(tmp_path):
+    from factory.study.runner import execute_stage
+
+    values = tiny_study(tmp_path / "study")
+    values["architectures"][0]["processes"] = 2
+    stage = next(s for s in build_graph(study_from_dict(values)) if s.id == "finetune.edsr.bicubic")
+    # nothing upstream ran: no pretrained weights, no shards; the ranks refuse in one line and torchrun exits 1
+
+    outcome = execute_stage(stage, str(tmp_path / "study"), "cpu", False)
+
+    assert outcome.state == "failed"
+    weights = tmp_path / "study" / "pretrain" / "edsr" / "model.pth"
+    assert outcome.error == f"torchrun (2 processes) exited with status 1: no weights file at {weights}"
+    log = (tmp_path / "study" / "logs" / "finetune.edsr.bicubic.log").read_text()
+    assert "--nproc-per-node=2" in log and "pretrain/edsr/model.pth" in log
+    assert "ChildFailedError" in log  # torchrun's own report of the failed ranks, after theirs
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """pid -> command line of this machine's live processes whose command line holds `text` (a tmp_path: ours)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and text in command and state != "Z":
+            found[int(entry.name)] = command
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_killing_the_stage_worker_ends_torchrun_and_its_ranks_and_the_retry_resumes(
+    tmp_path, local_ray, stand_in_report
+):
+    from factory.study.runner import run_study
+
+    out = tmp_path / "study"
+    values = tiny_study(out, finetune_iterations=60)
+    values["reconstructors"] = []
+    values["architectures"][0].update(processes=2, checkpoint_every=10)
+    run_folder = out / "finetune" / "edsr" / "bicubic"
+    seen: dict[str, object] = {}
+
+    def kill_the_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not list(run_folder.glob("checkpoints/iter_*.pt")):
+            time.sleep(0.2)
+        ours = processes_mentioning(str(run_folder))  # torchrun and its two ranks
+        launcher = [pid for pid, command in ours.items() if "torch.distributed.run" in command]
+        if len(ours) != 3 or len(launcher) != 1:
+            seen["found"] = ours
+            return
+        worker = int(Path(f"/proc/{launcher[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        seen["killed"] = set(ours)
+        os.kill(worker, signal.SIGKILL)  # the Ray worker running the stage, as when its process dies
+        time.sleep(10)
+        seen["alive"] = set(processes_mentioning(str(run_folder))) & set(ours)
+
+    killer = threading.Thread(target=kill_the_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = run_study(study_from_dict(values))
+    killer.join(timeout=60)
+
+    assert "killed" in seen, f"torchrun and two ranks not found: {seen.get('found')}"
+    assert seen["alive"] == set()  # Ray ends the worker's children (torchrun); the ranks end with torchrun
+    assert outcome.failed == [] and outcome.done.count("finetune.edsr.bicubic") == 1
+    record = records(out)["finetune.edsr.bicubic"]
+    assert record["result"]["iterations"] == 60 and record["result"]["processes"] == 2
+    log = (out / "logs" / "finetune.edsr.bicubic.log").read_text()
+    assert log.count(" starts on node ") == 2  # Ray ran the task again ...
+    assert re.search(r"resumed from \S+iter_00000\d0\.pt", log)  # ... and it went on from a checkpoint

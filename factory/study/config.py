@@ -46,6 +46,12 @@ def _rates(config: Any, what: str, *names: str) -> None:
             raise ConfigError(f"{what}.{name}: {value!r} is not a number") from None
 
 
+def _processes(value: Any, what: str) -> None:
+    """A fine-tune's DDP process count: a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what}.processes: {value!r} is not a whole number >= 1")
+
+
 def _paths(value: Any, what: str) -> tuple[str, ...]:
     """A path or a list of them, as a tuple of strings."""
     items = [value] if isinstance(value, str) else value
@@ -138,6 +144,7 @@ FINETUNE_SETTINGS = (
     "vgg_weights",
     "checkpoint_every",
     "seed",
+    "processes",
 )
 
 
@@ -156,6 +163,10 @@ class ArchitectureConfig:
     vgg_weights: str | None = None  # with loss: esrgan
     checkpoint_every: int = 1000
     seed: int = 0
+    # DDP processes of each fine-tune, on one node: N > 1 runs `torchrun --standalone --nproc-per-node N` in the
+    # stage's Ray task, which holds N GPUs (N CPUs on a cluster without GPUs). Several nodes for one fine-tune are
+    # not offered (deploy/torchrun_on_ray.py does that by hand); N above the largest node's GPUs is refused.
+    processes: int = 1
     # per dataset, fine-tune settings that differ from the ones above, e.g. {bicubic: {iterations: 20000}}
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     evalsets: tuple[str, ...] | str = "all"  # evaluation sets of this architecture's runs
@@ -163,6 +174,7 @@ class ArchitectureConfig:
     def __post_init__(self):
         _name(self.name, "architecture")
         _rates(self, f"architectures.{self.name}", "learning_rate")
+        _processes(self.processes, f"architectures.{self.name}")
         tunable = set(FINETUNE_SETTINGS)
         for dataset, settings in (self.overrides or {}).items():
             unknown = sorted(set(settings) - tunable) if isinstance(settings, dict) else ["(not a mapping)"]
@@ -171,6 +183,8 @@ class ArchitectureConfig:
                     f"architectures.{self.name}.overrides.{dataset}: unknown setting(s) {unknown}; "
                     f"known: {sorted(tunable)}"
                 )
+            if "processes" in settings:
+                _processes(settings["processes"], f"architectures.{self.name}.overrides.{dataset}")
         if isinstance(self.pretrained, dict):
             object.__setattr__(self, "pretrained", config_from_dict(PretrainConfig, self.pretrained))
         if self.datasets != "all":
@@ -223,6 +237,7 @@ class ColorShiftConfig:
     learning_rate: float = 2e-4
     checkpoint_every: int = 1000
     seed: int = 0
+    processes: int = 1  # DDP processes of each run, on one node (as architectures' `processes`)
 
     def __post_init__(self):
         targets = tuple(float(target) for target in self.targets)
@@ -230,6 +245,7 @@ class ColorShiftConfig:
             raise ConfigError("color_shift.targets: give target ΔE values >= 0 (0: bicubic, no shift)")
         object.__setattr__(self, "targets", targets)
         _name(self.architecture, "color_shift.architecture")
+        _processes(self.processes, "color_shift")
         _rates(self, "color_shift", "learning_rate")
 
 

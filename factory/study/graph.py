@@ -249,6 +249,7 @@ def _finetune_settings(
 ) -> dict[str, Any]:
     settings = {name: getattr(architecture, name) for name in FINETUNE_SETTINGS}
     settings.update(architecture.overrides.get(dataset, {}))
+    _one_process_unwritten(settings)
     return {
         "architecture": architecture.name,
         "dataset": dataset,
@@ -256,6 +257,13 @@ def _finetune_settings(
         "preset": "paper",
         **settings,
     }
+
+
+def _one_process_unwritten(settings: dict[str, Any]) -> None:
+    """`processes` is in a fine-tune's settings (and so its fingerprint) only when it is not 1: a study made before
+    the setting existed keeps its fine-tunes done."""
+    if settings.get("processes") == 1:
+        del settings["processes"]
 
 
 def _sr_stages(config: StudyConfig) -> list[Stage]:
@@ -300,8 +308,10 @@ def _color_shift_stages(config: StudyConfig) -> list[Stage]:
                 "vgg_weights": None,
                 "checkpoint_every": shift.checkpoint_every,
                 "seed": shift.seed,
+                "processes": shift.processes,
                 "from_scratch": True,
             }
+            _one_process_unwritten(settings)
             stages.append(_finetune_stage(config, settings, ()))
             weights_here = f"finetune/{shift.architecture}/{dataset}/model.pth"
             stages += _eval_stages(

@@ -5,7 +5,8 @@ parallel, done stages skipped, a failed stage's downstream skipped, one record a
     factory study studies/paper.yaml --address auto  # a cluster (OUT on storage every node sees)
     factory study studies/paper.yaml --dry-run       # the graph and each stage's state; writes nothing
 
-Resources: train, pretrain, fine-tune and eval stages take one GPU where the cluster has GPUs (else one CPU);
+Resources: train, pretrain, fine-tune and eval stages take one GPU where the cluster has GPUs (else one CPU; a
+fine-tune with `processes: N` takes N, on one node, and runs under torchrun: factory/study/stages.py);
 builds coordinate the build's own actor pool from a task that takes no CPU (`data.actors: 0`: the build runs in its
 task, one CPU); the report runs on the driver, where the study folder is. A task whose node dies is retried by Ray
 on another node (its stage function resumes or redoes its partial output); its record is written once, by the
@@ -228,9 +229,17 @@ def _clear_outputs(out: Path, stage: Stage, state: str) -> None:
     Storage(out).delete(f"{RECORDS}/{stage.id}.json")
 
 
+def _processes(stage: Stage) -> int:
+    """DDP processes of a fine-tune stage (`processes`), 1 for every other stage."""
+    return stage.settings.get("processes", 1) if stage.kind == "finetune" else 1
+
+
 def _task_options(stage: Stage, gpus: bool) -> dict[str, Any]:
+    processes = _processes(stage)
     if stage.accelerated and gpus:
-        resources = {"num_cpus": 1, "num_gpus": 1}
+        resources = {"num_cpus": 1, "num_gpus": processes}  # a task's resources are on one node
+    elif processes > 1:
+        resources = {"num_cpus": processes}  # gloo ranks, one CPU each
     elif stage.kind == "build" and stage.settings.get("actors") != 0:
         resources = {"num_cpus": 0}  # it coordinates the build's actor pool, which holds the CPUs or GPUs
     else:
@@ -277,10 +286,26 @@ def _config_json(config: StudyConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config), default=str))
 
 
+def _check_processes(ray, stages: list[Stage], gpus: bool) -> None:
+    """A fine-tune's `processes` must fit on one node (its N GPUs, or N CPUs without GPUs): one Ray task holds them
+    all, and a task wanting more than any node has would wait forever. Several nodes per fine-tune are not offered."""
+    resource = "GPU" if gpus else "CPU"
+    largest = max(
+        (node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")), default=0
+    )
+    for stage in stages:
+        if _processes(stage) > largest:
+            raise FactoryError(
+                f"{stage.id}: processes {_processes(stage)} > the {largest:g} {resource}s of the cluster's largest "
+                "node (a fine-tune runs on one node)"
+            )
+
+
 def _run_graph(ray, config: StudyConfig, out: Path, states: list[StageState]) -> StudyOutcome:
     root = Storage(out)
     prints = {item.stage.id: item.fingerprint for item in states}
     gpus = ray.cluster_resources().get("GPU", 0) > 0
+    _check_processes(ray, [item.stage for item in states if item.state != "done"], gpus)
     outcome = StudyOutcome()
     progress = Progress(out, len(states))
     progress.header()

@@ -7,17 +7,21 @@ The runner calls `run_stage`; nothing here knows about Ray, records or logs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.config import FactoryError
 from factory.study.config import PHOTOS_PREFIX
 from factory.study.graph import Stage
+
+if TYPE_CHECKING:  # imported where used: a stage pays for torch only when it trains
+    from factory.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +231,15 @@ def _finetune_done(out: Path, iterations: int) -> bool:
     return (out / "model.pth").is_file() and max(reached, default=0) >= iterations
 
 
-def run_finetune(stage: Stage, context: StageContext) -> dict[str, Any]:
-    """`factory finetune` on one dataset (also the pretraining and the colour-shift runs from scratch); it resumes
-    from its newest checkpoint."""
-    from factory.finetune import FinetuneConfig, finetune
+def _finetune_config(stage: Stage, context: StageContext) -> FinetuneConfig:
+    """The stage's settings as `factory finetune`'s config (paths under OUT made absolute)."""
+    from factory.finetune import FinetuneConfig
 
     settings = stage.settings
-    out = context.out / settings["out"]
     pretrained = settings["pretrained"]
     if pretrained is not None and pretrained.startswith(("pretrain/", "finetune/")):
         pretrained = _inside(context, pretrained)
-    if _finetune_done(out, settings["iterations"]):
-        log.info("%s already reached iteration %d; its weights stand", out, settings["iterations"])
-        return {"weights": f"{settings['out']}/model.pth", "iterations": settings["iterations"]}
-    config = FinetuneConfig(
+    return FinetuneConfig(
         architecture=settings["architecture"],
         pretrained=pretrained,
         preset=settings["preset"],
@@ -255,16 +254,80 @@ def run_finetune(stage: Stage, context: StageContext) -> dict[str, Any]:
         loss=settings["loss"],
         vgg_weights=settings["vgg_weights"],
         seed=settings["seed"],
-        out=str(out),
+        out=str(context.out / settings["out"]),
         workers=None if context.accelerated else 0,
         log_every=max(1, min(50, settings["iterations"] // 4)),
     )
+
+
+def run_finetune(stage: Stage, context: StageContext) -> dict[str, Any]:
+    """`factory finetune` on one dataset (also the pretraining and the colour-shift runs from scratch); it resumes
+    from its newest checkpoint. One process runs it here; `processes: N` > 1 runs it under torchrun (DDP)."""
+    settings = stage.settings
+    out = context.out / settings["out"]
+    processes = settings.get("processes", 1)
+    if _finetune_done(out, settings["iterations"]):
+        log.info("%s already reached iteration %d; its weights stand", out, settings["iterations"])
+        return {
+            "weights": f"{settings['out']}/model.pth",
+            "iterations": settings["iterations"],
+            "processes": processes,
+        }
+    config = _finetune_config(stage, context)
+    if processes > 1:
+        return _finetune_under_torchrun(config, processes, context)
+    from factory.finetune import finetune
+
     result = finetune(config)
     return {
         "weights": str(result.weights.relative_to(context.out)),
         "iterations": result.iterations,
+        "processes": 1,
         "final_loss": result.final_loss,
         "patches_per_second": result.patches_per_second,
+    }
+
+
+def _finetune_under_torchrun(config: FinetuneConfig, processes: int, context: StageContext) -> dict[str, Any]:
+    """`torchrun --standalone --nproc-per-node N ... factory finetune` in a subprocess of this stage's task (which
+    holds the node's N GPUs, or N CPUs: gloo), its output into the stage's log; a non-zero exit fails the stage.
+    A rank that fails ends torchrun with its status. If this task's worker dies, Ray ends its child processes,
+    torchrun among them, and the ranks end with torchrun (factory/finetune.py); the retried task resumes from the
+    newest checkpoint (tests/test_study.py kills the worker to show it)."""
+    import subprocess
+    import sys
+
+    from factory.finetune import single_node_finetune_command
+
+    command = single_node_finetune_command(config, processes)
+    log.info("%d processes: %s", processes, " ".join(command))
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as launcher:
+        rank_error = (
+            ""  # the first rank's one-line refusal (`factory` prints "error: ..."), for the driver's line
+        )
+        for line in launcher.stdout:  # into the stage's log as it comes (stdout is the log here)
+            sys.stdout.write(line)
+            if not rank_error and line.startswith("error: "):
+                rank_error = line.strip()[len("error: ") :]
+        status = launcher.wait()
+    out = Path(config.out)
+    if status != 0:
+        raise FactoryError(
+            f"torchrun ({processes} processes) exited with status {status}"
+            + (f": {rank_error}" if rank_error else "; see the log")
+        )
+    if not _finetune_done(out, config.iterations):
+        raise FactoryError(
+            f"torchrun exited with 0 but {out} holds no model.pth at {config.iterations} iterations"
+        )
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return {
+        "weights": str((out / "model.pth").relative_to(context.out)),
+        "iterations": config.iterations,
+        "processes": processes,
+        "final_loss": json.loads(lines[-1])["loss"] if lines else float("nan"),
     }
 
 
