@@ -56,7 +56,9 @@ class DDIMConfig:
     beta_start: float = 1e-4  # beta_1 of the linear schedule (DDPM)
     beta_end: float = 0.02  # beta_T of the linear schedule (DDPM)
     sampling_steps: int = 100  # S, DDIM steps for reconstruction (paper: 100); must divide train_steps
-    encoding: str = "noise"  # how reconstruct encodes x_0: "noise" (q(x_t|x_0)) or "inversion" (deterministic)
+    encoding: str = (
+        "noise"  # how reconstruct encodes x_0: "noise" (q(x_t|x_0)) or "inversion" (deterministic)
+    )
     noise_strength: float = 0.5  # for encoding="noise": start at t = noise_strength * T
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at each DDIM step
 
