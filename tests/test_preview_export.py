@@ -23,8 +23,8 @@ from factory.cli import main
 from factory.color import downsample
 from factory.config import FactoryError
 from factory.export import ExportConfig, export_basicsr
-from factory.preview import PreviewConfig, make_preview
 from factory.filter import FilterConfig, filter_dataset
+from factory.preview import PreviewConfig, make_preview
 from factory.shards import decode_image
 
 

@@ -467,11 +467,17 @@ def test_manifests_from_before_a_new_column_are_read_with_it_null(tmp_path, phot
 @pytest.mark.parametrize(
     "module, killed_in, calls",
     [
-        ("factory.filter", "row_json", 3),  # mid-tar: the first new shard committed, the second half-written (a .tmp)
+        (
+            "factory.filter",
+            "row_json",
+            3,
+        ),  # mid-tar: the first new shard committed, the second half-written (a .tmp)
         ("factory.manifests", "write_manifest", 1),  # mid-manifests: one of three shards committed, no card
     ],
 )
-def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(built, tmp_path, module, killed_in, calls):
+def test_a_filter_killed_mid_write_shows_nothing_and_its_rerun_finishes(
+    built, tmp_path, module, killed_in, calls
+):
     """kill -9 left .tmp files, orphan tars or a partial set of manifests without a card, which query and stats showed
     as a valid dataset, and a rerun was refused as "already exists"."""
     import shutil
@@ -517,8 +523,8 @@ def test_a_live_filter_of_the_same_name_is_refused(built, tmp_path):
     import os
     import socket
 
-    from factory.manifests import PENDING_NAME
     from factory.filter import FilterConfig, filter_dataset
+    from factory.manifests import PENDING_NAME
 
     pending = tmp_path / "m" / "low" / PENDING_NAME
     pending.parent.mkdir(parents=True)

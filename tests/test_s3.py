@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from factory.storage import Storage
 from factory.config import FactoryError
+from factory.storage import Storage
 
 if TYPE_CHECKING:
     from moto_s3 import S3Bucket

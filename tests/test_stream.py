@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from factory.color import downsample
 from factory.config import FactoryError
-from factory.manifests import read_manifests
 from factory.filter import FilterConfig, filter_dataset
+from factory.manifests import read_manifests
 from factory.stream import PairedPatches, expand_urls, iterate_pairs, plan_pass
 
 SCALE = 4
