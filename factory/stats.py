@@ -69,6 +69,7 @@ FIGURE_NAMES = {
     "regime_vs_epoch": "regime_vs_epoch.png",
 }
 FIGURE_DPI = 120
+HISTOGRAM_MIN_WIDTH = 6.0  # inches: the ΔE histogram's title (4.7 in at the default font) and a margin
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,8 @@ def delta_e_histogram_figure(values: Mapping[str, np.ndarray], bins: int | Seque
         edges = np.asarray(bins, dtype=np.float64)
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
-    figure = Figure(figsize=(4.0 * columns, 2.8 * rows), layout="constrained")
+    # At least HISTOGRAM_MIN_WIDTH: one panel alone (4 in) was narrower than the figure's title, cut on both sides.
+    figure = Figure(figsize=(max(4.0 * columns, HISTOGRAM_MIN_WIDTH), 2.8 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
     for panel, name in zip(axes.flat, names, strict=False):
         data = np.asarray(values[name], dtype=np.float64)
