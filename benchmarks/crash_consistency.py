@@ -7,8 +7,16 @@ For each command a small dataset is made from scikit-image's bundled photos (bic
 shard: 48 pairs in 12 shards). First the command runs uninterrupted on a fresh copy of its inputs: that run's outputs
 are the reference, and its duration and write window (from the first change under its outputs to its exit, polled
 every 10 ms) are measured. Then, N times: a fresh copy of the inputs, the real CLI command in its own process group,
-SIGKILL to the whole group after a delay drawn uniformly over the write window (`--spread whole`: over the whole run,
-start-up included), then the same command again to completion, then the checks:
+SIGKILL to the whole group at a random moment, then the same command again to completion, then the checks. When the
+kill comes (`--spread`):
+
+- `first-write` (default): after the trial's own first write, plus a delay drawn uniformly over the reference run's
+  write window (its length). Start-up (imports: seconds, varying with the load) is left out, so short commands
+  (filter, export: under a second of writing) are still hit mid-write;
+- `writes`: a delay from the start drawn uniformly over the reference run's write window (first write to exit);
+- `whole`: a delay from the start drawn uniformly over the reference run's whole duration.
+
+The checks:
 
 - `factory verify` on the dataset (build, label, filter), or for an export the folder compared file by file;
 - a scan of the outputs with pyarrow and Python's tarfile, independent of the factory's readers: every manifest row
@@ -66,7 +74,9 @@ class Scenario:
     name: str
     arguments: list[str]  # after `factory`, with {work} standing for the trial folder
     from_base: bool  # starts from a copy of the built base dataset (else from the HR photos alone)
-    outputs: tuple[str, ...]  # folders under the trial folder that the command writes
+    outputs: tuple[
+        str, ...
+    ]  # glob patterns of what the command writes in the trial folder (folders or files)
     dataset: str | None  # the dataset to verify and scan; None: an export folder
 
 
@@ -100,7 +110,14 @@ def scenarios() -> dict[str, Scenario]:
             FILTERED,
         ),
         "export": Scenario(
-            "export", ["export", *shards_and_manifests, "--out", "{work}/export"], True, ("export",), None
+            "export",
+            ["export", *shards_and_manifests, "--out", "{work}/export"],
+            True,
+            (
+                "export",
+                ".export.*.tmp",
+            ),  # the export writes a temporary folder beside its --out, then renames it
+            None,
         ),
     }
 
@@ -161,27 +178,32 @@ def factory_command(arguments: list[str]) -> list[str]:
 # --- running and killing --------------------------------------------------------------------------------------------
 
 
+def output_files(work: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """Every file under the folders (or files) that the patterns `outputs` name in `work`, sorted."""
+    files = []
+    for pattern in outputs:
+        for top in work.glob(pattern):
+            files += [top] if top.is_file() else [path for path in top.rglob("*") if path.is_file()]
+    return sorted(files)
+
+
 def tree_state(work: Path, outputs: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every file under the output folders: enough to see that something was written."""
+    """(size, mtime_ns) of every output file: enough to see that something was written."""
     state = {}
-    for folder in outputs:
-        for path in (work / folder).rglob("*"):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # replaced while we looked
-                continue
-            if path.is_file():
-                state[str(path.relative_to(work))] = (stat.st_size, stat.st_mtime_ns)
+    try:
+        for path in output_files(work, outputs):
+            stat = path.stat()
+            state[str(path.relative_to(work))] = (stat.st_size, stat.st_mtime_ns)
+    except FileNotFoundError:  # a file or folder replaced while we looked: something is being written
+        state["(changing)"] = (0, 0)
     return state
 
 
 def file_digests(work: Path, outputs: tuple[str, ...]) -> dict[str, str]:
-    """sha256 of every file under the output folders, by path relative to `work`."""
+    """sha256 of every output file, by path relative to `work` (taken when nothing runs)."""
     return {
         str(path.relative_to(work)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for folder in outputs
-        for path in sorted((work / folder).rglob("*"))
-        if path.is_file()
+        for path in output_files(work, outputs)
     }
 
 
@@ -209,12 +231,15 @@ def run_measured(command: list[str], work: Path, outputs: tuple[str, ...]) -> Ti
     return Timing(duration_s=duration, first_write_s=duration if first_write is None else first_write)
 
 
-def run_and_kill(command: list[str], delay_s: float) -> bool:
-    """Start the command in its own process group and SIGKILL the group after `delay_s`; whether it was still
-    running then (False: it had finished by itself)."""
+def run_and_kill(command: list[str], delay_s: float, work: Path, outputs: tuple[str, ...] | None) -> bool:
+    """Start the command in its own process group and SIGKILL the group `delay_s` after its start or, given
+    `outputs`, after its first write there; whether it was still running then (False: it had finished by itself)."""
+    before = tree_state(work, outputs) if outputs is not None else None
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    while before is not None and process.poll() is None and tree_state(work, outputs) == before:
+        time.sleep(POLL_S / 5)  # the start-up (seconds under load) is left out: the delay counts from here
     deadline = time.monotonic() + delay_s
     while time.monotonic() < deadline and process.poll() is None:
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
@@ -398,13 +423,21 @@ def run_scenario(
     reference_files = file_digests(work, scenario.outputs)
     scan = scan_dataset if scenario.dataset else (lambda folder, _: scan_export(folder))
     reference = scan(work, scenario.dataset)
-    window = (timing.first_write_s, timing.duration_s) if spread == "writes" else (0.0, timing.duration_s)
+    windows = {
+        "first-write": (
+            0.0,
+            timing.duration_s - timing.first_write_s,
+        ),  # counted from the trial's first write
+        "writes": (timing.first_write_s, timing.duration_s),
+        "whole": (0.0, timing.duration_s),
+    }
+    window = windows[spread]
     result = ScenarioResult(scenario.name, duration_s=timing.duration_s, write_window_s=window)
     draw = random.Random(f"{seed}-{scenario.name}")
     for trial in range(kills):
         delay = draw.uniform(*window)
         fresh_trial(base, work, scenario)
-        running = run_and_kill(command, delay)
+        running = run_and_kill(command, delay, work, scenario.outputs if spread == "first-write" else None)
         after_kill = file_digests(work, scenario.outputs)
         result.kills += 1
         result.finished_first += not running
@@ -428,7 +461,7 @@ def run_scenario(
     return result
 
 
-def run_all(commands: list[str], kills: int, work_root: Path, spread: str = "writes", seed: int = 0):
+def run_all(commands: list[str], kills: int, work_root: Path, spread: str = "first-write", seed: int = 0):
     """Every scenario named in `commands`, `kills` kill points each; the results in that order."""
     base = work_root / "base"
     make_base(base)
@@ -455,7 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=20, help="kill points per command (default 20)")
     parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(DEFAULT_COMMANDS))
     parser.add_argument(
-        "--spread", choices=("writes", "whole"), default="writes", help="where kills are drawn"
+        "--spread",
+        choices=("first-write", "writes", "whole"),
+        default="first-write",
+        help="where kills are drawn (module docstring)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
