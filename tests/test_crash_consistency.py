@@ -82,7 +82,7 @@ def test_a_changed_payload_is_counted_mismatched(base: Path, tmp_path: Path):
     assert compare(scan_dataset(work, DATASET), reference) == PairCounts(lost=0, duplicated=0, mismatched=1)
 
 
-@pytest.mark.slow  # ~4 min on two busy cores: every command starts a Python (and torch) ~5 times
+@pytest.mark.slow  # ~7 min on two busy cores: every command starts a Python (and torch) ~6 times
 def test_two_kills_per_command_lose_duplicate_and_mismatch_nothing(tmp_path: Path):
     results = run_all(list(DEFAULT_COMMANDS), kills=2, work_root=tmp_path)
     assert [result.command for result in results] == list(DEFAULT_COMMANDS)
