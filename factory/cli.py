@@ -708,9 +708,8 @@ def stats_command(manifests_root: str, as_json: bool, plots: str | None) -> None
 
     from factory.stats import StatsConfig, dataset_stats
 
-    report = dataset_stats(
-        StatsConfig(manifests_root=Path(manifests_root), plots=Path(plots) if plots else None)
-    )
+    # manifests_root stays a string: Path("s3://bucket/m") would be "s3:/bucket/m".
+    report = dataset_stats(StatsConfig(manifests_root=manifests_root, plots=Path(plots) if plots else None))
     click.echo(report.to_json() if as_json else report.to_text(), nl=False)
     exit_if_manifests_left_out(manifests_root)
 

@@ -38,7 +38,13 @@ from matplotlib.figure import Figure
 from factory.config import FactoryError, error_line
 from factory.corruption_names import CORRUPTIONS
 from factory.diversity import degradation_entropy
-from factory.manifests import CARD_NAME, REJECTS_NAME, check_manifest_root, dataset_folders
+from factory.manifests import (
+    CARD_NAME,
+    REJECTS_NAME,
+    check_manifest_root,
+    dataset_folders,
+    is_readable_dataset,
+)
 from factory.query import select
 from factory.storage import Storage
 
@@ -69,11 +75,12 @@ FIGURE_NAMES = {
     "regime_vs_epoch": "regime_vs_epoch.png",
 }
 FIGURE_DPI = 120
+HISTOGRAM_MIN_WIDTH = 6.0  # inches: the ΔE histogram's title (4.7 in at the default font) and a margin
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    manifests_root: Path  # every dataset under it is described
+    manifests_root: str | os.PathLike  # every dataset under it is described; a folder or a URI
     plots: Path | None = None  # folder for the PNG figures; None: no figures
 
 
@@ -185,32 +192,35 @@ def entropy_of(counts: Mapping[str, int]) -> float | None:
     return float(degradation_entropy(counts))
 
 
-def _dataset_folders(root: Path) -> list[Path]:
-    check_manifest_root(root)
-    return dataset_folders(root)
+def _dataset_names(root: str, storage: Storage) -> list[str]:
+    """The datasets readers read under `root`: a local folder must be a manifest root (`check_manifest_root` says
+    what it holds otherwise); an object-store root is listed through `storage`."""
+    if storage.is_local:
+        check_manifest_root(root)
+        return [folder.name for folder in dataset_folders(root)]
+    return [name for name in storage.list_dirs() if is_readable_dataset(storage, name)]
 
 
-def _is_derived(folder: Path) -> bool:
-    card = folder / CARD_NAME
-    if not card.is_file():
-        return False
+def _card(storage: Storage, dataset: str) -> dict:
+    """A dataset's card ({} when it has none; an unreadable one is named in a warning)."""
+    relative = f"{dataset}/{CARD_NAME}"
+    if not storage.exists(relative):
+        return {}
     try:
-        return bool(json.loads(card.read_text()).get("parent_datasets"))
+        card = json.loads(storage.read_bytes(relative))
     except (OSError, ValueError):
-        logger.warning("unreadable dataset card %s", card)
-        return False
+        logger.warning("unreadable dataset card %s", storage.uri(relative))
+        return {}
+    return card if isinstance(card, dict) else {}
 
 
-def _card_regime(folder: Path) -> dict | None:
+def _is_derived(card: dict) -> bool:
+    return bool(card.get("parent_datasets"))
+
+
+def _card_regime(card: dict) -> dict | None:
     """The regime of the checkpoint that made a dataset, as its card records it (None: no card or no regime)."""
-    card = folder / CARD_NAME
-    if not card.is_file():
-        return None
-    try:
-        checkpoint = json.loads(card.read_text()).get("checkpoint") or {}
-    except (OSError, ValueError):
-        return None
-    return checkpoint.get("regime")
+    return (card.get("checkpoint") or {}).get("regime")
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -218,14 +228,19 @@ def _median(values: Sequence[float | None]) -> float | None:
     return float(np.median(present)) if present else None
 
 
-def _rejects(folder: Path) -> int:
+def _rejects(storage: Storage, dataset: str) -> int:
     """Rows of the dataset's rejects manifest; 0 when it has none, or an unreadable one (`unreadable_manifests`
     names it)."""
-    path = folder / REJECTS_NAME
+    relative = f"{dataset}/{REJECTS_NAME}"
     try:
-        return pq.read_metadata(path).num_rows if path.is_file() else 0
+        if not storage.exists(relative):
+            return 0
+        with storage.open_input(relative) as handle:
+            return pq.read_metadata(handle).num_rows
     except (OSError, pa.ArrowException) as error:
-        logger.warning("left out the unreadable rejects manifest %s: %s", path, error_line(error))
+        logger.warning(
+            "left out the unreadable rejects manifest %s: %s", storage.uri(relative), error_line(error)
+        )
         return 0
 
 
@@ -254,15 +269,17 @@ def _series_name(model: str, color_corrected: bool) -> str:
 
 
 def compute_stats(manifests_root: str | os.PathLike) -> StatsReport:
-    """Statistics of every dataset under `manifests_root` (datasets with only rejects included)."""
-    root = Path(manifests_root)
-    folders = _dataset_folders(root)
+    """Statistics of every dataset under `manifests_root` (a folder or a URI; datasets with only rejects
+    included)."""
+    root = os.fspath(manifests_root)
+    storage = Storage(root)
+    dataset_names = _dataset_names(root, storage)
     table = select(root, None, columns=list(STATS_COLUMNS), skip_unreadable=True)
     rows = table.to_pydict()
     by_dataset: dict[str, list[int]] = {}
     for index, name in enumerate(rows["dataset"]):
         by_dataset.setdefault(name, []).append(index)
-    names = sorted(set(by_dataset) | {folder.name for folder in folders})
+    names = sorted(set(by_dataset) | set(dataset_names))
 
     datasets: list[DatasetStats] = []
     derived_names: set[str] = set()
@@ -272,7 +289,8 @@ def compute_stats(manifests_root: str | os.PathLike) -> StatsReport:
         counts, unlabelled = _label_counts([rows["label"][index] for index in indices])
         models = [rows["model"][index] for index in indices]
         epochs = [rows["epoch"][index] for index in indices]
-        derived = _is_derived(root / name)
+        card = _card(storage, name)
+        derived = _is_derived(card)
         if derived:
             derived_names.add(name)
         datasets.append(
@@ -288,11 +306,11 @@ def compute_stats(manifests_root: str | os.PathLike) -> StatsReport:
                 labels=counts,
                 unlabelled=unlabelled,
                 entropy=entropy_of(counts),
-                rejects=_rejects(root / name),
+                rejects=_rejects(storage, name),
                 psnr_median=_median([rows["psnr"][index] for index in indices]),
                 ssim_median=_median([rows["ssim"][index] for index in indices]),
                 checkerboard_median=_median([rows["checkerboard"][index] for index in indices]),
-                regime=_card_regime(root / name),
+                regime=_card_regime(card),
             )
         )
 
@@ -333,7 +351,8 @@ def delta_e_histogram_figure(values: Mapping[str, np.ndarray], bins: int | Seque
         edges = np.asarray(bins, dtype=np.float64)
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
-    figure = Figure(figsize=(4.0 * columns, 2.8 * rows), layout="constrained")
+    # At least HISTOGRAM_MIN_WIDTH: one panel alone (4 in) was narrower than the figure's title, cut on both sides.
+    figure = Figure(figsize=(max(4.0 * columns, HISTOGRAM_MIN_WIDTH), 2.8 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
     for panel, name in zip(axes.flat, names, strict=False):
         data = np.asarray(values[name], dtype=np.float64)
@@ -438,7 +457,7 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def write_figures(report: StatsReport, manifests_root: Path, folder: Path) -> list[Path]:
+def write_figures(report: StatsReport, manifests_root: str | os.PathLike, folder: Path) -> list[Path]:
     """The four figures, as far as the data allows (no labels: no label or entropy figure); returns the paths."""
     written: list[Path] = []
     values = {
@@ -489,7 +508,7 @@ def write_figures(report: StatsReport, manifests_root: Path, folder: Path) -> li
     return written
 
 
-def _delta_e_by_dataset(manifests_root: Path) -> dict[str, list[float]]:
+def _delta_e_by_dataset(manifests_root: str | os.PathLike) -> dict[str, list[float]]:
     table = select(manifests_root, None, columns=["dataset", "delta_e"], skip_unreadable=True).to_pydict()
     values: dict[str, list[float]] = {}
     for name, value in zip(table["dataset"], table["delta_e"], strict=True):
@@ -506,5 +525,5 @@ def dataset_stats(config: StatsConfig) -> StatsReport:
         raise FactoryError(f"no datasets under {config.manifests_root}")
     if config.plots is None:
         return report
-    figures = write_figures(report, Path(config.manifests_root), Path(config.plots))
+    figures = write_figures(report, config.manifests_root, Path(config.plots))
     return StatsReport(datasets=report.datasets, curves=report.curves, figures=figures)

@@ -288,3 +288,54 @@ def test_filter_refuses_a_dataset_that_exists_on_s3(s3_bucket: S3Bucket, photo_f
     with pytest.raises(FactoryError, match=r"^dataset 'copy' already exists \(s3://"):
         filter_dataset(config)
     assert s3_bucket.keys() == written  # refused before it wrote or deleted anything
+
+
+def test_stats_over_s3_manifests_equal_the_same_manifests_on_disk(
+    s3_bucket: S3Bucket, photos, tmp_path: Path
+):
+    """`factory stats --manifests s3://...` said "no manifest folder" while query, verify, label and preview worked
+    there (#16 item 5). The same manifest root, uploaded with boto3 (an independent client), gives the same
+    statistics as on disk: pairs, ΔE, rejects (a rejects manifest), derived (a filter's card) and the checkpoint
+    regime (a build's card); and the figures."""
+    import json
+
+    import boto3
+    from manifest_fixtures import PairSpec, make_dataset
+
+    from factory.filter import FilterConfig, filter_dataset
+
+    shards, manifests = tmp_path / "shards", tmp_path / "manifests"
+    make_dataset(
+        shards, manifests, "vqvae2-ep4", [PairSpec(1.0), PairSpec(2.0), PairSpec(6.0)], photos, epoch=4
+    )
+    make_dataset(shards, manifests, "vqvae2-ep8", [PairSpec(3.0), PairSpec(5.0)], photos, epoch=8, rejects=2)
+    regime = {"psnr": 24.0, "ssim": 0.6, "delta_e": 4.0, "checkerboard": 1.5, "images": 7}
+    (manifests / "vqvae2-ep8" / "_card.json").write_text(json.dumps({"checkpoint": {"regime": regime}}))
+    filter_dataset(
+        FilterConfig(
+            where="delta_e > 4", shards_root=shards, manifests_root=manifests, out=shards, name="high-delta-e"
+        )
+    )
+    client = boto3.client("s3")
+    for path in sorted(manifests.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket.name, f"manifests/{path.relative_to(manifests)}")
+
+    on_disk = run_factory("stats", "--manifests", str(manifests), "--json")
+    on_s3 = run_factory(
+        "stats", "--manifests", s3_bucket.uri("manifests"), "--json", "--plots", str(tmp_path / "f")
+    )
+    assert on_disk.returncode == 0 and on_s3.returncode == 0, on_disk.stderr[-2000:] + on_s3.stderr[-2000:]
+    local, remote = json.loads(on_disk.stdout), json.loads(on_s3.stdout)
+    assert remote["datasets"] == local["datasets"] and remote["curves"] == local["curves"]
+    by_name = {item["dataset"]: item for item in remote["datasets"]}
+    assert sorted(by_name) == ["high-delta-e", "vqvae2-ep4", "vqvae2-ep8"]
+    assert by_name["vqvae2-ep8"]["rejects"] == 2 and by_name["vqvae2-ep8"]["regime"] == regime
+    assert by_name["high-delta-e"]["derived"] and by_name["high-delta-e"]["pairs"] == 2  # ΔE 6 and 5
+    assert {Path(figure).name for figure in remote["figures"]} >= {
+        "delta_e_histogram.png",
+        "regime_vs_epoch.png",
+    }
+    # An object-store root with no manifests is a one-line error, as a local one is.
+    empty = run_factory("stats", "--manifests", s3_bucket.uri("nothing-here"))
+    assert empty.returncode == 2 and empty.stderr.strip().startswith("error: no datasets under s3://")

@@ -109,6 +109,28 @@ def test_histogram_figure_counts_by_hand():
     assert heights == {"a": [2, 2, 0, 1], "b": [3, 0, 1, 0]}
 
 
+@pytest.mark.parametrize("datasets", [1, 2, 4])
+def test_histogram_titles_lie_inside_the_figure(datasets):
+    """The title was cut off on both sides with one dataset (#16 item 7): every title's drawn box (matplotlib's
+    get_window_extent, at the dpi the figure is saved with) must lie inside the figure's box."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from factory.stats import FIGURE_DPI
+
+    values = {f"vqvae2-ep{4 * 2**index}-where-0123abcd": np.arange(6.0) + index for index in range(datasets)}
+    figure = delta_e_histogram_figure(values)
+    figure.set_dpi(FIGURE_DPI)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    bounds = figure.bbox
+    titles = [*figure.texts, *(axis.title for axis in figure.axes if axis.get_visible())]
+    assert "Colour difference" in figure.texts[0].get_text() and len(titles) == 1 + datasets
+    for title in titles:
+        box = title.get_window_extent(canvas.get_renderer())
+        inside = bounds.x0 <= box.x0 and box.x1 <= bounds.x1 and bounds.y0 <= box.y0 and box.y1 <= bounds.y1
+        assert inside, f"{title.get_text()!r}: {box} outside {bounds}"
+
+
 def test_epoch_and_label_figures_show_the_numbers(roots):
     report = compute_stats(roots["manifests"])
     curves = {name: [(p.epoch, p.delta_e_mean) for p in points] for name, points in report.curves.items()}

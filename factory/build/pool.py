@@ -242,6 +242,28 @@ class RayActors:
         self.ray.kill(actor, no_restart=True)
 
 
+# Ray 2.60 turns token authentication on for every new local cluster (RAY_AUTH_MODE unset) and then says so with a
+# warning on every start (ray/_private/authentication/authentication_token_setup.py, _warn_token_auth_enabled). The
+# embedded cluster keeps Ray's default, token authentication, and drops that one notice. Setting RAY_AUTH_MODE=token
+# (Ray's own way to silence it) is not enough from inside a process that has imported ray: Ray caches its config at
+# import, so the driver would stay "disabled" while the GCS it starts demands a token, and the build fails.
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _WithoutTokenNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled" notice and lets every other record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RAY_TOKEN_NOTICE)
+
+
+def _quiet_token_notice() -> None:
+    token_logger = logging.getLogger(RAY_TOKEN_LOGGER)
+    if not any(isinstance(item, _WithoutTokenNotice) for item in token_logger.filters):
+        token_logger.addFilter(_WithoutTokenNotice())
+
+
 def ray_cluster(config: BuildConfig):
     """Connect to `--address`, or start an embedded local Ray; returns (ray module, whether we started it)."""
     return connect_ray(config.address, config.num_cpus)
@@ -260,6 +282,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         else:
+            _quiet_token_notice()
             # address="local": always a new embedded cluster. Plain ray.init() would silently join any cluster
             # this machine has running (`ray start`, another build's test cluster), with its resources and fate.
             ray.init(
