@@ -134,7 +134,8 @@ def _distributed_setup() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _checkpoints(out: Path) -> dict[int, Path]:
+def saved_checkpoints(out: Path) -> dict[int, Path]:
+    """A fine-tune's checkpoints under `out/checkpoints`: {iteration: path}."""
     folder = out / "checkpoints"
     found = {}
     for path in folder.glob("iter_*.pt") if folder.is_dir() else []:
@@ -383,7 +384,7 @@ def _stream(config: FinetuneConfig, scale: int, world_size: int) -> tuple[Paired
 def _check_not_past(out: Path, config: FinetuneConfig) -> None:
     """A run already at --iters has nothing to train: said before anything is loaded, and nothing is written (the
     weights were written with the last checkpoint)."""
-    found = _checkpoints(out) if config.resume else {}
+    found = saved_checkpoints(out) if config.resume else {}
     if not found or max(found) < config.iterations:
         return
     done = max(found)
@@ -430,7 +431,7 @@ def _resume(
     """Load the newest checkpoint (weights_only) into network, optimizer and discriminator; returns its iteration
     (0: none). An L1 checkpoint resumed with --loss esrgan starts a fresh discriminator: ESRGAN's own recipe (a
     PSNR-oriented pre-training, then the GAN stage)."""
-    found = _checkpoints(out)
+    found = saved_checkpoints(out)
     if not found:
         return 0
     path = found[max(found)]

@@ -264,11 +264,6 @@ def _quiet_token_notice() -> None:
         token_logger.addFilter(_WithoutTokenNotice())
 
 
-def ray_cluster(config: BuildConfig):
-    """Connect to `--address`, or start an embedded local Ray; returns (ray module, whether we started it)."""
-    return connect_ray(config.address, config.num_cpus)
-
-
 def connect_ray(address: str | None, num_cpus: int | None = None):
     """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379"), or start an embedded local
     Ray with `num_cpus` CPUs (None: all) when it is None; returns (ray module, whether we started it). A process
@@ -308,7 +303,7 @@ def run_on_ray(
     """Run `tasks` on an ActorPool of `worker_class` actors sized to the cluster, with a progress bar."""
     from tqdm import tqdm
 
-    ray, started_here = ray_cluster(config)
+    ray, started_here = connect_ray(config.address, config.num_cpus)
     try:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))

@@ -220,15 +220,9 @@ def run_evalset(stage: Stage, context: StageContext) -> dict[str, Any]:
 
 def _finetune_done(out: Path, iterations: int) -> bool:
     """A run that reached its iterations (its weights are written before its last checkpoint)."""
-    from factory.finetune import CHECKPOINT_PATTERN
+    from factory.finetune import saved_checkpoints
 
-    folder = out / "checkpoints"
-    reached = [
-        int(match.group(1))
-        for path in (folder.glob("iter_*.pt") if folder.is_dir() else [])
-        if (match := CHECKPOINT_PATTERN.match(path.name))
-    ]
-    return (out / "model.pth").is_file() and max(reached, default=0) >= iterations
+    return (out / "model.pth").is_file() and max(saved_checkpoints(out), default=0) >= iterations
 
 
 def _finetune_config(stage: Stage, context: StageContext) -> FinetuneConfig:
