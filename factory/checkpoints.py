@@ -267,3 +267,33 @@ def load_reconstructor(
         training=dict(payload.get("training", {})),
         regime=dict(payload.get("regime", {})),
     )
+
+
+def strip_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Write `source` without its optimiser and RNG state to `target`, atomically: the weights, the run's identity
+    and its regime, a third of the size. Such a checkpoint loads as any other but is never resumed from
+    (factory.train.resume); it is how the embedded default's checkpoints are shipped (factory.train's
+    SHIPPED_CHECKPOINTS)."""
+    payload = read_checkpoint(source)
+    payload.pop("optimizer", None)
+    payload.pop("rng", None)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temporary, open(temporary, "wb") as file:
+        torch.save(payload, file)
+        file.flush()
+        os.fsync(file.fileno())
+    return target
+
+
+if (
+    __name__ == "__main__"
+):  # python -m factory.checkpoints strip SOURCE TARGET (README, "The embedded default")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m factory.checkpoints")
+    parser.add_argument("action", choices=["strip"])
+    parser.add_argument("source")
+    parser.add_argument("target")
+    arguments = parser.parse_args()
+    print(f"wrote {strip_checkpoint(arguments.source, arguments.target)}")

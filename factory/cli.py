@@ -313,6 +313,14 @@ def _lab_shift_option(context, parameter, value: str | None) -> tuple[float, flo
     help="Train a missing checkpoint first, or stop with an error.",
 )
 @click.option(
+    "--shipped-checkpoint/--no-shipped-checkpoint",
+    "shipped_checkpoint",
+    default=True,
+    show_default=True,
+    help="Embedded default (no --hr): use the checkpoint shipped with factory when it is the run this build "
+    "would train, or train it here.",
+)
+@click.option(
     "--scale", default=4, show_default=True, type=int, help="Downsampling factor: HR size / LR size."
 )
 @click.option(

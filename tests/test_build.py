@@ -547,7 +547,7 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
 
     seen = []
     monkeypatch.setattr(factory.train, "train", lambda config: seen.append(config))
-    embedded = BuildConfig(epoch=8, checkpoints=str(tmp_path / "checkpoints"))
+    embedded = BuildConfig(epoch=8, checkpoints=str(tmp_path / "checkpoints"), shipped_checkpoint=False)
     with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
         ensure_checkpoint(embedded, list_sources().files)
     steps = EMBEDDED_DEFAULT_STEPS_PER_EPOCH * EMBEDDED_DEFAULT_RECIPE.batch_size
@@ -567,6 +567,42 @@ def test_embedded_default_trains_its_checkpoint_with_the_embedded_recipe(tmp_pat
             BuildConfig(epoch=8, checkpoints=str(tmp_path / "checkpoints"), crop=200), list_sources().files
         )
     assert seen[2].image_size == 48
+
+
+def test_embedded_default_copies_the_checkpoint_shipped_for_its_run(tmp_path: Path, monkeypatch):
+    """Without --hr, a missing VQ-VAE-2 epoch-8 checkpoint is the one shipped with the package (factory.train's
+    SHIPPED_CHECKPOINTS), copied byte for byte, nothing trained; --dry-run says so. A run the shipped file is not
+    of (another seed, another crop) and --no-shipped-checkpoint train as before."""
+    import factory.train
+    from factory.build.driver import ensure_checkpoint
+    from factory.checkpoints import file_sha256
+    from factory.sources import list_sources
+    from factory.train import SHIPPED_CHECKPOINTS
+
+    trained = []
+    monkeypatch.setattr(factory.train, "train", lambda config: trained.append(config))
+    checkpoints = tmp_path / "checkpoints"
+    dry = build(
+        BuildConfig(
+            epoch=8,
+            checkpoints=str(checkpoints),
+            out=str(tmp_path / "s"),
+            manifests=str(tmp_path / "m"),
+            dry_run=True,
+        )
+    )
+    assert "copied first from the one shipped with factory" in dry.checkpoint_plan
+    path = ensure_checkpoint(BuildConfig(epoch=8, checkpoints=str(checkpoints)), list_sources().files)
+    assert path == checkpoints / "vqvae2" / "epoch-8.pt" and not trained
+    assert file_sha256(path) == file_sha256(SHIPPED_CHECKPOINTS / "vqvae2" / "epoch-8.pt")
+    for other in (
+        BuildConfig(epoch=8, checkpoints=str(tmp_path / "a"), seed=1),
+        BuildConfig(epoch=8, checkpoints=str(tmp_path / "b"), crop=200),
+        BuildConfig(epoch=8, checkpoints=str(tmp_path / "c"), shipped_checkpoint=False),
+    ):
+        with pytest.raises(FactoryError, match="not written"):  # the stand-in trainer writes nothing
+            ensure_checkpoint(other, list_sources().files)
+    assert [config.seed for config in trained] == [1, 0, 0] and trained[1].image_size == 48
 
 
 def test_build_starts_its_own_ray_even_when_ray_address_points_elsewhere(tmp_path: Path, hr_folder: Path):

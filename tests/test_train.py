@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from factory.checkpoints import checkpoint_path, load_reconstructor, read_checkpoint
+from factory.checkpoints import checkpoint_path, load_reconstructor, read_checkpoint, strip_checkpoint
 from factory.cli import main
 from factory.config import FactoryError
 from factory.models import MODEL_NAMES, PAPER_EPOCH_SIZE, build_model, get_spec
@@ -106,6 +106,54 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(name, photo_fo
     again = train(tiny_run(name, photo_folder, tmp_path / "resumed"))
     assert again.checkpoints == [] and again.start_epoch == 2
     assert checkpoint_path(tmp_path / "resumed", name, 2).stat().st_mtime_ns == before
+
+
+def test_a_checkpoint_without_optimiser_state_is_not_resumed_from(photo_folder, tmp_path):
+    """A checkpoint without optimiser state (as the package ships them) is kept as the run's epoch 1, but the run
+    to epoch 2 starts from scratch rather than from it with fresh Adam moments, and ends where an uninterrupted
+    run does."""
+    straight = train(tiny_run("vqvae", photo_folder, tmp_path / "straight"))
+    train(tiny_run("vqvae", photo_folder, tmp_path / "shipped", epochs=1, save_at=(1,)))
+    first = checkpoint_path(tmp_path / "shipped", "vqvae", 1)
+    strip_checkpoint(first, first)  # as the shipped checkpoints are
+    assert "optimizer" not in read_checkpoint(first)
+    again = train(tiny_run("vqvae", photo_folder, tmp_path / "shipped"))
+    assert again.start_epoch == 0 and again.existing == [first] and again.steps == straight.steps
+    a = read_checkpoint(checkpoint_path(tmp_path / "straight", "vqvae", 2))["weights"]
+    b = read_checkpoint(checkpoint_path(tmp_path / "shipped", "vqvae", 2))["weights"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_the_shipped_checkpoint_is_the_embedded_default_run_and_its_regime_recomputes():
+    """The VQ-VAE-2 epoch-8 checkpoint shipped with the package (SHIPPED_CHECKPOINTS) is the run the build's
+    embedded default trains: same model config, recipe, epoch size, seed and photos (so changing any of
+    EMBEDDED_DEFAULT_* without retraining it fails here). It holds no optimiser state, and its recorded regime is
+    what its weights measure on the same photos."""
+    from factory.sources import list_sources
+    from factory.train import (
+        EMBEDDED_DEFAULT_RECIPE,
+        EMBEDDED_DEFAULT_STEPS_PER_EPOCH,
+        SHIPPED_CHECKPOINTS,
+        shipped_checkpoint,
+        training_for_build,
+    )
+
+    photos = [source.path for source in list_sources().files]
+    config = training_for_build(
+        model="vqvae2", epoch=8, checkpoints="unused", data=photos, embedded_default_lr_size=64
+    )
+    shipped = shipped_checkpoint(config)
+    assert shipped == SHIPPED_CHECKPOINTS / "vqvae2" / "epoch-8.pt"
+    payload = read_checkpoint(shipped)
+    assert "optimizer" not in payload and "rng" not in payload
+    assert payload["steps"] == 8 * EMBEDDED_DEFAULT_STEPS_PER_EPOCH
+    assert payload["training"]["samples_seen"] == payload["steps"] * EMBEDDED_DEFAULT_RECIPE.batch_size
+    loaded = load_reconstructor(shipped, model_name="vqvae2")
+    plan = plan_run(config)
+    images = regime_images(plan.heldout, config.regime_size, config.regime_scale)
+    recomputed = measure_regime(loaded.model, images, seed=config.seed)
+    for key in ("psnr", "ssim", "delta_e", "checkerboard", "delta_b"):
+        assert loaded.regime[key] == pytest.approx(recomputed[key], abs=1e-3), key
 
 
 def test_results_do_not_depend_on_worker_processes(photo_folder, tmp_path):

@@ -19,9 +19,10 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.build.card import write_card
 from factory.build.config import BuildConfig, reconstructs
@@ -34,6 +35,9 @@ from factory.config import FactoryError
 from factory.manifests import LOCK_NAME, REJECTS_NAME, read_commit, read_manifest, write_rejects
 from factory.sources import SourceFile
 from factory.storage import OutputLock, Storage
+
+if TYPE_CHECKING:
+    from factory.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +233,11 @@ def _dry_run(
         checkpoint_sha256 = _load_checkpoint(config, checkpoint)
         result.checkpoint_plan = f"{checkpoint} (sha256 {checkpoint_sha256[:12]})"
     else:
+        _, shipped = _training_for(config, plan.source_files)
         result.checkpoint_plan = (
-            f"{checkpoint} is missing: {config.model} is trained to epoch {config.epoch} first"
+            f"{checkpoint} is missing: copied first from the one shipped with factory for this run ({shipped})"
+            if shipped is not None
+            else f"{checkpoint} is missing: {config.model} is trained to epoch {config.epoch} first"
         )
     if checkpoint is None or checkpoint_sha256 is not None:  # a checkpoint still to train has no digest yet
         result.refusal = _refusal(config, plan, build_settings(config, checkpoint_sha256, options))
@@ -262,15 +269,40 @@ def checkpoint_to_use(config: BuildConfig) -> Path | None:
 
 
 def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | None:
-    """The checkpoint file of `--model/--epoch`; trains it first when missing (unless --no-train)."""
+    """The checkpoint file of `--model/--epoch`; when missing (and not --no-train) it is trained first, or, for the
+    embedded default, copied from the checkpoint shipped with the package for the same run."""
     path = checkpoint_to_use(config)
     if path is None or path.is_file():
         return path
-    log.warning("checkpoint %s not found: training %s to epoch %d first", path, config.model, config.epoch)
-    from factory.train import train_for_build
+    from factory.train import copy_shipped_checkpoint, train
+
+    training, shipped = _training_for(config, sources)
+    if shipped is not None:
+        log.warning(
+            "checkpoint %s not found: copying the one shipped with factory for this run (%s epoch %d of the "
+            "embedded default's recipe; --no-shipped-checkpoint trains it here)",
+            path,
+            config.model,
+            config.epoch,
+        )
+        copy_shipped_checkpoint(shipped, training)
+    else:
+        log.warning(
+            "checkpoint %s not found: training %s to epoch %d first", path, config.model, config.epoch
+        )
+        train(training)
+    if not path.is_file():
+        raise FactoryError(f"training finished but {path} was not written")
+    return path
+
+
+def _training_for(config: BuildConfig, sources: Sequence[SourceFile]) -> tuple[TrainConfig, Path | None]:
+    """The training run that writes a missing checkpoint, and the shipped checkpoint of that run (embedded default
+    only, unless --no-shipped-checkpoint), or None."""
+    from factory.train import shipped_checkpoint, training_for_build
 
     embedded_default = not (config.hr or config.hr_list or config.train_data)
-    train_for_build(
+    training = training_for_build(
         model=config.model,
         epoch=config.epoch,
         checkpoints=config.checkpoints,
@@ -280,9 +312,8 @@ def ensure_checkpoint(config: BuildConfig, sources: list[SourceFile]) -> Path | 
         embedded_default_lr_size=config.effective_crop // config.scale if embedded_default else None,
         progress=config.progress,
     )
-    if not path.is_file():
-        raise FactoryError(f"training finished but {path} was not written")
-    return path
+    use_shipped = embedded_default and config.shipped_checkpoint
+    return training, shipped_checkpoint(training) if use_shipped else None
 
 
 def _estimate_bytes(plan: BuildPlan, config: BuildConfig) -> int:
