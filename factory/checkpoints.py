@@ -156,6 +156,11 @@ def save_checkpoint(
         payload["rng"] = dict(rng)
     if regime is not None:
         payload["regime"] = dict(regime)
+    return _write_payload(path, payload)
+
+
+def _write_payload(path: Path, payload: dict[str, Any]) -> Path:
+    """torch.save `payload` to a temporary file beside `path`, then rename it onto `path`."""
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         torch.save(payload, file)
         file.flush()
@@ -279,16 +284,11 @@ def strip_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Pa
     payload.pop("rng", None)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as temporary, open(temporary, "wb") as file:
-        torch.save(payload, file)
-        file.flush()
-        os.fsync(file.fileno())
-    return target
+    return _write_payload(target, payload)
 
 
-if (
-    __name__ == "__main__"
-):  # python -m factory.checkpoints strip SOURCE TARGET (README, "The embedded default")
+# python -m factory.checkpoints strip SOURCE TARGET (README, "The embedded default")
+if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m factory.checkpoints")

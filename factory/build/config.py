@@ -41,10 +41,9 @@ class BuildConfig:
     )
     train_data: tuple[str, ...] = ()  # images to train a missing checkpoint on (none: the HR images)
     train_missing: bool = True  # train a missing checkpoint first (--no-train: refuse instead)
-    shipped_checkpoint: bool = (
-        True  # embedded default: copy the checkpoint shipped with the package when it is
-    )
-    # the run this build would train (factory.train.SHIPPED_CHECKPOINTS), instead of training it
+    # Embedded default: copy the checkpoint shipped with the package when it is the run this build would train
+    # (factory.train.SHIPPED_CHECKPOINTS), instead of training it.
+    shipped_checkpoint: bool = True
     scale: int = 4  # HR size / LR size
     crop: int | None = None  # HR crop side (None: 1024, or 256 with the embedded default)
     stride: int | None = None  # crop grid step (None: crop // 2, the plan that gives DF2K ~20,700 crops)
